@@ -1,0 +1,299 @@
+//! `mone bench model`: MoNE latency at every capacity against the dense forward, in one run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::model::{self, flops, profile, Config, ForwardOptions, MoneVivit};
+
+pub const DEFAULT_CAPACITIES: [f64; 7] = [1.0, 0.75, 0.5, 0.4, 0.3, 0.2, 0.15];
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelBenchArgs {
+    /// Architecture preset with random weights.
+    #[arg(long, default_value = "vivit-fe-b16")]
+    pub preset: String,
+    /// Benchmark a model folder instead of a preset.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Clips per forward.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// auto, cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Timed forwards per configuration (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Capacities to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_CAPACITIES.to_vec())]
+    pub capacities: Vec<f64>,
+    /// Also time the dense model built from plain candle layers.
+    #[arg(long)]
+    pub plain: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured configuration.
+#[derive(Serialize, Debug, Clone)]
+pub struct BenchRow {
+    /// "dense", "plain-candle" or "mone".
+    pub kind: String,
+    /// Requested e_c (None for the dense references).
+    pub capacity: Option<f64>,
+    /// e_c realised by the integer token counts.
+    pub realised_capacity: Option<f64>,
+    pub gmacs: f64,
+    /// Dense MACs / this row's MACs.
+    pub flop_ratio: f64,
+    pub latency_ms: f64,
+    pub clips_per_s: f64,
+    /// Dense latency / this row's latency, same run.
+    pub speedup: f64,
+    /// Median milliseconds per part of the forward (CPU only; GPU work is asynchronous).
+    pub profile_ms: Vec<(String, f64)>,
+    /// Share of the time outside the nested linear layers.
+    pub non_linear_share: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct BenchReport {
+    pub model: String,
+    pub batch: usize,
+    pub device: String,
+    pub threads: usize,
+    pub iters: usize,
+    pub dense: BenchRow,
+    pub plain: Option<BenchRow>,
+    pub rows: Vec<BenchRow>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+enum Which {
+    Dense,
+    Plain,
+    Mone(f64),
+}
+
+fn run_once(m: &MoneVivit, x: &Tensor, w: &Which, dev: &Device) -> anyhow::Result<f64> {
+    profile::reset();
+    let t = Instant::now();
+    let logits = match w {
+        Which::Dense => m.forward_dense(x)?,
+        Which::Plain => m.forward_plain(x)?,
+        Which::Mone(c) => m.forward(x, &[*c], &ForwardOptions::default())?.logits,
+    };
+    dev.synchronize()?;
+    let dt = t.elapsed().as_secs_f64();
+    // Sanity: a broken kernel shows up as NaN long before it shows up as a bad number.
+    let s = logits.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    anyhow::ensure!(s.is_finite(), "non-finite logits");
+    Ok(dt)
+}
+
+pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
+    let dev = crate::device::open(&args.device)?;
+    let (cfg, m, name): (Config, MoneVivit, String) = match &args.model {
+        Some(dir) => {
+            let l = model::load_model_dir(dir, &dev)?;
+            (l.config, l.model, dir.display().to_string())
+        }
+        None => {
+            let cfg = Config::preset(&args.preset)?;
+            let m = model::random_model(&cfg, &dev)?;
+            (cfg, m, format!("{} (random weights)", args.preset))
+        }
+    };
+    for &c in &args.capacities {
+        model::capacity::solve(c, cfg.num_experts)?;
+    }
+    let x = Tensor::randn(
+        0f32,
+        1f32,
+        (args.batch, 3, cfg.frames, cfg.image_size, cfg.image_size),
+        &dev,
+    )?;
+    let dense_macs = flops::macs(&cfg, None)?;
+
+    let mut configs = vec![Which::Dense];
+    if args.plain {
+        configs.push(Which::Plain);
+    }
+    configs.extend(args.capacities.iter().map(|&c| Which::Mone(c)));
+
+    // Warm up every configuration once, then interleave the timed rounds so drift in the
+    // machine's load hits all configurations alike.
+    profile::enable(dev.is_cpu());
+    for w in &configs {
+        run_once(&m, &x, w, &dev)?;
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut parts: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); profile::PARTS.len()]; configs.len()];
+    for round in 0..args.iters {
+        for (i, w) in configs.iter().enumerate() {
+            let dt = run_once(&m, &x, w, &dev)?;
+            times[i].push(dt);
+            for (k, (_, s)) in profile::snapshot().into_iter().enumerate() {
+                parts[i][k].push(s);
+            }
+            if !args.json {
+                eprint!("\rround {}/{}", round + 1, args.iters);
+            }
+        }
+    }
+    profile::enable(false);
+    if !args.json {
+        eprintln!();
+    }
+
+    let dense_lat = median(&mut times[0].clone());
+    let mut rows: Vec<BenchRow> = Vec::new();
+    for (i, w) in configs.iter().enumerate() {
+        let lat = median(&mut times[i]);
+        let (kind, cap, macs) = match w {
+            Which::Dense => ("dense", None, dense_macs),
+            Which::Plain => ("plain-candle", None, dense_macs),
+            Which::Mone(c) => ("mone", Some(*c), flops::macs(&cfg, Some(*c))?),
+        };
+        let realised = cap.map(|c| {
+            model::capacity::solve(c, cfg.num_experts)
+                .map(|k| {
+                    model::capacity::realised_capacity(&model::capacity::token_counts(
+                        &k,
+                        cfg.spatial_tokens(),
+                    ))
+                })
+                .unwrap_or(c)
+        });
+        let profile_ms: Vec<(String, f64)> = profile::PARTS
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                (
+                    format!("{p:?}").to_lowercase(),
+                    median(&mut parts[i][k]) * 1e3,
+                )
+            })
+            .collect();
+        let total: f64 = profile_ms.iter().map(|(_, v)| v).sum();
+        let linear = profile_ms
+            .iter()
+            .find(|(n, _)| n == "linear")
+            .map_or(0.0, |(_, v)| *v);
+        rows.push(BenchRow {
+            kind: kind.to_string(),
+            capacity: cap,
+            realised_capacity: realised,
+            gmacs: macs.gmacs(),
+            flop_ratio: dense_macs.total() as f64 / macs.total() as f64,
+            latency_ms: lat * 1e3,
+            clips_per_s: args.batch as f64 / lat,
+            speedup: dense_lat / lat,
+            profile_ms,
+            non_linear_share: if total > 0.0 {
+                1.0 - linear / total
+            } else {
+                f64::NAN
+            },
+        });
+    }
+    let dense = rows.remove(0);
+    let plain = if args.plain {
+        Some(rows.remove(0))
+    } else {
+        None
+    };
+    Ok(BenchReport {
+        model: name,
+        batch: args.batch,
+        device: crate::device::describe(&dev),
+        threads: candle_core::utils::get_num_threads(),
+        iters: args.iters,
+        dense,
+        plain,
+        rows,
+    })
+}
+
+pub fn format_table(r: &BenchReport) -> String {
+    let mut s = format!(
+        "mone bench model: {}, batch {}, {} ({} threads), median of {}\n",
+        r.model, r.batch, r.device, r.threads, r.iters
+    );
+    s += "config          GMACs/clip  FLOP ratio  latency ms   clips/s  speed-up  outside linear\n";
+    let line = |name: String, row: &BenchRow| {
+        format!(
+            "{:<14} {:>11.2} {:>11.2} {:>11.1} {:>9.2} {:>9.2} {:>14}\n",
+            name,
+            row.gmacs,
+            row.flop_ratio,
+            row.latency_ms,
+            row.clips_per_s,
+            row.speedup,
+            if row.non_linear_share.is_finite() {
+                format!("{:.1}%", row.non_linear_share * 100.0)
+            } else {
+                "-".into()
+            }
+        )
+    };
+    s += &line("dense".into(), &r.dense);
+    if let Some(p) = &r.plain {
+        s += &line("plain candle".into(), p);
+    }
+    for row in &r.rows {
+        s += &line(
+            format!("mone e_c {:.2}", row.capacity.unwrap_or(f64::NAN)),
+            row,
+        );
+    }
+    s += "\nwhere the time goes (ms, median):\n";
+    s += &format!("{:<14}", "config");
+    for (n, _) in &r.dense.profile_ms {
+        s += &format!(" {:>10}", n);
+    }
+    s += "\n";
+    let prof = |name: String, row: &BenchRow| {
+        let mut l = format!("{name:<14}");
+        for (_, v) in &row.profile_ms {
+            l += &format!(" {v:>10.1}");
+        }
+        l + "\n"
+    };
+    s += &prof("dense".into(), &r.dense);
+    for row in &r.rows {
+        s += &prof(
+            format!("mone e_c {:.2}", row.capacity.unwrap_or(f64::NAN)),
+            row,
+        );
+    }
+    s
+}
+
+pub fn run_model_bench(args: &ModelBenchArgs) -> anyhow::Result<()> {
+    let r = measure(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", format_table(&r));
+    }
+    Ok(())
+}

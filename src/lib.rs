@@ -1,0 +1,10 @@
+//! mone: streaming video analytics with a Mixture-of-Nested-Experts ViViT.
+//!
+//! - [`model`]: the MoNE-ViViT in candle (config, capacity solver, router/EPR, nested
+//!   attention and MLP, the factorized encoder, FLOP counts, model folders).
+//! - [`bench`]: the `mone bench` measurements.
+//! - [`device`]: choosing the compute device.
+
+pub mod bench;
+pub mod device;
+pub mod model;

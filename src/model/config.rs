@@ -1,0 +1,339 @@
+//! Model configuration, stored as `config.json` in a model folder.
+
+use serde::{Deserialize, Serialize};
+
+use super::ModelError;
+
+/// How the temporal transformer's output becomes one clip vector.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// A learned CLS token is prepended to the temporal sequence.
+    #[default]
+    Cls,
+    /// Mean of the temporal tokens.
+    Mean,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// GELU with the tanh approximation (Flax's default, and ViViT's).
+    #[default]
+    GeluTanh,
+    /// Exact GELU (erf).
+    GeluErf,
+}
+
+fn default_channels() -> usize {
+    3
+}
+fn default_experts() -> usize {
+    4
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_kind() -> String {
+    "mone-vivit-fe".to_string()
+}
+
+/// A MoNE-ViViT factorized-encoder configuration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Model family; only `mone-vivit-fe` exists so far.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Frames per clip (T).
+    pub frames: usize,
+    /// Square input size in pixels.
+    pub image_size: usize,
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+    /// Tubelet size (t, p, p): frames x pixels x pixels.
+    pub tubelet: [usize; 3],
+    /// Model width D.
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    /// Spatial transformer depth L_s (the nested, routed stage).
+    pub spatial_layers: usize,
+    /// Temporal transformer depth L_t (dense).
+    pub temporal_layers: usize,
+    /// MLP hidden width as a multiple of D.
+    pub mlp_ratio: f64,
+    /// Number of nested experts E; widths are D/2^(E-1) .. D.
+    #[serde(default = "default_experts")]
+    pub num_experts: usize,
+    pub num_classes: usize,
+    /// Per-channel normalisation applied to RGB in [0, 1].
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    #[serde(default)]
+    pub pooling: Pooling,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub hidden_act: Activation,
+}
+
+impl Config {
+    /// Names accepted by [`Config::preset`].
+    pub const PRESETS: &'static [&'static str] = &["vivit-fe-b16", "vivit-fe-s16", "vivit-fe-tiny"];
+
+    /// A named preset (random-weight architectures; trained models ship their own config).
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        let base = Config {
+            kind: default_kind(),
+            frames: 32,
+            image_size: 224,
+            channels: 3,
+            tubelet: [2, 16, 16],
+            hidden_size: 768,
+            num_heads: 12,
+            spatial_layers: 12,
+            temporal_layers: 4,
+            mlp_ratio: 4.0,
+            num_experts: 4,
+            num_classes: 400,
+            mean: [0.5, 0.5, 0.5],
+            std: [0.5, 0.5, 0.5],
+            pooling: Pooling::Cls,
+            layer_norm_eps: 1e-6,
+            hidden_act: Activation::GeluTanh,
+        };
+        let cfg = match name {
+            // The paper's Kinetics-400 ViViT-FE-B/16x2 (factorized encoder).
+            "vivit-fe-b16" => base,
+            // A small model that trains on this CPU: 16 frames at 112 px.
+            "vivit-fe-s16" => Config {
+                frames: 16,
+                image_size: 112,
+                hidden_size: 192,
+                num_heads: 3,
+                spatial_layers: 6,
+                temporal_layers: 2,
+                num_classes: 10,
+                ..base
+            },
+            // For tests: fast enough to run many forwards in a unit test.
+            "vivit-fe-tiny" => Config {
+                frames: 8,
+                image_size: 32,
+                tubelet: [2, 8, 8],
+                hidden_size: 64,
+                num_heads: 4,
+                spatial_layers: 2,
+                temporal_layers: 1,
+                num_classes: 5,
+                ..base
+            },
+            other => {
+                return Err(ModelError::Config(format!(
+                    "unknown preset `{other}`; known presets: {}",
+                    Self::PRESETS.join(", ")
+                )))
+            }
+        };
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let err = |m: String| Err(ModelError::Config(m));
+        let [t, ph, pw] = self.tubelet;
+        if self.kind != "mone-vivit-fe" {
+            return err(format!("unsupported model kind `{}`", self.kind));
+        }
+        if t == 0 || ph == 0 || pw == 0 || ph != pw {
+            return err(format!(
+                "tubelet must be (t, p, p) with t, p > 0, got {:?}",
+                self.tubelet
+            ));
+        }
+        if self.frames == 0 || !self.frames.is_multiple_of(t) {
+            return err(format!(
+                "frames ({}) must be a positive multiple of the tubelet's t ({t})",
+                self.frames
+            ));
+        }
+        if self.image_size == 0 || !self.image_size.is_multiple_of(ph) {
+            return err(format!(
+                "image_size ({}) must be a positive multiple of the patch size ({ph})",
+                self.image_size
+            ));
+        }
+        if self.channels != 3 {
+            return err(format!(
+                "only 3-channel (RGB) input is supported, got {}",
+                self.channels
+            ));
+        }
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
+            return err(format!(
+                "hidden_size ({}) must be divisible by num_heads ({})",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if self.num_experts == 0 || self.num_experts > 8 {
+            return err(format!(
+                "num_experts must be in 1..=8, got {}",
+                self.num_experts
+            ));
+        }
+        if !self.hidden_size.is_multiple_of(1 << (self.num_experts - 1)) {
+            return err(format!(
+                "hidden_size ({}) must be divisible by 2^(num_experts-1) = {} so every nested width is whole",
+                self.hidden_size,
+                1 << (self.num_experts - 1)
+            ));
+        }
+        if self.spatial_layers == 0 {
+            return err(
+                "spatial_layers must be at least 1 (the router sits at the first spatial layer)"
+                    .into(),
+            );
+        }
+        if self.num_classes == 0 {
+            return err("num_classes must be at least 1".into());
+        }
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 || self.mlp_dim() == 0 {
+            return err(format!(
+                "mlp_ratio must be positive, got {}",
+                self.mlp_ratio
+            ));
+        }
+        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
+            return err(format!("std must be positive, got {:?}", self.std));
+        }
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
+            return err(format!(
+                "layer_norm_eps must be positive, got {}",
+                self.layer_norm_eps
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn patch(&self) -> usize {
+        self.tubelet[1]
+    }
+    /// Temporal indices (tubelets along time) per clip.
+    pub fn temporal_tokens(&self) -> usize {
+        self.frames / self.tubelet[0]
+    }
+    /// Spatial tokens per temporal index (N).
+    pub fn spatial_tokens(&self) -> usize {
+        let g = self.image_size / self.patch();
+        g * g
+    }
+    /// Length of the temporal sequence, including the CLS token when pooling with one.
+    pub fn temporal_seq_len(&self) -> usize {
+        self.temporal_tokens() + usize::from(self.pooling == Pooling::Cls)
+    }
+    pub fn mlp_dim(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio).round() as usize
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+    /// Input features of one tubelet (C * t * p * p).
+    pub fn tubelet_dim(&self) -> usize {
+        self.channels * self.tubelet[0] * self.tubelet[1] * self.tubelet[2]
+    }
+    /// Nested expert widths, smallest first: D/2^(E-1), ..., D/2, D.
+    pub fn expert_widths(&self) -> Vec<usize> {
+        (0..self.num_experts)
+            .map(|i| self.hidden_size >> (self.num_experts - 1 - i))
+            .collect()
+    }
+
+    /// Every tensor the weights file must hold, with its shape.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let d = self.hidden_size;
+        let m = self.mlp_dim();
+        let [t, p, _] = self.tubelet;
+        let mut v: Vec<(String, Vec<usize>)> = vec![
+            (
+                "embedding.projection.weight".into(),
+                vec![d, self.channels, t, p, p],
+            ),
+            ("embedding.projection.bias".into(), vec![d]),
+            (
+                "embedding.spatial_position".into(),
+                vec![1, self.spatial_tokens(), d],
+            ),
+            (
+                "embedding.temporal_position".into(),
+                vec![1, self.temporal_seq_len(), d],
+            ),
+            ("router.weight".into(), vec![self.num_experts, d]),
+            ("router.bias".into(), vec![self.num_experts]),
+            ("router.alpha".into(), vec![1]),
+        ];
+        if self.pooling == Pooling::Cls {
+            v.push(("embedding.temporal_cls".into(), vec![1, 1, d]));
+        }
+        for (stage, layers) in [
+            ("spatial", self.spatial_layers),
+            ("temporal", self.temporal_layers),
+        ] {
+            for i in 0..layers {
+                let pre = format!("{stage}.layers.{i}");
+                for (name, shape) in [
+                    ("norm1.weight", vec![d]),
+                    ("norm1.bias", vec![d]),
+                    ("attention.qkv.weight", vec![3 * d, d]),
+                    ("attention.qkv.bias", vec![3 * d]),
+                    ("attention.proj.weight", vec![d, d]),
+                    ("attention.proj.bias", vec![d]),
+                    ("norm2.weight", vec![d]),
+                    ("norm2.bias", vec![d]),
+                    ("mlp.fc1.weight", vec![m, d]),
+                    ("mlp.fc1.bias", vec![m]),
+                    ("mlp.fc2.weight", vec![d, m]),
+                    ("mlp.fc2.bias", vec![d]),
+                ] {
+                    v.push((format!("{pre}.{name}"), shape));
+                }
+            }
+            v.push((format!("{stage}.norm.weight"), vec![d]));
+            v.push((format!("{stage}.norm.bias"), vec![d]));
+        }
+        v.push(("head.weight".into(), vec![self.num_classes, d]));
+        v.push(("head.bias".into(), vec![self.num_classes]));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_roundtrip_through_json() {
+        for name in Config::PRESETS {
+            let cfg = Config::preset(name).unwrap();
+            cfg.validate().unwrap();
+            let json = serde_json::to_string(&cfg).unwrap();
+            let back: Config = serde_json::from_str(&json).unwrap();
+            assert_eq!(cfg, back);
+        }
+        let b16 = Config::preset("vivit-fe-b16").unwrap();
+        assert_eq!(b16.spatial_tokens(), 196);
+        assert_eq!(b16.temporal_tokens(), 16);
+        assert_eq!(b16.expert_widths(), vec![96, 192, 384, 768]);
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected_with_a_reason() {
+        let mut c = Config::preset("vivit-fe-tiny").unwrap();
+        c.image_size = 30;
+        assert!(c.validate().unwrap_err().to_string().contains("image_size"));
+        let mut c = Config::preset("vivit-fe-tiny").unwrap();
+        c.hidden_size = 60;
+        assert!(c.validate().is_err());
+        let mut c = Config::preset("vivit-fe-tiny").unwrap();
+        c.num_experts = 5; // 64 / 16 = 4 is fine, but 60 would not be
+        c.validate().unwrap();
+        assert!(Config::preset("nope").is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! Multiply-add counts per clip for a config and a capacity.
+
+use serde::Serialize;
+
+use super::{capacity, Config, ModelError};
+
+/// Multiply-adds for one clip, by part.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Macs {
+    pub embedding: u64,
+    pub router: u64,
+    /// Nested QKV, attention out, fc1, fc2 of the spatial stage: the only part that shrinks.
+    pub spatial_linear: u64,
+    /// Q K^T and attention-weighted V of the spatial stage.
+    pub spatial_attention: u64,
+    pub temporal: u64,
+    pub head: u64,
+}
+
+impl Macs {
+    pub fn total(&self) -> u64 {
+        self.embedding
+            + self.router
+            + self.spatial_linear
+            + self.spatial_attention
+            + self.temporal
+            + self.head
+    }
+    pub fn gmacs(&self) -> f64 {
+        self.total() as f64 / 1e9
+    }
+}
+
+fn dense_layer(cfg: &Config, tokens: u64) -> u64 {
+    let (d, m) = (cfg.hidden_size as u64, cfg.mlp_dim() as u64);
+    (4 * d * d + 2 * d * m) * tokens + 2 * tokens * tokens * d
+}
+
+/// MACs per clip at capacity `e_c` (None: the dense ViViT, without a router).
+pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
+    let (d, m) = (cfg.hidden_size as u64, cfg.mlp_dim() as u64);
+    let (nt, n) = (cfg.temporal_tokens() as u64, cfg.spatial_tokens() as u64);
+    let counts: Vec<u64> = match e_c {
+        None => {
+            let mut k = vec![0; cfg.num_experts];
+            k[cfg.num_experts - 1] = n;
+            k
+        }
+        Some(c) => capacity::token_counts(&capacity::solve(c, cfg.num_experts)?, n as usize)
+            .into_iter()
+            .map(|k| k as u64)
+            .collect(),
+    };
+    let widths = cfg.expert_widths();
+    // Per token at width d_j: QKV 3*D*d_j + out D*d_j + fc1 M*d_j + fc2 M*d_j.
+    let per_seq_linear: u64 = counts
+        .iter()
+        .zip(&widths)
+        .map(|(k, w)| k * (4 * d + 2 * m) * *w as u64)
+        .sum();
+    let layers = cfg.spatial_layers as u64;
+    Ok(Macs {
+        embedding: nt * n * cfg.tubelet_dim() as u64 * d,
+        router: if e_c.is_some() {
+            nt * n * d * cfg.num_experts as u64
+        } else {
+            0
+        },
+        spatial_linear: layers * nt * per_seq_linear,
+        spatial_attention: layers * nt * 2 * n * n * d,
+        temporal: cfg.temporal_layers as u64 * dense_layer(cfg, cfg.temporal_seq_len() as u64),
+        head: d * cfg.num_classes as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vivit_b16_matches_the_papers_arithmetic() {
+        let cfg = Config::preset("vivit-fe-b16").unwrap();
+        let dense = macs(&cfg, None).unwrap();
+        // mone.md: about 283 GMACs at 224 px, 32 frames.
+        assert!((dense.gmacs() - 282.0).abs() < 2.0, "{}", dense.gmacs());
+        let r05 = dense.total() as f64 / macs(&cfg, Some(0.5)).unwrap().total() as f64;
+        let r03 = dense.total() as f64 / macs(&cfg, Some(0.3)).unwrap().total() as f64;
+        assert!((r05 - 1.90).abs() < 0.02, "{r05}");
+        // The paper's 2.95 assumes exactly e_c = 0.3; floor(c_j * 196) tokens realise 0.296.
+        assert!((r03 - 2.95).abs() < 0.05, "{r03}");
+        // e_c = 1 costs the dense model plus the router.
+        let full = macs(&cfg, Some(1.0)).unwrap();
+        assert_eq!(full.total() - full.router, dense.total());
+    }
+}

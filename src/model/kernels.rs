@@ -1,0 +1,446 @@
+//! Fused CPU kernels for the f32 inference path.
+//!
+//! candle's own CPU path spends much of a ViT forward outside matmul: single-threaded scalar
+//! GELU, bias broadcasts, permute copies around attention, zero-padding and residual adds. These
+//! kernels remove those passes: nested in-projections write bias + slice-GEMM into one buffer,
+//! attention reads Q/K/V straight out of the QKV buffer with strided GEMMs, and nested
+//! out-projections accumulate into the first d_j channels of the residual stream in place.
+//! The generic (any device, differentiable) path in `nested.rs` computes the same thing.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, InplaceOp1, InplaceOp3, Layout, Result, Shape,
+};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::config::Activation;
+
+/// Rows [row0, row0 + rows) use the first `width` input (or output) features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowGroup {
+    pub row0: usize,
+    pub rows: usize,
+    pub width: usize,
+}
+
+fn par() -> Parallelism {
+    let n = rayon::current_num_threads();
+    if n > 1 {
+        Parallelism::Rayon(n)
+    } else {
+        Parallelism::None
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(&v[l.start_offset()..]),
+        _ => bail!("{name}: the fused CPU kernels are f32 only"),
+    }
+}
+
+fn strides2(l: &Layout, name: &str) -> Result<(usize, usize, usize, usize)> {
+    match (l.dims(), l.stride()) {
+        ([r, c], [rs, cs]) => Ok((*r, *c, *rs, *cs)),
+        _ => bail!("{name}: expected a 2-d tensor, got {:?}", l.dims()),
+    }
+}
+
+/// y = x[:, :d_g] @ W[:, :d_g]^T + b per row group; x (R, D), W (out, D), b (out) -> (R, out).
+pub struct NestedInProj<'a> {
+    pub groups: &'a [RowGroup],
+}
+
+impl CustomOp3 for NestedInProj<'_> {
+    fn name(&self) -> &'static str {
+        "nested-in-proj"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
+        let (r, d, x_rs, x_cs) = strides2(l1, self.name())?;
+        let (out, d2, w_rs, w_cs) = strides2(l2, self.name())?;
+        if d != d2 || !l3.is_contiguous() || l3.dims() != [out] {
+            bail!(
+                "nested-in-proj: shape mismatch x {:?} w {:?} b {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let mut dst = vec![0f32; r * out];
+        dst.par_chunks_mut(out)
+            .for_each(|row| row.copy_from_slice(&b[..out]));
+        for g in self.groups {
+            if g.rows == 0 {
+                continue;
+            }
+            if g.row0 + g.rows > r || g.width > d {
+                bail!("nested-in-proj: group {g:?} outside ({r}, {d})");
+            }
+            // SAFETY: all pointers stay inside the checked extents above.
+            unsafe {
+                gemm(
+                    g.rows,
+                    out,
+                    g.width,
+                    dst.as_mut_ptr().add(g.row0 * out),
+                    1,
+                    out as isize,
+                    true,
+                    x.as_ptr().add(g.row0 * x_rs),
+                    x_cs as isize,
+                    x_rs as isize,
+                    w.as_ptr(),
+                    w_rs as isize,
+                    w_cs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par(),
+                )
+            }
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((r, out))))
+    }
+}
+
+/// In place: x[rows_g, :d_g] += s_r * (a[rows_g] @ W[:d_g]^T + b[:d_g]) with x (R, D),
+/// a (R, in), W (D, in). When `row_scale` is set, `a` must already be scaled by s_r (the
+/// caller folds the scale into the GELU pass); only the bias is scaled here.
+pub struct NestedOutAccum<'a> {
+    pub groups: &'a [RowGroup],
+    pub bias: &'a [f32],
+    pub row_scale: Option<&'a [f32]>,
+}
+
+impl InplaceOp3 for NestedOutAccum<'_> {
+    fn name(&self) -> &'static str {
+        "nested-out-accum"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<()> {
+        let a = f32_slice(sa, la, self.name())?;
+        let w = f32_slice(sw, lw, self.name())?;
+        let (r, k, a_rs, a_cs) = strides2(la, self.name())?;
+        let (d, k2, w_rs, w_cs) = strides2(lw, self.name())?;
+        if !dst_l.is_contiguous() || dst_l.dims() != [r, d] || k != k2 || self.bias.len() != d {
+            bail!(
+                "nested-out-accum: shape mismatch dst {:?} a {:?} w {:?}",
+                dst_l.dims(),
+                la.dims(),
+                lw.dims()
+            );
+        }
+        if let Some(s) = self.row_scale {
+            if s.len() != r {
+                bail!("nested-out-accum: {} row scales for {r} rows", s.len());
+            }
+        }
+        let x = match dst {
+            CpuStorage::F32(v) => &mut v[dst_l.start_offset()..],
+            _ => bail!("nested-out-accum: f32 only"),
+        };
+        for g in self.groups {
+            if g.rows == 0 {
+                continue;
+            }
+            if g.row0 + g.rows > r || g.width > d {
+                bail!("nested-out-accum: group {g:?} outside ({r}, {d})");
+            }
+            let rows = &mut x[g.row0 * d..(g.row0 + g.rows) * d];
+            let bias = &self.bias[..g.width];
+            rows.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+                let s = self.row_scale.map_or(1.0, |s| s[g.row0 + i]);
+                for (y, b) in row[..g.width].iter_mut().zip(bias) {
+                    *y += s * b;
+                }
+            });
+            // SAFETY: extents checked above.
+            unsafe {
+                gemm(
+                    g.rows,
+                    g.width,
+                    k,
+                    x.as_mut_ptr().add(g.row0 * d),
+                    1,
+                    d as isize,
+                    true,
+                    a.as_ptr().add(g.row0 * a_rs),
+                    a_cs as isize,
+                    a_rs as isize,
+                    w.as_ptr(),
+                    w_rs as isize,
+                    w_cs as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par(),
+                )
+            }
+        }
+        Ok(())
+    }
+}
+
+/// In place on (R, M): h = act(h) * s_r.
+pub struct ActScale<'a> {
+    pub act: Activation,
+    pub row_scale: Option<&'a [f32]>,
+}
+
+impl InplaceOp1 for ActScale<'_> {
+    fn name(&self) -> &'static str {
+        "act-scale"
+    }
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (r, m, _, _) = strides2(layout, self.name())?;
+        if !layout.is_contiguous() {
+            bail!("act-scale: needs a contiguous tensor");
+        }
+        let h = match storage {
+            CpuStorage::F32(v) => &mut v[layout.start_offset()..layout.start_offset() + r * m],
+            _ => bail!("act-scale: f32 only"),
+        };
+        if let Some(s) = self.row_scale {
+            if s.len() != r {
+                bail!("act-scale: {} row scales for {r} rows", s.len());
+            }
+        }
+        let act = self.act;
+        h.par_chunks_mut(m).enumerate().for_each(|(i, row)| {
+            match act {
+                Activation::GeluTanh => row.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+                Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+            }
+            if let Some(s) = self.row_scale {
+                let s = s[i];
+                if s != 1.0 {
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Multi-head self-attention over S sequences of N tokens stored in one (N * S, 3D) buffer
+/// of [q | k | v] rows (heads contiguous inside each). Token p of sequence s is row
+/// p * S + s when `token_major`, else s * N + p. Returns (N * S, D) in the same row order.
+/// Every (sequence, head) pair is one task.
+pub struct FusedAttention {
+    pub n: usize,
+    pub s: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub token_major: bool,
+}
+
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl CustomOp1 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, s, h, hd) = (self.n, self.s, self.heads, self.head_dim);
+        let d = h * hd;
+        if !layout.is_contiguous() || layout.dims() != [n * s, 3 * d] {
+            bail!(
+                "fused-attention: expected contiguous ({}, {}), got {:?}",
+                n * s,
+                3 * d,
+                layout.dims()
+            );
+        }
+        let qkv = f32_slice(storage, layout, self.name())?;
+        let mut out = vec![0f32; n * s * d];
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        // Row steps between consecutive tokens of a sequence, and between sequences.
+        let (tok, seq) = if self.token_major { (s, 1) } else { (1, n) };
+        let row = (tok * 3 * d) as isize;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out_ref = &out_ptr;
+        (0..s * h).into_par_iter().for_each_init(
+            || vec![0f32; n * n],
+            |scores, task| {
+                let (si, hi) = (task / h, task % h);
+                let base = si * seq * 3 * d + hi * hd;
+                // SAFETY: q/k/v reads stay inside qkv; each task writes a disjoint
+                // (sequence, head) block of `out`.
+                unsafe {
+                    let q = qkv.as_ptr().add(base);
+                    let k = qkv.as_ptr().add(base + d);
+                    let v = qkv.as_ptr().add(base + 2 * d);
+                    gemm(
+                        n,
+                        n,
+                        hd,
+                        scores.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        q,
+                        1,
+                        row,
+                        k,
+                        row,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                    for r in scores.chunks_mut(n) {
+                        softmax_in_place(r);
+                    }
+                    let o = out_ref.0.add(si * seq * d + hi * hd);
+                    gemm(
+                        n,
+                        hd,
+                        n,
+                        o,
+                        1,
+                        (tok * d) as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        n as isize,
+                        v,
+                        1,
+                        row,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((n * s, d))))
+    }
+}
+
+fn softmax_in_place(r: &mut [f32]) {
+    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in r.iter_mut() {
+        *v = exp_approx(*v - m);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    r.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// exp with about 2 ulp error, written so the compiler vectorises it (no table, no branch).
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    p = p * r * r + r + 1.0;
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// tanh via Eigen's rational approximation (accurate to a few ulp, vectorises).
+#[inline(always)]
+pub fn tanh_approx(x: f32) -> f32 {
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let mut p = -2.760_768_5e-16f32;
+    p = p * x2 + 2.000_188e-13;
+    p = p * x2 - 8.604_672e-11;
+    p = p * x2 + 5.122_297e-8;
+    p = p * x2 + 1.485_722_4e-5;
+    p = p * x2 + 6.372_619_3e-4;
+    p = p * x2 + 4.893_524_6e-3;
+    p *= x;
+    let mut q = 1.198_258_4e-6f32;
+    q = q * x2 + 1.185_347e-4;
+    q = q * x2 + 2.268_434_6e-3;
+    q = q * x2 + 4.893_525e-3;
+    p / q
+}
+
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    0.5 * x * (1.0 + tanh_approx(C * (x + 0.044_715 * x * x * x)))
+}
+
+/// erf via Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+#[inline(always)]
+pub fn erf_approx(x: f32) -> f32 {
+    let sign = if x < 0.0 { -1.0 } else { 1.0 };
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let y = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    sign * (1.0 - y * exp_approx(-a * a))
+}
+
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_approx(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approximations_match_std() {
+        let mut x = -20.0f32;
+        while x < 20.0 {
+            let e = (exp_approx(x) - x.exp()).abs() / x.exp().max(1e-30);
+            assert!(e < 1e-6, "exp({x}) rel err {e}");
+            assert!((tanh_approx(x) - x.tanh()).abs() < 2e-6, "tanh({x})");
+            let g = 0.5 * x * (1.0 + (0.797_884_6f32 * (x + 0.044_715 * x * x * x)).tanh());
+            assert!(
+                (gelu_tanh(x) - g).abs() < 1e-5 * (1.0 + x.abs()),
+                "gelu({x})"
+            );
+            x += 0.013;
+        }
+        assert!((erf_approx(0.5) - 0.520_499_9).abs() < 1e-6);
+        assert!((erf_approx(-1.5) + 0.966_105_1).abs() < 1e-6);
+        assert!(exp_approx(-200.0) < 1e-37);
+    }
+}

@@ -1,0 +1,113 @@
+//! The nested MLP: fc1 reads the first d_j features into the full hidden width, GELU, fc2
+//! writes the first d_j channels, scaled by (alpha * r + 1) for routed tokens.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use super::attention::linear;
+use super::config::Activation;
+use super::kernels::{ActScale, NestedInProj, NestedOutAccum};
+use super::nested::{fused_ok, in_proj, out_proj, TokenLayout};
+use super::profile::{scope, Part};
+use super::Config;
+
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Activation,
+}
+
+/// Per-row MLP scale (alpha * r + 1): as a (rows, 1) tensor for the generic path and as
+/// host values for the fused one.
+#[derive(Clone, Debug)]
+pub struct RowScale {
+    pub tensor: Tensor,
+    pub host: Option<Vec<f32>>,
+}
+
+fn bias(l: &Linear) -> Result<&Tensor> {
+    l.bias()
+        .ok_or_else(|| candle_core::Error::Msg("linear layer without bias".into()))
+}
+
+impl Mlp {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (d, m) = (cfg.hidden_size, cfg.mlp_dim());
+        Ok(Self {
+            fc1: linear(d, m, vb.pp("fc1"))?,
+            fc2: linear(m, d, vb.pp("fc2"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn act(&self, h: &Tensor) -> Result<Tensor> {
+        match self.act {
+            Activation::GeluTanh => h.gelu(),
+            Activation::GeluErf => h.gelu_erf(),
+        }
+    }
+
+    /// x + s * MLP(h) for the normalised input h.
+    pub fn forward_residual(
+        &self,
+        x: Tensor,
+        h: &Tensor,
+        layout: &TokenLayout,
+        scale: Option<&RowScale>,
+        train: bool,
+    ) -> Result<Tensor> {
+        if fused_ok(h, train) {
+            let host = scale.and_then(|s| s.host.as_deref());
+            let f = {
+                let _p = scope(Part::Linear);
+                h.apply_op3_no_bwd(
+                    self.fc1.weight(),
+                    bias(&self.fc1)?,
+                    &NestedInProj {
+                        groups: &layout.groups,
+                    },
+                )?
+            };
+            {
+                let _p = scope(Part::Activation);
+                f.inplace_op1(&ActScale {
+                    act: self.act,
+                    row_scale: host,
+                })?;
+            }
+            let _p = scope(Part::Linear);
+            let b = bias(&self.fc2)?.to_vec1::<f32>()?;
+            x.inplace_op3(
+                &f,
+                self.fc2.weight(),
+                &NestedOutAccum {
+                    groups: &layout.groups,
+                    bias: &b,
+                    row_scale: host,
+                },
+            )?;
+            return Ok(x);
+        }
+        let f = {
+            let _p = scope(Part::Linear);
+            in_proj(h, self.fc1.weight(), bias(&self.fc1)?, layout)?
+        };
+        let f = {
+            let _p = scope(Part::Activation);
+            self.act(&f)?
+        };
+        let _p = scope(Part::Linear);
+        x + out_proj(
+            &f,
+            self.fc2.weight(),
+            bias(&self.fc2)?,
+            layout,
+            scale.map(|s| &s.tensor),
+        )?
+    }
+
+    pub fn forward_plain(&self, h: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act(&self.fc1.forward(h)?)?)
+    }
+}

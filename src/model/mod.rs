@@ -1,0 +1,45 @@
+//! The MoNE-ViViT model: config, capacity solver, router and EPR, nested attention and MLP,
+//! the factorized-encoder video model, FLOP counts and model folders.
+
+pub mod attention;
+pub mod capacity;
+pub mod config;
+pub mod embedding;
+pub mod flops;
+pub mod io;
+pub mod kernels;
+pub mod mlp;
+pub mod nested;
+pub mod profile;
+pub mod router;
+pub mod vivit;
+
+use std::path::PathBuf;
+
+pub use config::{Activation, Config, Pooling};
+pub use io::{load_model_dir, random_model, save_model_dir, LoadedModel};
+pub use vivit::{ForwardOptions, ForwardOutput, MoneVivit, Routing};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("invalid capacity: {0}")]
+    Capacity(String),
+    #[error("weights {path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: malformed JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("labels: {0}")]
+    Labels(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,129 @@
+//! Token layouts and the nested (width-sliced) linear layers, generic over device and
+//! differentiable. The CPU f32 inference path uses the fused equivalents in `kernels.rs`.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+pub use super::kernels::RowGroup;
+
+/// How the (rows, D) residual stream is laid out: S sequences of N tokens, rows grouped
+/// into contiguous blocks that share one nested width.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLayout {
+    pub n: usize,
+    pub s: usize,
+    /// Token p of sequence s is row p * S + s (true) or s * N + p (false). Routed layouts are
+    /// token-major so that every expert group is one contiguous block of rows for all
+    /// sequences at once.
+    pub token_major: bool,
+    pub groups: Vec<RowGroup>,
+}
+
+impl TokenLayout {
+    /// Every token at full width, sequences stored one after another.
+    pub fn dense(n: usize, s: usize, d: usize) -> Self {
+        Self {
+            n,
+            s,
+            token_major: false,
+            groups: vec![RowGroup {
+                row0: 0,
+                rows: n * s,
+                width: d,
+            }],
+        }
+    }
+    /// Token-major layout with `counts[j]` tokens per sequence at `widths[j]`, in that order.
+    pub fn grouped(n: usize, s: usize, counts: &[usize], widths: &[usize]) -> Self {
+        let mut groups = Vec::new();
+        let mut off = 0;
+        for (&c, &w) in counts.iter().zip(widths) {
+            if c > 0 {
+                groups.push(RowGroup {
+                    row0: off * s,
+                    rows: c * s,
+                    width: w,
+                });
+            }
+            off += c;
+        }
+        Self {
+            n,
+            s,
+            token_major: true,
+            groups,
+        }
+    }
+    pub fn rows(&self) -> usize {
+        self.n * self.s
+    }
+    pub fn is_full_width(&self, d: usize) -> bool {
+        self.groups.iter().all(|g| g.width == d)
+    }
+}
+
+/// Whether the fused CPU kernels apply to tensors like `t` in inference.
+pub fn fused_ok(t: &Tensor, train: bool) -> bool {
+    !train && matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
+}
+
+fn gpu_ready(t: Tensor) -> Result<Tensor> {
+    // cuBLAS wants each operand contiguous or transposed; the CPU GEMM takes any strides.
+    if t.device().is_cpu() {
+        Ok(t)
+    } else {
+        t.contiguous()
+    }
+}
+
+/// y[rows_g] = x[rows_g, :d_g] @ W[:, :d_g]^T + b: partial in-projection to the full output.
+pub fn in_proj(x: &Tensor, w: &Tensor, b: &Tensor, layout: &TokenLayout) -> Result<Tensor> {
+    let d = x.dim(1)?;
+    let mut parts = Vec::with_capacity(layout.groups.len());
+    for g in &layout.groups {
+        let mut xs = x.narrow(0, g.row0, g.rows)?;
+        let mut ws = w.clone();
+        if g.width != d {
+            xs = xs.narrow(1, 0, g.width)?;
+            ws = ws.narrow(1, 0, g.width)?;
+        }
+        parts.push(gpu_ready(xs)?.matmul(&gpu_ready(ws.t()?)?)?);
+    }
+    let y = if parts.len() == 1 {
+        parts.pop().unwrap_or_else(|| unreachable!())
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    y.broadcast_add(b)
+}
+
+/// The residual update of a partial out-projection: rows of group g get
+/// s_r * (a @ W[:d_g]^T + b[:d_g]) in their first d_g channels and zeros after.
+pub fn out_proj(
+    a: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    layout: &TokenLayout,
+    row_scale: Option<&Tensor>,
+) -> Result<Tensor> {
+    let d = w.dim(0)?;
+    let mut parts = Vec::with_capacity(layout.groups.len());
+    for g in &layout.groups {
+        let xs = a.narrow(0, g.row0, g.rows)?;
+        let ws = w.narrow(0, 0, g.width)?;
+        let mut y = gpu_ready(xs)?
+            .matmul(&gpu_ready(ws.t()?)?)?
+            .broadcast_add(&b.narrow(0, 0, g.width)?)?;
+        if let Some(s) = row_scale {
+            y = y.broadcast_mul(&s.narrow(0, g.row0, g.rows)?)?;
+        }
+        if g.width != d {
+            y = y.pad_with_zeros(1, 0, d - g.width)?;
+        }
+        parts.push(y);
+    }
+    if parts.len() == 1 {
+        Ok(parts.pop().unwrap_or_else(|| unreachable!()))
+    } else {
+        Tensor::cat(&parts, 0)
+    }
+}

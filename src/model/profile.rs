@@ -1,0 +1,65 @@
+//! Opt-in wall-clock accounting of where a CPU forward spends its time (for `mone bench`).
+//! Off by default; when off a scope costs one relaxed atomic load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Embedding,
+    Routing,
+    Norm,
+    /// The nested linear layers (QKV, attention out, fc1, fc2): the part that shrinks with e_c.
+    Linear,
+    Attention,
+    Activation,
+    /// Pooling, temporal transformer, head.
+    Rest,
+}
+
+pub const PARTS: [Part; 7] = [
+    Part::Embedding,
+    Part::Routing,
+    Part::Norm,
+    Part::Linear,
+    Part::Attention,
+    Part::Activation,
+    Part::Rest,
+];
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+
+pub fn enable(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+pub fn reset() {
+    NANOS.iter().for_each(|n| n.store(0, Ordering::Relaxed));
+}
+
+/// Seconds per part since the last reset.
+pub fn snapshot() -> Vec<(Part, f64)> {
+    PARTS
+        .iter()
+        .map(|&p| (p, NANOS[p as usize].load(Ordering::Relaxed) as f64 * 1e-9))
+        .collect()
+}
+
+pub struct Scope(Option<(Part, Instant)>);
+
+pub fn scope(part: Part) -> Scope {
+    Scope(
+        ENABLED
+            .load(Ordering::Relaxed)
+            .then(|| (part, Instant::now())),
+    )
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if let Some((p, t)) = self.0 {
+            NANOS[p as usize].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+}

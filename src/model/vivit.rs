@@ -1,0 +1,488 @@
+//! The MoNE-ViViT factorized encoder: tubelet embedding -> routed nested spatial transformer
+//! per temporal index -> mean pool -> dense temporal transformer -> head.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+
+use super::attention::{linear, Attention};
+use super::capacity;
+use super::embedding::Embedding;
+use super::mlp::{Mlp, RowScale};
+use super::nested::{fused_ok, TokenLayout};
+use super::profile::{scope, Part};
+use super::router::{epr_batch, group_order, random_scores, Router};
+use super::{Config, Pooling};
+
+#[derive(Clone, Debug)]
+pub struct Norm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl Norm {
+    pub fn new(d: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(d, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(d, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _p = scope(Part::Norm);
+        if train {
+            // The fused kernel drops its inputs from the backward graph (stack.md).
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub norm1: Norm,
+    pub attention: Attention,
+    pub norm2: Norm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            norm1: Norm::new(d, eps, vb.pp("norm1"))?,
+            attention: Attention::new(cfg, vb.pp("attention"))?,
+            norm2: Norm::new(d, eps, vb.pp("norm2"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    /// z = x + SA_j(LN(x)); x' = z + s * MLP_j(LN(z)) on the (rows, D) residual stream. The
+    /// fused path updates `x` in place, so the caller must own its storage.
+    pub fn forward(
+        &self,
+        x: Tensor,
+        layout: &TokenLayout,
+        scale: Option<&RowScale>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.norm1.forward(&x, train)?;
+        let x = self.attention.forward_residual(x, &h, layout, train)?;
+        let h = self.norm2.forward(&x, train)?;
+        self.mlp.forward_residual(x, &h, layout, scale, train)
+    }
+
+    /// Plain candle layers, dense: the out-of-the-box baseline.
+    pub fn forward_plain(&self, x: &Tensor, layout: &TokenLayout) -> Result<Tensor> {
+        let h = self.norm1.forward(x, false)?;
+        let x = (x + self.attention.forward_plain(&h, layout, false)?)?;
+        let h = self.norm2.forward(&x, false)?;
+        &x + self.mlp.forward_plain(&h)?
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub layers: Vec<Block>,
+    pub norm: Norm,
+}
+
+impl Stage {
+    pub fn new(cfg: &Config, depth: usize, vb: VarBuilder) -> Result<Self> {
+        let layers = (0..depth)
+            .map(|i| Block::new(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            norm: Norm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("norm"))?,
+        })
+    }
+}
+
+/// Which experts the spatial tokens go to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Routing {
+    /// The learned router with Expert Preferred Routing (the model).
+    Learned,
+    /// Random scores with the same capacities (the paper's ablation).
+    Random { seed: u64 },
+    /// Every token on expert `j` (0 = narrowest); the capacity is ignored. For the nested
+    /// joint-training phase.
+    Width(usize),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardOptions {
+    pub routing: Routing,
+    /// Differentiable ops only (no fused kernels, no in-place updates).
+    pub train: bool,
+    /// Return every token's expert.
+    pub want_assignment: bool,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self {
+            routing: Routing::Learned,
+            train: false,
+            want_assignment: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ForwardOutput {
+    /// (B, classes)
+    pub logits: Tensor,
+    /// Expert index (0 = narrowest) of every tubelet, (B, nt, N) flattened, when requested.
+    pub assignment: Option<Vec<u8>>,
+    /// The e_c each clip actually ran at (integer token counts).
+    pub capacity: Vec<f64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct MoneVivit {
+    pub embedding: Embedding,
+    pub router: Router,
+    pub spatial: Stage,
+    pub temporal: Stage,
+    pub head: Linear,
+    pub cfg: Config,
+}
+
+impl MoneVivit {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Self {
+            embedding: Embedding::new(cfg, vb.pp("embedding"))?,
+            router: Router::new(cfg, vb.pp("router"))?,
+            spatial: Stage::new(cfg, cfg.spatial_layers, vb.pp("spatial"))?,
+            temporal: Stage::new(cfg, cfg.temporal_layers, vb.pp("temporal"))?,
+            head: linear(cfg.hidden_size, cfg.num_classes, vb.pp("head"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Classify a batch of normalised clips (B, C, T, H, W). `capacity` holds one e_c for the
+    /// whole batch or one per clip; clips that share a capacity run together.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        capacity: &[f64],
+        opts: &ForwardOptions,
+    ) -> Result<ForwardOutput> {
+        let b = x.dim(0)?;
+        let caps: Vec<f64> = match capacity.len() {
+            1 => vec![capacity[0]; b],
+            n if n == b => capacity.to_vec(),
+            n => candle_core::bail!("{n} capacities for a batch of {b} clips"),
+        };
+        let (nt, n, e) = (
+            self.cfg.temporal_tokens(),
+            self.cfg.spatial_tokens(),
+            self.cfg.num_experts,
+        );
+        let tokens = {
+            let _p = scope(Part::Embedding);
+            self.embedding.forward(x, opts.train)? // (B*nt, N, D)
+        };
+        let probs = {
+            let _p = scope(Part::Routing);
+            self.router.probs(&tokens, opts.train)? // (B*nt, N, E)
+        };
+
+        // Clips with the same token counts share one routed layout.
+        let mut counts_of = Vec::with_capacity(b);
+        for &c in &caps {
+            counts_of.push(match opts.routing {
+                Routing::Width(j) if j < e => {
+                    let mut k = vec![0; e];
+                    k[j] = n;
+                    k
+                }
+                Routing::Width(j) => candle_core::bail!("expert {j} out of range for {e} experts"),
+                _ => capacity::token_counts(
+                    &capacity::solve(c, e)
+                        .map_err(|err| candle_core::Error::Msg(err.to_string()))?,
+                    n,
+                ),
+            });
+        }
+        let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new(); // (counts, clips)
+        for (clip, k) in counts_of.iter().enumerate() {
+            match groups.iter_mut().find(|(gk, _)| gk == k) {
+                Some((_, clips)) => clips.push(clip),
+                None => groups.push((k.clone(), vec![clip])),
+            }
+        }
+
+        let mut assignment = opts.want_assignment.then(|| vec![0u8; b * nt * n]);
+        let pooled = if groups.len() == 1 {
+            let (pooled, assign) = self.spatial_stage(tokens, &probs, &groups[0].0, opts, 0)?;
+            if let Some(a) = assignment.as_mut() {
+                a.copy_from_slice(&assign);
+            }
+            pooled
+        } else {
+            let mut parts = Vec::new();
+            let mut order = Vec::new();
+            for (gi, (k, clips)) in groups.iter().enumerate() {
+                let seqs: Vec<u32> = clips
+                    .iter()
+                    .flat_map(|&c| (c * nt..(c + 1) * nt).map(|s| s as u32))
+                    .collect();
+                let idx = Tensor::new(seqs.as_slice(), x.device())?;
+                let (p, assign) = self.spatial_stage(
+                    tokens.index_select(&idx, 0)?,
+                    &probs.index_select(&idx, 0)?,
+                    k,
+                    opts,
+                    gi as u64,
+                )?;
+                if let Some(a) = assignment.as_mut() {
+                    for (i, &c) in clips.iter().enumerate() {
+                        a[c * nt * n..(c + 1) * nt * n]
+                            .copy_from_slice(&assign[i * nt * n..(i + 1) * nt * n]);
+                    }
+                }
+                parts.push(p);
+                order.extend(seqs);
+            }
+            let mut inverse = vec![0u32; order.len()];
+            for (pos, &s) in order.iter().enumerate() {
+                inverse[s as usize] = pos as u32;
+            }
+            Tensor::cat(&parts, 0)?
+                .index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?
+        };
+        let logits = self.temporal_and_head(&pooled, b, opts.train)?;
+        Ok(ForwardOutput {
+            logits,
+            assignment,
+            capacity: counts_of
+                .iter()
+                .map(|k| capacity::realised_capacity(k))
+                .collect(),
+        })
+    }
+
+    /// Route S sequences of spatial tokens (S, N, D) with the given per-expert token counts and
+    /// run the spatial transformer; returns the pooled (S, D) vectors and, per token in
+    /// original order, its expert.
+    fn spatial_stage(
+        &self,
+        tokens: Tensor,
+        probs: &Tensor,
+        counts: &[usize],
+        opts: &ForwardOptions,
+        salt: u64,
+    ) -> Result<(Tensor, Vec<u8>)> {
+        let (s, n, d) = tokens.dims3()?;
+        let e = self.cfg.num_experts;
+        let widths = self.cfg.expert_widths();
+        let nonempty: Vec<usize> = (0..e).filter(|&j| counts[j] > 0).collect();
+        let fused = fused_ok(&tokens, opts.train);
+        let routing_scope = scope(Part::Routing);
+
+        let (x, layout, assign, r_rows) = if nonempty.len() == 1 {
+            // Every token on one expert: no permutation needed.
+            let j = nonempty[0];
+            let x = tokens.reshape((s * n, d))?;
+            let x = if fused { x.copy()? } else { x };
+            let mut layout = TokenLayout::dense(n, s, d);
+            layout.groups[0].width = widths[j];
+            let r = probs.reshape((s * n, e))?.narrow(1, j, 1)?;
+            (x, layout, vec![j as u8; s * n], r)
+        } else {
+            let scores = match opts.routing {
+                Routing::Random { seed } => {
+                    random_scores(s * n * e, seed.wrapping_add(salt.wrapping_mul(0x5851_F42D)))
+                }
+                _ => probs
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            };
+            let assign = epr_batch(&scores, s, n, e, counts);
+            let perm = group_order(&assign, s, n, e);
+            // Token-major gather: row p * S + i holds the p-th token of sequence i's grouped order.
+            let mut idx = vec![0u32; s * n];
+            for i in 0..s {
+                for p in 0..n {
+                    idx[p * s + i] = (i * n) as u32 + perm[i * n + p];
+                }
+            }
+            let idx = Tensor::new(idx.as_slice(), tokens.device())?;
+            let x = tokens.reshape((s * n, d))?.index_select(&idx, 0)?;
+            let layout = TokenLayout::grouped(n, s, counts, &widths);
+            let p_rows = probs.reshape((s * n, e))?.index_select(&idx, 0)?;
+            let parts = nonempty
+                .iter()
+                .zip(&layout.groups)
+                .map(|(&j, g)| p_rows.narrow(0, g.row0, g.rows)?.narrow(1, j, 1))
+                .collect::<Result<Vec<_>>>()?;
+            (x, layout, assign, Tensor::cat(&parts, 0)?)
+        };
+        let alpha = self.router.alpha()?.to_dtype(r_rows.dtype())?;
+        let scale_t = r_rows.broadcast_mul(&alpha)?.affine(1.0, 1.0)?;
+        let host = if fused {
+            Some(scale_t.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let scale = RowScale {
+            tensor: scale_t,
+            host,
+        };
+        drop(routing_scope);
+
+        let mut x = x;
+        for layer in &self.spatial.layers {
+            x = layer.forward(x, &layout, Some(&scale), opts.train)?;
+        }
+        let x = self.spatial.norm.forward(&x, opts.train)?;
+        let _p = scope(Part::Rest);
+        let pooled = if layout.token_major {
+            x.reshape((n, s, d))?.mean(0)?
+        } else {
+            x.reshape((s, n, d))?.mean(1)?
+        };
+        Ok((pooled, assign))
+    }
+
+    fn temporal_and_head(&self, pooled: &Tensor, b: usize, train: bool) -> Result<Tensor> {
+        let _p = scope(Part::Rest);
+        let (nt, d) = (self.cfg.temporal_tokens(), self.cfg.hidden_size);
+        let mut t = pooled.reshape((b, nt, d))?;
+        if let Some(cls) = &self.embedding.temporal_cls {
+            t = Tensor::cat(&[cls.broadcast_as((b, 1, d))?.contiguous()?, t], 1)?;
+        }
+        let t = t.broadcast_add(&self.embedding.temporal_position)?;
+        let l = t.dim(1)?;
+        let layout = TokenLayout::dense(l, b, d);
+        let mut x = t.reshape((b * l, d))?;
+        if fused_ok(&x, train) {
+            x = x.copy()?;
+        }
+        for layer in &self.temporal.layers {
+            x = layer.forward(x, &layout, None, train)?;
+        }
+        let x = self.temporal.norm.forward(&x, train)?.reshape((b, l, d))?;
+        let v = match self.cfg.pooling {
+            Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => x.mean(1)?,
+        };
+        self.head.forward(&v)
+    }
+
+    /// The dense ViViT-FE forward with no router: every token at full width through the same
+    /// kernels. The reference MoNE at e_c = 1 is measured against.
+    pub fn forward_dense(&self, x: &Tensor) -> Result<Tensor> {
+        let tokens = {
+            let _p = scope(Part::Embedding);
+            self.embedding.forward(x, false)?
+        };
+        let (s, n, d) = tokens.dims3()?;
+        let layout = TokenLayout::dense(n, s, d);
+        let mut h = tokens.reshape((s * n, d))?;
+        if fused_ok(&h, false) {
+            h = h.copy()?;
+        }
+        for layer in &self.spatial.layers {
+            h = layer.forward(h, &layout, None, false)?;
+        }
+        let h = self.spatial.norm.forward(&h, false)?;
+        let pooled = h.reshape((s, n, d))?.mean(1)?;
+        self.temporal_and_head(&pooled, x.dim(0)?, false)
+    }
+
+    /// The dense forward with plain candle layers (Linear, matmul attention, candle GELU):
+    /// what candle gives out of the box, for comparison.
+    pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
+        let tokens = self.embedding.forward(x, true)?;
+        let (s, n, d) = tokens.dims3()?;
+        let layout = TokenLayout::dense(n, s, d);
+        let mut h = tokens.reshape((s * n, d))?;
+        for layer in &self.spatial.layers {
+            h = layer.forward_plain(&h, &layout)?;
+        }
+        let h = self.spatial.norm.forward(&h, false)?;
+        let pooled = h.reshape((s, n, d))?.mean(1)?;
+        let b = x.dim(0)?;
+        let (nt, l) = (self.cfg.temporal_tokens(), self.cfg.temporal_seq_len());
+        let mut t = pooled.reshape((b, nt, d))?;
+        if let Some(cls) = &self.embedding.temporal_cls {
+            t = Tensor::cat(&[cls.broadcast_as((b, 1, d))?.contiguous()?, t], 1)?;
+        }
+        let t = t.broadcast_add(&self.embedding.temporal_position)?;
+        let layout = TokenLayout::dense(l, b, d);
+        let mut h = t.reshape((b * l, d))?;
+        for layer in &self.temporal.layers {
+            h = layer.forward_plain(&h, &layout)?;
+        }
+        let h = self.temporal.norm.forward(&h, false)?.reshape((b, l, d))?;
+        let v = match self.cfg.pooling {
+            Pooling::Cls => h.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => h.mean(1)?,
+        };
+        self.head.forward(&v)
+    }
+
+    /// Every weight under its safetensors name.
+    pub fn named_tensors(&self) -> HashMap<String, Tensor> {
+        let mut m = HashMap::new();
+        let e = &self.embedding;
+        m.insert(
+            "embedding.projection.weight".into(),
+            e.projection_weight.clone(),
+        );
+        m.insert(
+            "embedding.projection.bias".into(),
+            e.projection_bias.clone(),
+        );
+        m.insert(
+            "embedding.spatial_position".into(),
+            e.spatial_position.clone(),
+        );
+        m.insert(
+            "embedding.temporal_position".into(),
+            e.temporal_position.clone(),
+        );
+        if let Some(c) = &e.temporal_cls {
+            m.insert("embedding.temporal_cls".into(), c.clone());
+        }
+        m.insert("router.weight".into(), self.router.router.weight().clone());
+        if let Some(b) = self.router.router.bias() {
+            m.insert("router.bias".into(), b.clone());
+        }
+        m.insert("router.alpha".into(), self.router.alpha.clone());
+        let lin = |m: &mut HashMap<String, Tensor>, name: String, l: &Linear| {
+            m.insert(format!("{name}.weight"), l.weight().clone());
+            if let Some(b) = l.bias() {
+                m.insert(format!("{name}.bias"), b.clone());
+            }
+        };
+        let norm = |m: &mut HashMap<String, Tensor>, name: String, n: &Norm| {
+            m.insert(format!("{name}.weight"), n.weight.clone());
+            m.insert(format!("{name}.bias"), n.bias.clone());
+        };
+        for (stage, st) in [("spatial", &self.spatial), ("temporal", &self.temporal)] {
+            for (i, l) in st.layers.iter().enumerate() {
+                let p = format!("{stage}.layers.{i}");
+                norm(&mut m, format!("{p}.norm1"), &l.norm1);
+                lin(&mut m, format!("{p}.attention.qkv"), &l.attention.qkv);
+                lin(&mut m, format!("{p}.attention.proj"), &l.attention.proj);
+                norm(&mut m, format!("{p}.norm2"), &l.norm2);
+                lin(&mut m, format!("{p}.mlp.fc1"), &l.mlp.fc1);
+                lin(&mut m, format!("{p}.mlp.fc2"), &l.mlp.fc2);
+            }
+            norm(&mut m, format!("{stage}.norm"), &st.norm);
+        }
+        lin(&mut m, "head".into(), &self.head);
+        m
+    }
+}

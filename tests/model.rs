@@ -1,0 +1,730 @@
+//! The MoNE-ViViT against an independent reference written straight from the paper's
+//! equations (f64, per token, no code shared with the model), plus the fused/generic paths,
+//! per-clip capacities, gradients and model folders.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use mone::model::{self, capacity, Config, ForwardOptions, MoneVivit, Routing};
+
+/// Weights with a large spread, so that nested slicing changes the output visibly.
+fn weights(cfg: &Config, seed: u64, alpha: f32) -> HashMap<String, Tensor> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) as f32 * 2.0 - 1.0
+    };
+    let mut m = HashMap::new();
+    for (name, shape) in cfg.expected_tensors() {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = if name.ends_with("norm1.weight")
+            || name.ends_with("norm2.weight")
+            || name.ends_with("norm.weight")
+        {
+            (0..n).map(|_| 1.0 + 0.2 * next()).collect()
+        } else if name == "router.alpha" {
+            vec![alpha]
+        } else if name == "router.weight" {
+            (0..n).map(|_| 2.0 * next()).collect()
+        } else {
+            let fan_in = if shape.len() >= 2 {
+                shape[1..].iter().product::<usize>() as f32
+            } else {
+                4.0
+            };
+            (0..n).map(|_| next() * 1.5 / fan_in.sqrt()).collect()
+        };
+        m.insert(name, Tensor::from_vec(vals, shape, &Device::Cpu).unwrap());
+    }
+    m
+}
+
+fn build(cfg: &Config, w: &HashMap<String, Tensor>) -> MoneVivit {
+    MoneVivit::new(
+        cfg,
+        VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu),
+    )
+    .unwrap()
+}
+
+fn input(cfg: &Config, b: usize, seed: u64) -> Tensor {
+    let n = b * 3 * cfg.frames * cfg.image_size * cfg.image_size;
+    let mut s = seed;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(
+        v,
+        (b, 3, cfg.frames, cfg.image_size, cfg.image_size),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// The reference: plain f64 loops over tokens.
+
+struct W(HashMap<String, (Vec<f64>, Vec<usize>)>);
+
+impl W {
+    fn new(w: &HashMap<String, Tensor>) -> Self {
+        W(w.iter()
+            .map(|(k, t)| {
+                let v = t
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f64::from)
+                    .collect();
+                (k.clone(), (v, t.dims().to_vec()))
+            })
+            .collect())
+    }
+    fn v(&self, k: &str) -> &[f64] {
+        &self.0.get(k).unwrap_or_else(|| panic!("missing {k}")).0
+    }
+}
+
+fn layer_norm(x: &[f64], w: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+    x.iter()
+        .enumerate()
+        .map(|(i, v)| (v - mean) / (var + eps).sqrt() * w[i] + b[i])
+        .collect()
+}
+
+fn gelu(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// out[o] = b[o] + sum_{k < d_in} W[o, k] x[k] for o < d_out (W is (rows, cols)).
+fn affine(w: &[f64], cols: usize, b: &[f64], x: &[f64], d_in: usize, d_out: usize) -> Vec<f64> {
+    (0..d_out)
+        .map(|o| b[o] + (0..d_in).map(|k| w[o * cols + k] * x[k]).sum::<f64>())
+        .collect()
+}
+
+/// One transformer layer for a sequence; token i uses width widths[i] and MLP scale scales[i].
+fn ref_layer(
+    cfg: &Config,
+    w: &W,
+    pre: &str,
+    xs: &mut [Vec<f64>],
+    widths: &[usize],
+    scales: &[f64],
+) {
+    let (d, m, h) = (cfg.hidden_size, cfg.mlp_dim(), cfg.num_heads);
+    let hd = d / h;
+    let eps = cfg.layer_norm_eps;
+    let g = |n: &str| w.v(&format!("{pre}.{n}"));
+    let qkv: Vec<Vec<f64>> = xs
+        .iter()
+        .zip(widths)
+        .map(|(x, &dj)| {
+            let ln = layer_norm(x, g("norm1.weight"), g("norm1.bias"), eps);
+            affine(
+                g("attention.qkv.weight"),
+                d,
+                g("attention.qkv.bias"),
+                &ln,
+                dj,
+                3 * d,
+            )
+        })
+        .collect();
+    let n = xs.len();
+    for i in 0..n {
+        let mut a = vec![0.0; d];
+        for head in 0..h {
+            let q = &qkv[i][head * hd..(head + 1) * hd];
+            let sc: Vec<f64> = (0..n)
+                .map(|j| {
+                    q.iter()
+                        .zip(&qkv[j][d + head * hd..d + (head + 1) * hd])
+                        .map(|(x, y)| x * y)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let ex: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+            let z: f64 = ex.iter().sum();
+            for j in 0..n {
+                for k in 0..hd {
+                    a[head * hd + k] += ex[j] / z * qkv[j][2 * d + head * hd + k];
+                }
+            }
+        }
+        let o = affine(
+            g("attention.proj.weight"),
+            d,
+            g("attention.proj.bias"),
+            &a,
+            d,
+            widths[i],
+        );
+        // Stash the attention update; apply after all tokens have read the layer input.
+        xs[i].extend(o);
+    }
+    for i in 0..n {
+        let dj = widths[i];
+        let upd: Vec<f64> = xs[i].split_off(d);
+        for k in 0..dj {
+            xs[i][k] += upd[k];
+        }
+        let ln = layer_norm(&xs[i], g("norm2.weight"), g("norm2.bias"), eps);
+        let hid: Vec<f64> = affine(g("mlp.fc1.weight"), d, g("mlp.fc1.bias"), &ln, dj, m)
+            .into_iter()
+            .map(gelu)
+            .collect();
+        let y = affine(g("mlp.fc2.weight"), m, g("mlp.fc2.bias"), &hid, m, dj);
+        for k in 0..dj {
+            xs[i][k] += scales[i] * y[k];
+        }
+    }
+}
+
+/// Logits of clip `b` with the given per-token experts (nt * N, in token order).
+fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f64> {
+    let xv: Vec<f64> = x
+        .get(b)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let (d, c, t_len, hw) = (cfg.hidden_size, 3, cfg.frames, cfg.image_size);
+    let [tt, p, _] = cfg.tubelet;
+    let (nt, gsz) = (t_len / tt, hw / p);
+    let n = gsz * gsz;
+    let pw = w.v("embedding.projection.weight");
+    let pb = w.v("embedding.projection.bias");
+    let widths = cfg.expert_widths();
+    let alpha = w.v("router.alpha")[0].clamp(0.0, 0.999);
+    let mut pooled = Vec::new();
+    for ti in 0..nt {
+        let mut seq: Vec<Vec<f64>> = Vec::new();
+        for gy in 0..gsz {
+            for gx in 0..gsz {
+                let mut tok = pb.to_vec();
+                for (o, v) in tok.iter_mut().enumerate() {
+                    for ch in 0..c {
+                        for dt in 0..tt {
+                            for dy in 0..p {
+                                for dx in 0..p {
+                                    let wi = (((o * c + ch) * tt + dt) * p + dy) * p + dx;
+                                    let xi = ((ch * t_len + ti * tt + dt) * hw + gy * p + dy) * hw
+                                        + gx * p
+                                        + dx;
+                                    *v += pw[wi] * xv[xi];
+                                }
+                            }
+                        }
+                    }
+                }
+                let pos = &w.v("embedding.spatial_position")
+                    [(gy * gsz + gx) * d..(gy * gsz + gx + 1) * d];
+                tok.iter_mut().zip(pos).for_each(|(a, b)| *a += b);
+                seq.push(tok);
+            }
+        }
+        let e = cfg.num_experts;
+        let mut tw = Vec::new();
+        let mut scales = Vec::new();
+        for (i, tok) in seq.iter().enumerate() {
+            let logits = affine(w.v("router.weight"), d, w.v("router.bias"), tok, d, e);
+            let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|l| (l - mx).exp()).sum();
+            let j = assign[ti * n + i] as usize;
+            tw.push(widths[j]);
+            scales.push(alpha * (logits[j] - mx).exp() / z + 1.0);
+        }
+        for l in 0..cfg.spatial_layers {
+            ref_layer(
+                cfg,
+                w,
+                &format!("spatial.layers.{l}"),
+                &mut seq,
+                &tw,
+                &scales,
+            );
+        }
+        let mut mean = vec![0.0; d];
+        for tok in &seq {
+            let ln = layer_norm(
+                tok,
+                w.v("spatial.norm.weight"),
+                w.v("spatial.norm.bias"),
+                cfg.layer_norm_eps,
+            );
+            mean.iter_mut()
+                .zip(&ln)
+                .for_each(|(a, b)| *a += b / n as f64);
+        }
+        pooled.push(mean);
+    }
+    let mut seq: Vec<Vec<f64>> = vec![w.v("embedding.temporal_cls").to_vec()];
+    seq.extend(pooled);
+    let tp = w.v("embedding.temporal_position");
+    for (i, tok) in seq.iter_mut().enumerate() {
+        tok.iter_mut()
+            .zip(&tp[i * d..(i + 1) * d])
+            .for_each(|(a, b)| *a += b);
+    }
+    let full = vec![d; seq.len()];
+    let ones = vec![1.0; seq.len()];
+    for l in 0..cfg.temporal_layers {
+        ref_layer(
+            cfg,
+            w,
+            &format!("temporal.layers.{l}"),
+            &mut seq,
+            &full,
+            &ones,
+        );
+    }
+    let cls = layer_norm(
+        &seq[0],
+        w.v("temporal.norm.weight"),
+        w.v("temporal.norm.bias"),
+        cfg.layer_norm_eps,
+    );
+    affine(
+        w.v("head.weight"),
+        d,
+        w.v("head.bias"),
+        &cls,
+        d,
+        cfg.num_classes,
+    )
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            ((*g as f64) - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}: got {got:?}\nwant {want:?}"
+        );
+    }
+}
+
+fn tiny() -> Config {
+    Config::preset("vivit-fe-tiny").unwrap()
+}
+
+#[test]
+fn full_capacity_equals_a_plain_dense_vivit() {
+    let cfg = tiny();
+    let w = weights(&cfg, 1, 0.0);
+    let m = build(&cfg, &w);
+    let x = input(&cfg, 2, 5);
+    let out = m
+        .forward(
+            &x,
+            &[1.0],
+            &ForwardOptions {
+                want_assignment: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let assign = out.assignment.unwrap();
+    assert!(assign.iter().all(|&a| a as usize == cfg.num_experts - 1));
+    let rw = W::new(&w);
+    let per_clip = cfg.temporal_tokens() * cfg.spatial_tokens();
+    for b in 0..2 {
+        let want = reference(&cfg, &rw, &x, b, &assign[b * per_clip..(b + 1) * per_clip]);
+        let got = out.logits.get(b).unwrap().to_vec1::<f32>().unwrap();
+        assert_close(&got, &want, 1e-4, "e_c 1 vs dense reference");
+        // The model's own dense forwards agree too.
+        let dense = m
+            .forward_dense(&x)
+            .unwrap()
+            .get(b)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_close(&dense, &want, 1e-4, "forward_dense vs reference");
+        let plain = m
+            .forward_plain(&x)
+            .unwrap()
+            .get(b)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_close(&plain, &want, 1e-4, "forward_plain vs reference");
+    }
+}
+
+#[test]
+fn mixed_assignment_equals_the_per_token_reference() {
+    let cfg = tiny();
+    let w = weights(&cfg, 2, 0.4);
+    let m = build(&cfg, &w);
+    let x = input(&cfg, 2, 9);
+    let rw = W::new(&w);
+    let n = cfg.spatial_tokens();
+    let per_clip = cfg.temporal_tokens() * n;
+    for e_c in [0.5, 0.3, 0.15] {
+        for train in [false, true] {
+            let opts = ForwardOptions {
+                want_assignment: true,
+                train,
+                ..Default::default()
+            };
+            let out = m.forward(&x, &[e_c], &opts).unwrap();
+            let assign = out.assignment.unwrap();
+            let counts = capacity::token_counts(&capacity::solve(e_c, 4).unwrap(), n);
+            for seq in assign.chunks(n) {
+                for (j, &k) in counts.iter().enumerate() {
+                    assert_eq!(seq.iter().filter(|&&a| a as usize == j).count(), k);
+                }
+            }
+            assert!(
+                counts.iter().filter(|&&k| k > 0).count() >= 2,
+                "e_c {e_c} should mix experts"
+            );
+            for b in 0..2 {
+                let want = reference(&cfg, &rw, &x, b, &assign[b * per_clip..(b + 1) * per_clip]);
+                let got = out.logits.get(b).unwrap().to_vec1::<f32>().unwrap();
+                assert_close(&got, &want, 1e-4, &format!("e_c {e_c} train {train}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn nesting_changes_the_output_and_capacity_is_monotone_in_compute() {
+    let cfg = tiny();
+    let m = build(&cfg, &weights(&cfg, 3, 0.2));
+    let x = input(&cfg, 1, 1);
+    let full = m
+        .forward(&x, &[1.0], &ForwardOptions::default())
+        .unwrap()
+        .logits;
+    let low = m
+        .forward(&x, &[0.2], &ForwardOptions::default())
+        .unwrap()
+        .logits;
+    let diff = (full - low)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff > 1e-3,
+        "a low capacity must change the logits (diff {diff})"
+    );
+}
+
+#[test]
+fn fused_and_generic_paths_agree_for_every_routing() {
+    let cfg = tiny();
+    let m = build(&cfg, &weights(&cfg, 4, 0.3));
+    let x = input(&cfg, 3, 2);
+    for routing in [
+        Routing::Learned,
+        Routing::Random { seed: 7 },
+        Routing::Width(0),
+        Routing::Width(2),
+    ] {
+        for e_c in [0.9, 0.4] {
+            let a = m
+                .forward(
+                    &x,
+                    &[e_c],
+                    &ForwardOptions {
+                        routing,
+                        train: false,
+                        want_assignment: true,
+                    },
+                )
+                .unwrap();
+            let b = m
+                .forward(
+                    &x,
+                    &[e_c],
+                    &ForwardOptions {
+                        routing,
+                        train: true,
+                        want_assignment: true,
+                    },
+                )
+                .unwrap();
+            assert_eq!(a.assignment, b.assignment, "{routing:?}");
+            let d = (a.logits - b.logits)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                d < 1e-4,
+                "{routing:?} e_c {e_c}: fused vs generic differ by {d}"
+            );
+        }
+    }
+    // Width(j) puts every token on expert j.
+    let out = m
+        .forward(
+            &x,
+            &[1.0],
+            &ForwardOptions {
+                routing: Routing::Width(1),
+                want_assignment: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(out.assignment.unwrap().iter().all(|&a| a == 1));
+    assert!((out.capacity[0] - 0.25).abs() < 1e-12);
+    // The random router differs from the learned one.
+    let l = m
+        .forward(
+            &x,
+            &[0.4],
+            &ForwardOptions {
+                want_assignment: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let r = m
+        .forward(
+            &x,
+            &[0.4],
+            &ForwardOptions {
+                routing: Routing::Random { seed: 1 },
+                want_assignment: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_ne!(l.assignment, r.assignment);
+}
+
+#[test]
+fn per_clip_capacities_equal_each_clip_alone() {
+    let cfg = tiny();
+    let m = build(&cfg, &weights(&cfg, 5, 0.3));
+    let x = input(&cfg, 3, 3);
+    let caps = [0.3, 1.0, 0.3];
+    let out = m
+        .forward(
+            &x,
+            &caps,
+            &ForwardOptions {
+                want_assignment: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let per_clip = cfg.temporal_tokens() * cfg.spatial_tokens();
+    for (b, &c) in caps.iter().enumerate() {
+        let xb = x.narrow(0, b, 1).unwrap();
+        let alone = m
+            .forward(
+                &xb,
+                &[c],
+                &ForwardOptions {
+                    want_assignment: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let d = (out.logits.get(b).unwrap() - alone.logits.get(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "clip {b}: {d}");
+        assert_eq!(
+            &out.assignment.as_ref().unwrap()[b * per_clip..(b + 1) * per_clip],
+            &alone.assignment.unwrap()[..]
+        );
+    }
+    assert!(m
+        .forward(&x, &[0.5, 0.5], &ForwardOptions::default())
+        .is_err());
+    assert!(m.forward(&x, &[0.05], &ForwardOptions::default()).is_err());
+}
+
+#[test]
+fn every_parameter_gets_a_gradient_and_alpha_wakes_the_router() {
+    let cfg = tiny();
+    let vm = VarMap::new();
+    let m = MoneVivit::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let x = input(&cfg, 2, 4);
+    let y = Tensor::new(&[1u32, 3], &Device::Cpu).unwrap();
+    let grads_at = |m: &MoneVivit| {
+        let out = m
+            .forward(
+                &x,
+                &[0.5],
+                &ForwardOptions {
+                    train: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        candle_nn::loss::cross_entropy(&out.logits, &y)
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let vars: Vec<(String, Var)> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let g = grads_at(&m);
+    let norm = |name: &str, g: &candle_core::backprop::GradStore| {
+        let v = &vars.iter().find(|(k, _)| k == name).unwrap().1;
+        g.get(v.as_tensor()).map(|t| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+    };
+    for (name, _) in &vars {
+        let n = norm(name, &g).unwrap_or_else(|| panic!("{name} got no gradient"));
+        // At alpha = 0 the router's only path to the loss is multiplied by alpha.
+        if name.starts_with("router.weight") || name.starts_with("router.bias") {
+            assert_eq!(n, 0.0, "{name}");
+        } else {
+            assert!(n > 0.0, "{name} has a zero gradient");
+        }
+    }
+    // Once alpha is positive the router learns.
+    let alpha = &vars.iter().find(|(k, _)| k == "router.alpha").unwrap().1;
+    alpha
+        .set(&Tensor::new(&[0.1f32], &Device::Cpu).unwrap())
+        .unwrap();
+    let g = grads_at(&m);
+    assert!(norm("router.weight", &g).unwrap() > 0.0);
+}
+
+#[test]
+fn model_folder_round_trip_and_mismatch_errors() {
+    let cfg = tiny();
+    let w = weights(&cfg, 6, 0.25);
+    let m = build(&cfg, &w);
+    let dir = std::env::temp_dir().join(format!("mone-model-test-{}", std::process::id()));
+    let labels: Vec<String> = (0..cfg.num_classes).map(|i| format!("class {i}")).collect();
+    model::save_model_dir(&dir, &cfg, &labels, &m.named_tensors()).unwrap();
+    let loaded = model::load_model_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config, cfg);
+    assert_eq!(loaded.labels, labels);
+    let x = input(&cfg, 1, 8);
+    let a = m
+        .forward(&x, &[0.5], &ForwardOptions::default())
+        .unwrap()
+        .logits;
+    let b = loaded
+        .model
+        .forward(&x, &[0.5], &ForwardOptions::default())
+        .unwrap()
+        .logits;
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+
+    // A config that does not match the weights names the offending tensor.
+    let mut wrong = cfg.clone();
+    wrong.spatial_layers = 3;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
+    let e = model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("spatial.layers.2.norm1.weight") && e.contains("missing"),
+        "{e}"
+    );
+    let mut wrong = cfg.clone();
+    wrong.num_classes = 7;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("labels.txt"),
+        (0..7).map(|i| format!("c{i}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let e = model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("head.weight") && e.contains("[5, 64]") && e.contains("[7, 64]"),
+        "{e}"
+    );
+    let mut wrong = cfg.clone();
+    wrong.temporal_layers = 0;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("labels.txt"), labels.join("\n")).unwrap();
+    let e = model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("temporal.layers.0") && e.contains("not part of this config"),
+        "{e}"
+    );
+    // Malformed JSON, wrong label count, garbage weights.
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    assert!(model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("malformed JSON"));
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("labels.txt"), "only one\n").unwrap();
+    assert!(model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("1 labels"));
+    std::fs::write(dir.join("labels.txt"), labels.join("\n")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), b"garbage").unwrap();
+    assert!(model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("safetensors"));
+    assert!(model::load_model_dir(&dir.join("nope"), &Device::Cpu).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}
