@@ -64,6 +64,7 @@ impl Attention {
                     bias(&self.qkv)?,
                     &NestedInProj {
                         groups: &layout.groups,
+                        add_bias: true,
                     },
                 )?
             };

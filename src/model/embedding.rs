@@ -95,7 +95,14 @@ impl Embedding {
                 rows,
                 width: c.tubelet_dim(),
             }];
-            patches.apply_op3_no_bwd(&w, &self.projection_bias, &NestedInProj { groups: &g })?
+            patches.apply_op3_no_bwd(
+                &w,
+                &self.projection_bias,
+                &NestedInProj {
+                    groups: &g,
+                    add_bias: true,
+                },
+            )?
         } else {
             patches
                 .matmul(&w.t()?)?

@@ -23,6 +23,17 @@ pub struct RowGroup {
     pub width: usize,
 }
 
+/// A buffer the caller overwrites completely before anything reads it; skipping the zeroing
+/// saves a full pass over tens of megabytes per layer.
+#[allow(clippy::uninit_vec)]
+fn overwritten_f32(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns and every caller writes all n elements (each
+    // row group's GEMM with read_dst = false, or the bias fill) before reading any.
+    unsafe { v.set_len(n) };
+    v
+}
+
 fn par() -> Parallelism {
     let n = rayon::current_num_threads();
     if n > 1 {
@@ -46,9 +57,12 @@ fn strides2(l: &Layout, name: &str) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
-/// y = x[:, :d_g] @ W[:, :d_g]^T + b per row group; x (R, D), W (out, D), b (out) -> (R, out).
+/// y = x[:, :d_g] @ W[:, :d_g]^T (+ b) per row group; x (R, D), W (out, D), b (out) -> (R, out).
+/// The groups must cover every row. With `add_bias` false the caller adds b in a later pass
+/// it makes anyway (the activation).
 pub struct NestedInProj<'a> {
     pub groups: &'a [RowGroup],
+    pub add_bias: bool,
 }
 
 impl CustomOp3 for NestedInProj<'_> {
@@ -96,7 +110,7 @@ impl CustomOp3 for NestedInProj<'_> {
                     dst.as_mut_ptr().add(g.row0 * out),
                     1,
                     out as isize,
-                    true,
+                    self.add_bias,
                     x.as_ptr().add(g.row0 * x_rs),
                     x_cs as isize,
                     x_rs as isize,
@@ -203,9 +217,10 @@ impl InplaceOp3 for NestedOutAccum<'_> {
     }
 }
 
-/// In place on (R, M): h = act(h) * s_r.
+/// In place on (R, M): h = act(h + b) * s_r.
 pub struct ActScale<'a> {
     pub act: Activation,
+    pub bias: Option<&'a [f32]>,
     pub row_scale: Option<&'a [f32]>,
 }
 
@@ -227,18 +242,13 @@ impl InplaceOp1 for ActScale<'_> {
                 bail!("act-scale: {} row scales for {r} rows", s.len());
             }
         }
-        let act = self.act;
+        if self.bias.is_some_and(|b| b.len() != m) {
+            bail!("act-scale: bias length does not match {m} columns");
+        }
+        let (act, zeros) = (self.act, vec![0f32; m]);
+        let bias = self.bias.unwrap_or(&zeros);
         h.par_chunks_mut(m).enumerate().for_each(|(i, row)| {
-            match act {
-                Activation::GeluTanh => row.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
-                Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
-            }
-            if let Some(s) = self.row_scale {
-                let s = s[i];
-                if s != 1.0 {
-                    row.iter_mut().for_each(|v| *v *= s);
-                }
-            }
+            act_row(row, bias, act, self.row_scale.map_or(1.0, |s| s[i]));
         });
         Ok(())
     }
@@ -276,7 +286,8 @@ impl CustomOp1 for FusedAttention {
             );
         }
         let qkv = f32_slice(storage, layout, self.name())?;
-        let mut out = vec![0f32; n * s * d];
+        // Every (sequence, head) task writes its whole (N, hd) block.
+        let mut out = overwritten_f32(n * s * d);
         let out_ptr = SyncPtr(out.as_mut_ptr());
         // Row steps between consecutive tokens of a sequence, and between sequences.
         let (tok, seq) = if self.token_major { (s, 1) } else { (1, n) };
@@ -347,25 +358,158 @@ impl CustomOp1 for FusedAttention {
     }
 }
 
-fn softmax_in_place(r: &mut [f32]) {
-    let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
+/// Runs `$body` compiled for AVX2+FMA when the CPU has them (checked once), else for the
+/// baseline target. The bodies are plain loops the compiler vectorises either way.
+macro_rules! dispatch_simd {
+    ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                if *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+                    // SAFETY: the features were detected at run time.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+dispatch_simd!(softmax_in_place, softmax_body, (r: &mut [f32]));
+dispatch_simd!(layer_norm_row, layer_norm_row_body, (x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]));
+
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn layer_norm_row_body(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let n = x.len() as f32;
+    let mean = sum8(x) / n;
+    // Two passes (centre, then square) keep the variance accurate for large means.
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = xi - mean;
+    }
+    let mut acc = [0f32; 8];
+    let chunks = y.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k] * c[k];
+        }
+    }
+    let inv = 1.0 / ((acc.iter().sum::<f32>() + tail) / n + eps).sqrt();
+    for ((yi, wi), bi) in y.iter_mut().zip(w).zip(b) {
+        *yi = *yi * inv * wi + bi;
+    }
+}
+
+/// LayerNorm over the last dimension of a contiguous (R, D) tensor.
+pub struct FusedLayerNorm {
+    pub eps: f32,
+}
+
+impl CustomOp3 for FusedLayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = *l1.dims().last().unwrap_or(&0);
+        if !l1.is_contiguous()
+            || !l2.is_contiguous()
+            || !l3.is_contiguous()
+            || l2.dims() != [d]
+            || l3.dims() != [d]
+            || d == 0
+        {
+            bail!("fused-layer-norm: needs contiguous (.., {d}) input and ({d}) weight and bias");
+        }
+        let n = l1.shape().elem_count();
+        let x = &f32_slice(s1, l1, self.name())?[..n];
+        let w = &f32_slice(s2, l2, self.name())?[..d];
+        let b = &f32_slice(s3, l3, self.name())?[..d];
+        let mut y = overwritten_f32(n);
+        let eps = self.eps;
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(yr, xr)| layer_norm_row(xr, w, b, eps, yr));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+dispatch_simd!(act_row, act_row_body, (row: &mut [f32], bias: &[f32], act: Activation, scale: f32));
+
+#[inline(always)]
+fn act_row_body(row: &mut [f32], bias: &[f32], act: Activation, scale: f32) {
+    let it = row.iter_mut().zip(bias);
+    match act {
+        Activation::GeluTanh => it.for_each(|(v, b)| *v = gelu_tanh(*v + b) * scale),
+        Activation::GeluErf => it.for_each(|(v, b)| *v = gelu_erf(*v + b) * scale),
+    }
+}
+
+#[inline(always)]
+fn softmax_body(r: &mut [f32]) {
+    // Separate passes with 8 independent accumulators so each loop vectorises.
+    let mut m8 = [f32::NEG_INFINITY; 8];
+    let chunks = r.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            m8[k] = m8[k].max(c[k]);
+        }
+    }
+    let m = tail.iter().copied().fold(
+        m8.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        f32::max,
+    );
     for v in r.iter_mut() {
         *v = exp_approx(*v - m);
-        sum += *v;
     }
-    let inv = 1.0 / sum;
+    let mut s8 = [0f32; 8];
+    let chunks = r.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..8 {
+            s8[k] += c[k];
+        }
+    }
+    let inv = 1.0 / (s8.iter().sum::<f32>() + tail);
     r.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// exp with about 2 ulp error, written so the compiler vectorises it (no table, no branch).
+/// exp with about 2 ulp error, written so the compiler vectorises it on baseline x86-64
+/// (no table, no branch, no `floor` call: rounding by the 1.5 * 2^23 trick).
 #[inline(always)]
 pub fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + 0.5).floor();
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.max(-87.3).min(88.3);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -374,14 +518,14 @@ pub fn exp_approx(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     p = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    p * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
 }
 
 /// tanh via Eigen's rational approximation (accurate to a few ulp, vectorises).
 #[inline(always)]
 pub fn tanh_approx(x: f32) -> f32 {
-    let x = x.clamp(-7.905_311, 7.905_311);
+    let x = x.max(-7.905_311).min(7.905_311);
     let x2 = x * x;
     let mut p = -2.760_768_5e-16f32;
     p = p * x2 + 2.000_188e-13;
@@ -443,4 +587,13 @@ mod tests {
         assert!((erf_approx(-1.5) + 0.966_105_1).abs() < 1e-6);
         assert!(exp_approx(-200.0) < 1e-37);
     }
+}
+
+#[doc(hidden)]
+pub fn softmax_rows(r: &mut [f32]) {
+    softmax_in_place(r)
+}
+#[doc(hidden)]
+pub fn softmax_rows_baseline(r: &mut [f32]) {
+    softmax_body(r)
 }

@@ -66,13 +66,16 @@ impl Mlp {
                     bias(&self.fc1)?,
                     &NestedInProj {
                         groups: &layout.groups,
+                        add_bias: false,
                     },
                 )?
             };
             {
                 let _p = scope(Part::Activation);
+                let b1 = bias(&self.fc1)?.to_vec1::<f32>()?;
                 f.inplace_op1(&ActScale {
                     act: self.act,
+                    bias: Some(&b1),
                     row_scale: host,
                 })?;
             }

@@ -9,6 +9,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use super::attention::{linear, Attention};
 use super::capacity;
 use super::embedding::Embedding;
+use super::kernels::FusedLayerNorm;
 use super::mlp::{Mlp, RowScale};
 use super::nested::{fused_ok, TokenLayout};
 use super::profile::{scope, Part};
@@ -35,6 +36,14 @@ impl Norm {
         if train {
             // The fused kernel drops its inputs from the backward graph (stack.md).
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
+        } else if fused_ok(x, false) {
+            x.contiguous()?.apply_op3_no_bwd(
+                &self.weight,
+                &self.bias,
+                &FusedLayerNorm {
+                    eps: self.eps as f32,
+                },
+            )
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }
