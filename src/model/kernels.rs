@@ -507,7 +507,7 @@ pub fn exp_approx(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const MAGIC: f32 = 12_582_912.0;
-    let x = x.max(-87.3).min(88.3);
+    let x = x.clamp(-87.3, 88.3);
     let t = x * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
@@ -525,7 +525,7 @@ pub fn exp_approx(x: f32) -> f32 {
 /// tanh via Eigen's rational approximation (accurate to a few ulp, vectorises).
 #[inline(always)]
 pub fn tanh_approx(x: f32) -> f32 {
-    let x = x.max(-7.905_311).min(7.905_311);
+    let x = x.clamp(-7.905_311, 7.905_311);
     let x2 = x * x;
     let mut p = -2.760_768_5e-16f32;
     p = p * x2 + 2.000_188e-13;
@@ -589,11 +589,3 @@ mod tests {
     }
 }
 
-#[doc(hidden)]
-pub fn softmax_rows(r: &mut [f32]) {
-    softmax_in_place(r)
-}
-#[doc(hidden)]
-pub fn softmax_rows_baseline(r: &mut [f32]) {
-    softmax_body(r)
-}

@@ -1,0 +1,151 @@
+//! The events mone emits (JSON Lines) and the sinks that write them. Schema: docs/events.md
+//! and docs/events.schema.json.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LabelScore {
+    pub label: String,
+    pub score: f32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    /// From the clip's last frame arriving to the start of its batch's forward.
+    pub queue_ms: f64,
+    /// The batch's model forward.
+    pub inference_ms: f64,
+    /// From the clip's last frame arriving to the event being written.
+    pub end_to_end_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    StreamStarted {
+        stream: String,
+        time: String,
+        model: String,
+        device: String,
+        live: bool,
+    },
+    Clip {
+        /// `<stream>#<clip_index>`: unique and stable across runs of the same input.
+        event_id: String,
+        stream: String,
+        clip_index: u64,
+        pts_start_ns: u64,
+        pts_end_ns: u64,
+        /// First and last (real, not padded) frame index.
+        frames: [u64; 2],
+        padded_frames: usize,
+        labels: Vec<LabelScore>,
+        capacity: f64,
+        model: String,
+        latency_ms: Latency,
+        time: String,
+    },
+    /// A finished file: top-k of the clip-averaged class probabilities.
+    Video {
+        event_id: String,
+        stream: String,
+        clips: u64,
+        labels: Vec<LabelScore>,
+        model: String,
+        time: String,
+    },
+    StreamEnded {
+        stream: String,
+        clips: u64,
+        frames: u64,
+        dropped_clips: u64,
+        time: String,
+    },
+    StreamError {
+        stream: String,
+        reason: String,
+        time: String,
+    },
+    Offline {
+        stream: String,
+        reason: String,
+        time: String,
+    },
+    Reconnected {
+        stream: String,
+        attempt: u32,
+        offline_ms: u64,
+        time: String,
+    },
+}
+
+/// Wall-clock time as RFC 3339 (UTC, milliseconds).
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// Replace a URI's user-info (credentials) with `***`.
+pub fn redact(uri: &str) -> String {
+    if let Some((scheme, rest)) = uri.split_once("://") {
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if let Some((_, host)) = authority.rsplit_once('@') {
+            return format!("{scheme}://***@{host}{path}");
+        }
+    }
+    uri.to_string()
+}
+
+/// Where events go: JSON Lines on stdout or appended to a file, flushed per event.
+pub struct JsonLinesSink {
+    out: Box<dyn Write + Send>,
+    path: Option<PathBuf>,
+    pub written: u64,
+}
+
+impl JsonLinesSink {
+    pub fn stdout() -> Self {
+        Self { out: Box::new(std::io::stdout()), path: None, written: 0 }
+    }
+    pub fn file(path: &Path) -> std::io::Result<Self> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self { out: Box::new(std::io::BufWriter::new(f)), path: Some(path.to_path_buf()), written: 0 })
+    }
+    pub fn write(&mut self, e: &Event) -> std::io::Result<()> {
+        let line = serde_json::to_string(e).map_err(std::io::Error::other)?;
+        self.out.write_all(line.as_bytes())?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()?;
+        self.written += 1;
+        Ok(())
+    }
+    pub fn describe(&self) -> String {
+        self.path.as_ref().map_or("stdout".into(), |p| p.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_credentials_only() {
+        assert_eq!(redact("rtsp://admin:secret@10.0.0.5:554/stream1"), "rtsp://***@10.0.0.5:554/stream1");
+        assert_eq!(redact("rtsp://cam.local/stream"), "rtsp://cam.local/stream");
+        assert_eq!(redact("/videos/a@b.mp4"), "/videos/a@b.mp4");
+        assert_eq!(redact("file:///x/a@b.mp4"), "file:///x/a@b.mp4");
+    }
+
+    #[test]
+    fn events_round_trip_with_a_type_tag() {
+        let e = Event::StreamError { stream: "s".into(), reason: "r".into(), time: now() };
+        let j = serde_json::to_string(&e).unwrap();
+        assert!(j.starts_with("{\"type\":\"stream_error\""));
+        assert_eq!(serde_json::from_str::<Event>(&j).unwrap(), e);
+    }
+}

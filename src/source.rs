@@ -1,0 +1,418 @@
+//! Video sources: the only code that touches GStreamer. Every input runs in its own pipeline
+//! ending in an appsink that delivers RGB frames at the model's size with their PTS.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+
+use crate::clip::Frame;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}: no such file")]
+    NotFound(String),
+    #[error("invalid input `{0}`: {1}")]
+    Invalid(String, String),
+    #[error("GStreamer: {0}")]
+    Gst(String),
+}
+
+/// How frames are fitted to the model's square input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resize {
+    /// Crop the centre to the target aspect ratio, then scale.
+    #[default]
+    Crop,
+    /// Scale the whole frame and pad with black borders.
+    Letterbox,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspTransport {
+    /// Interleaved in the RTSP TCP connection: works through NAT and firewalls.
+    #[default]
+    Tcp,
+    Udp,
+    /// Let rtspsrc try UDP, then TCP.
+    Auto,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceOptions {
+    pub width: u32,
+    pub height: u32,
+    /// Frame rate the model expects (frames are dropped or duplicated by `videorate`);
+    /// None keeps the input's rate.
+    pub fps: Option<f64>,
+    pub resize: Resize,
+    pub rtsp_transport: RtspTransport,
+}
+
+/// A `test:` source: `test:pattern=ball,frames=64,fps=25,live=false,width=320,height=240`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TestSpec {
+    pub pattern: String,
+    /// Frames before EOS; None: endless.
+    pub frames: Option<u64>,
+    pub fps: u32,
+    pub live: bool,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    Uri(String),
+    Test(TestSpec),
+}
+
+impl Input {
+    /// A file path (checked to exist), a URI, or a `test:` source.
+    pub fn parse(s: &str) -> Result<Self, SourceError> {
+        if let Some(rest) = s.strip_prefix("test:") {
+            let mut t = TestSpec { pattern: "ball".into(), frames: None, fps: 25, live: true, width: 320, height: 240 };
+            for kv in rest.split([',', '&']).filter(|p| !p.is_empty()) {
+                let (k, v) = kv.split_once('=').ok_or_else(|| SourceError::Invalid(s.into(), format!("`{kv}` is not key=value")))?;
+                let bad = |e: String| SourceError::Invalid(s.into(), format!("{k}: {e}"));
+                match k {
+                    "pattern" => t.pattern = v.to_string(),
+                    "frames" => t.frames = Some(v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?),
+                    "fps" => t.fps = v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?,
+                    "live" => t.live = v.parse().map_err(|e: std::str::ParseBoolError| bad(e.to_string()))?,
+                    "width" => t.width = v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?,
+                    "height" => t.height = v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?,
+                    _ => return Err(bad("unknown key (pattern, frames, fps, live, width, height)".into())),
+                }
+            }
+            if t.fps == 0 || t.width == 0 || t.height == 0 {
+                return Err(SourceError::Invalid(s.into(), "fps, width and height must be positive".into()));
+            }
+            return Ok(Input::Test(t));
+        }
+        if s.contains("://") {
+            if let Some(path) = s.strip_prefix("file://") {
+                if !Path::new(path).exists() {
+                    return Err(SourceError::NotFound(s.into()));
+                }
+            }
+            return Ok(Input::Uri(s.to_string()));
+        }
+        let p = Path::new(s);
+        if !p.exists() {
+            return Err(SourceError::NotFound(s.into()));
+        }
+        if p.is_dir() {
+            return Err(SourceError::Invalid(s.into(), "is a directory".into()));
+        }
+        let abs = std::fs::canonicalize(p).map_err(|e| SourceError::Invalid(s.into(), e.to_string()))?;
+        let uri = gst::glib::filename_to_uri(&abs, None).map_err(|e| SourceError::Invalid(s.into(), e.to_string()))?;
+        Ok(Input::Uri(uri.to_string()))
+    }
+
+    /// Live inputs run in real time, reconnect when they fail and may drop clips.
+    pub fn is_live(&self) -> bool {
+        match self {
+            Input::Test(t) => t.live,
+            Input::Uri(u) => {
+                let l = u.to_ascii_lowercase();
+                l.starts_with("rtsp://") || l.starts_with("rtsps://") || l.starts_with("rtspt://") || l.starts_with("udp://") || l.starts_with("srt://")
+            }
+        }
+    }
+}
+
+pub fn init() -> Result<(), SourceError> {
+    gst::init().map_err(|e| SourceError::Gst(format!("cannot initialise GStreamer: {e}")))
+}
+
+/// What a pull from a running source gives.
+#[derive(Debug)]
+pub enum Pulled {
+    Frame(Frame),
+    /// Nothing within the timeout.
+    Idle,
+    Eos,
+    Error(String),
+}
+
+/// One running pipeline.
+pub struct SourcePipeline {
+    pipeline: gst::Pipeline,
+    sink: gst_app::AppSink,
+    bus: gst::Bus,
+    width: usize,
+    height: usize,
+    index: u64,
+}
+
+fn fraction(fps: f64) -> gst::Fraction {
+    // Rational with a denominator of 1000 is exact for the usual 12.5, 29.97, ...
+    let num = (fps * 1000.0).round() as i32;
+    gst::Fraction::new(num.max(1), 1000)
+}
+
+fn make(factory: &str) -> Result<gst::Element, SourceError> {
+    gst::ElementFactory::make(factory)
+        .build()
+        .map_err(|_| SourceError::Gst(format!("element `{factory}` is missing (is the GStreamer plugin package installed? see scripts/setup.sh)")))
+}
+
+impl SourcePipeline {
+    pub fn new(input: &Input, opts: &SourceOptions) -> Result<Self, SourceError> {
+        init()?;
+        let gerr = |e: gst::glib::BoolError| SourceError::Gst(e.to_string());
+        let pipeline = gst::Pipeline::new();
+        // Conversion chain: videorate -> crop -> scale (in YUV: about 2x cheaper) -> convert to RGB.
+        let queue = make("queue")?;
+        let mut chain: Vec<gst::Element> = vec![queue.clone()];
+        if opts.fps.is_some() {
+            chain.push(make("videorate")?);
+        }
+        if opts.resize == Resize::Crop {
+            let crop = make("aspectratiocrop")?;
+            crop.set_property("aspect-ratio", gst::Fraction::new(opts.width as i32, opts.height as i32));
+            chain.push(crop);
+        }
+        let scale = make("videoscale")?;
+        scale.set_property("add-borders", opts.resize == Resize::Letterbox);
+        chain.push(scale);
+        chain.push(make("videoconvert")?);
+        let mut caps = gst::Caps::builder("video/x-raw")
+            .field("format", "RGB")
+            .field("width", opts.width as i32)
+            .field("height", opts.height as i32)
+            .field("pixel-aspect-ratio", gst::Fraction::new(1, 1));
+        if let Some(f) = opts.fps {
+            caps = caps.field("framerate", fraction(f));
+        }
+        let sink = gst_app::AppSink::builder()
+            .caps(&caps.build())
+            // Files decode as fast as they can; live sources pace themselves.
+            .sync(false)
+            .max_buffers(4)
+            .drop(false)
+            .build();
+        chain.push(sink.clone().upcast());
+        pipeline.add_many(&chain).map_err(gerr)?;
+        gst::Element::link_many(&chain).map_err(gerr)?;
+
+        match input {
+            Input::Test(t) => {
+                let src = make("videotestsrc")?;
+                src.set_property_from_str("pattern", &t.pattern);
+                src.set_property("is-live", t.live);
+                if let Some(n) = t.frames {
+                    src.set_property("num-buffers", n.min(i32::MAX as u64) as i32);
+                }
+                let cf = make("capsfilter")?;
+                cf.set_property(
+                    "caps",
+                    gst::Caps::builder("video/x-raw")
+                        .field("width", t.width as i32)
+                        .field("height", t.height as i32)
+                        .field("framerate", gst::Fraction::new(t.fps as i32, 1))
+                        .build(),
+                );
+                pipeline.add_many([&src, &cf]).map_err(gerr)?;
+                gst::Element::link_many([&src, &cf, &queue]).map_err(gerr)?;
+            }
+            Input::Uri(uri) => {
+                let dec = make("uridecodebin")?;
+                dec.set_property("uri", uri);
+                let transport = opts.rtsp_transport;
+                dec.connect("source-setup", false, move |args| {
+                    if let Some(src) = args.get(1).and_then(|v| v.get::<gst::Element>().ok()) {
+                        if src.has_property("protocols", None) {
+                            let p = match transport {
+                                RtspTransport::Tcp => "tcp",
+                                RtspTransport::Udp => "udp",
+                                RtspTransport::Auto => "udp+tcp",
+                            };
+                            src.set_property_from_str("protocols", p);
+                        }
+                        if src.has_property("latency", None) {
+                            src.set_property("latency", 200u32);
+                        }
+                    }
+                    None
+                });
+                let queue_weak = queue.downgrade();
+                dec.connect_pad_added(move |_, pad| {
+                    let Some(queue) = queue_weak.upgrade() else { return };
+                    let is_video = pad
+                        .current_caps()
+                        .or_else(|| Some(pad.query_caps(None)))
+                        .and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/")))
+                        .unwrap_or(false);
+                    if let Some(sinkpad) = queue.static_pad("sink") {
+                        if is_video && !sinkpad.is_linked() {
+                            let _ = pad.link(&sinkpad);
+                        }
+                    }
+                });
+                pipeline.add(&dec).map_err(gerr)?;
+            }
+        }
+        let bus = pipeline.bus().ok_or_else(|| SourceError::Gst("pipeline without a bus".into()))?;
+        Ok(Self { pipeline, sink, bus, width: opts.width as usize, height: opts.height as usize, index: 0 })
+    }
+
+    pub fn start(&self) -> Result<(), SourceError> {
+        self.pipeline
+            .set_state(gst::State::Playing)
+            .map(|_| ())
+            .map_err(|_| SourceError::Gst("the pipeline refused to start".into()))
+    }
+
+    fn bus_error(&self) -> Option<String> {
+        while let Some(msg) = self.bus.pop_filtered(&[gst::MessageType::Error]) {
+            if let gst::MessageView::Error(e) = msg.view() {
+                let src = e.src().map(|s| s.name().to_string()).unwrap_or_default();
+                let dbg = e.debug().map(|d| d.to_string()).unwrap_or_default();
+                let short = dbg.lines().next().unwrap_or("").chars().take(200).collect::<String>();
+                return Some(if short.is_empty() { format!("{} ({src})", e.error()) } else { format!("{} ({src}: {short})", e.error()) });
+            }
+        }
+        None
+    }
+
+    /// Wait up to `timeout` for the next frame.
+    pub fn pull(&mut self, timeout: Duration) -> Pulled {
+        if let Some(e) = self.bus_error() {
+            return Pulled::Error(e);
+        }
+        match self.sink.try_pull_sample(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64)) {
+            Some(sample) => match self.frame(&sample) {
+                Ok(f) => Pulled::Frame(f),
+                Err(e) => Pulled::Error(e),
+            },
+            None => {
+                if let Some(e) = self.bus_error() {
+                    Pulled::Error(e)
+                } else if self.sink.is_eos() {
+                    Pulled::Eos
+                } else {
+                    Pulled::Idle
+                }
+            }
+        }
+    }
+
+    fn frame(&mut self, sample: &gst::Sample) -> Result<Frame, String> {
+        let buffer = sample.buffer().ok_or("sample without buffer")?;
+        let caps = sample.caps().ok_or("sample without caps")?;
+        let info = gst_video::VideoInfo::from_caps(caps).map_err(|e| e.to_string())?;
+        let vf = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).map_err(|e| e.to_string())?;
+        let (w, h) = (self.width, self.height);
+        if vf.width() as usize != w || vf.height() as usize != h {
+            return Err(format!("frame is {}x{}, expected {w}x{h}", vf.width(), vf.height()));
+        }
+        let stride = vf.plane_stride()[0] as usize;
+        let data = vf.plane_data(0).map_err(|e| e.to_string())?;
+        // Rows can be padded: copy row by row using the plane stride.
+        let mut rgb = Vec::with_capacity(w * h * 3);
+        for row in 0..h {
+            rgb.extend_from_slice(&data[row * stride..row * stride + w * 3]);
+        }
+        let f = Frame {
+            rgb: Arc::new(rgb),
+            width: w,
+            height: h,
+            index: self.index,
+            pts_ns: buffer.pts().map_or(0, |t| t.nseconds()),
+            duration_ns: buffer.duration().map_or(0, |t| t.nseconds()),
+        };
+        self.index += 1;
+        Ok(f)
+    }
+
+    /// Send EOS, wait for it on the bus at most `timeout` (a dead source never sends it), then
+    /// stop the pipeline.
+    pub fn stop(self, timeout: Duration) {
+        if self.pipeline.current_state() == gst::State::Playing {
+            self.pipeline.send_event(gst::event::Eos::new());
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                // Keep draining the appsink so upstream is never blocked on a full queue.
+                while self.sink.try_pull_sample(gst::ClockTime::ZERO).is_some() {}
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let wait = left.min(Duration::from_millis(50));
+                if let Some(m) = self.bus.timed_pop_filtered(
+                    gst::ClockTime::from_nseconds(wait.as_nanos() as u64),
+                    &[gst::MessageType::Eos, gst::MessageType::Error],
+                ) {
+                    let _ = m;
+                    break;
+                }
+            }
+        }
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+impl Drop for SourcePipeline {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+/// Encode a test video with GStreamer (`videotestsrc` + an encoder), for demos, tests and
+/// benchmarks. `format`: mp4 (H.264), webm (VP8), avi (MJPEG), mkv (H.264).
+pub fn write_test_video(path: &Path, pattern: &str, frames: u32, fps: u32, width: u32, height: u32, format: &str) -> Result<(), SourceError> {
+    init()?;
+    let enc = match format {
+        "mp4" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! mp4mux",
+        "mkv" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! matroskamux",
+        "webm" => "vp8enc deadline=1 ! webmmux",
+        "avi" => "jpegenc ! avimux",
+        other => return Err(SourceError::Invalid(other.into(), "format must be mp4, mkv, webm or avi".into())),
+    };
+    let desc = format!(
+        "videotestsrc pattern={pattern} num-buffers={frames} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! videoconvert ! {enc} ! filesink location=\"{}\"",
+        path.display()
+    );
+    let p = gst::parse::launch(&desc).map_err(|e| SourceError::Gst(format!("{e}: {desc}")))?;
+    p.set_state(gst::State::Playing).map_err(|_| SourceError::Gst("encoder pipeline refused to start".into()))?;
+    let bus = p.bus().ok_or_else(|| SourceError::Gst("no bus".into()))?;
+    let res = match bus.timed_pop_filtered(gst::ClockTime::from_seconds(600), &[gst::MessageType::Eos, gst::MessageType::Error]) {
+        Some(m) => match m.view() {
+            gst::MessageView::Error(e) => Err(SourceError::Gst(format!("encoding {}: {}", path.display(), e.error()))),
+            _ => Ok(()),
+        },
+        None => Err(SourceError::Gst("encoding timed out".into())),
+    };
+    let _ = p.set_state(gst::State::Null);
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_inputs() {
+        assert!(matches!(Input::parse("/no/such/file.mp4"), Err(SourceError::NotFound(_))));
+        assert!(matches!(Input::parse("file:///no/such/file.mp4"), Err(SourceError::NotFound(_))));
+        let t = Input::parse("test:pattern=ball,frames=10,live=false").unwrap();
+        assert!(!t.is_live());
+        match t {
+            Input::Test(t) => assert_eq!((t.pattern.as_str(), t.frames, t.fps), ("ball", Some(10), 25)),
+            _ => panic!(),
+        }
+        assert!(Input::parse("test:frames=x").is_err());
+        assert!(Input::parse("test:bogus=1").is_err());
+        assert!(Input::parse("rtsp://127.0.0.1:8554/x").unwrap().is_live());
+        assert!(!Input::parse("http://example.invalid/a.mp4").unwrap().is_live());
+        assert!(Input::parse("/tmp").is_err());
+    }
+}
