@@ -297,3 +297,15 @@ pub fn run_model_bench(args: &ModelBenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `mone config PRESET`: the preset's JSON on stdout, its compute on stderr.
+pub fn print_config(preset: &str) -> anyhow::Result<()> {
+    let cfg = Config::preset(preset)?;
+    println!("{}", serde_json::to_string_pretty(&cfg)?);
+    for e_c in [None, Some(1.0), Some(0.5), Some(0.3)] {
+        let m = flops::macs(&cfg, e_c)?;
+        let name = e_c.map_or("dense".to_string(), |c| format!("e_c {c}"));
+        eprintln!("{name:>9}: {:.2} GMACs per clip", m.gmacs());
+    }
+    Ok(())
+}

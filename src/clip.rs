@@ -67,7 +67,9 @@ impl Clip {
         self.frames.first().map_or(0, |f| f.index)
     }
     pub fn last_frame(&self) -> u64 {
-        self.frames[..self.frames.len() - self.padded].last().map_or(0, |f| f.index)
+        self.frames[..self.frames.len() - self.padded]
+            .last()
+            .map_or(0, |f| f.index)
     }
     pub fn pts_start_ns(&self) -> u64 {
         self.frames.first().map_or(0, |f| f.pts_ns)
@@ -96,12 +98,20 @@ pub struct ClipAssembler {
 
 impl ClipAssembler {
     pub fn new(spec: ClipSpec) -> Self {
-        Self { spec, window: VecDeque::new(), seen: 0, skip: 0, next_index: 0, since_emit: 0, dropped_tail: 0 }
+        Self {
+            spec,
+            window: VecDeque::new(),
+            seen: 0,
+            skip: 0,
+            next_index: 0,
+            since_emit: 0,
+            dropped_tail: 0,
+        }
     }
 
     /// Feed one frame; returns a clip when a window completes.
     pub fn push(&mut self, frame: Frame) -> Option<Clip> {
-        let take = self.seen % self.spec.step as u64 == 0;
+        let take = self.seen.is_multiple_of(self.spec.step as u64);
         self.seen += 1;
         if !take {
             return None;
@@ -115,7 +125,11 @@ impl ClipAssembler {
         if self.window.len() < self.spec.frames {
             return None;
         }
-        let clip = Clip { index: self.next_index, frames: self.window.iter().cloned().collect(), padded: 0 };
+        let clip = Clip {
+            index: self.next_index,
+            frames: self.window.iter().cloned().collect(),
+            padded: 0,
+        };
         self.next_index += 1;
         self.since_emit = 0;
         let s = self.spec.stride;
@@ -147,7 +161,11 @@ impl ClipAssembler {
                 let padded = self.spec.frames - frames.len();
                 let last = frames.last().cloned()?;
                 frames.extend(std::iter::repeat_n(last, padded));
-                let clip = Clip { index: self.next_index, frames, padded };
+                let clip = Clip {
+                    index: self.next_index,
+                    frames,
+                    padded,
+                };
                 self.next_index += 1;
                 Some(clip)
             }
@@ -176,10 +194,22 @@ mod tests {
     use super::*;
 
     fn frame(i: u64) -> Frame {
-        Frame { rgb: Arc::new(vec![i as u8; 3]), width: 1, height: 1, index: i, pts_ns: i * 40_000_000, duration_ns: 40_000_000 }
+        Frame {
+            rgb: Arc::new(vec![i as u8; 3]),
+            width: 1,
+            height: 1,
+            index: i,
+            pts_ns: i * 40_000_000,
+            duration_ns: 40_000_000,
+        }
     }
     fn spec(frames: usize, stride: usize, step: usize, tail: Tail) -> ClipSpec {
-        ClipSpec { frames, stride, step, tail }
+        ClipSpec {
+            frames,
+            stride,
+            step,
+            tail,
+        }
     }
     fn idx(c: &Clip) -> Vec<u64> {
         c.frames.iter().map(|f| f.index).collect()
@@ -195,14 +225,20 @@ mod tests {
         assert_eq!(clips[2].padded, 2);
         assert_eq!(clips[2].last_frame(), 9);
         assert_eq!(clips[2].pts_end_ns(), 400_000_000);
-        assert_eq!(clips.iter().map(|c| c.index).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            clips.iter().map(|c| c.index).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
     }
 
     #[test]
     fn overlap_step_and_dropped_tail() {
         let clips = clips_of((0..12).map(frame), spec(3, 2, 2, Tail::Drop));
         // Sampled frames: 0 2 4 6 8 10; windows of 3 every 2 sampled frames.
-        assert_eq!(clips.iter().map(idx).collect::<Vec<_>>(), vec![vec![0, 2, 4], vec![4, 6, 8]]);
+        assert_eq!(
+            clips.iter().map(idx).collect::<Vec<_>>(),
+            vec![vec![0, 2, 4], vec![4, 6, 8]]
+        );
         let mut a = ClipAssembler::new(spec(3, 2, 2, Tail::Drop));
         (0..12).map(frame).for_each(|f| {
             a.push(f);
@@ -214,7 +250,10 @@ mod tests {
     #[test]
     fn stride_larger_than_the_window_skips_frames() {
         let clips = clips_of((0..10).map(frame), spec(2, 4, 1, Tail::Drop));
-        assert_eq!(clips.iter().map(idx).collect::<Vec<_>>(), vec![vec![0, 1], vec![4, 5], vec![8, 9]]);
+        assert_eq!(
+            clips.iter().map(idx).collect::<Vec<_>>(),
+            vec![vec![0, 1], vec![4, 5], vec![8, 9]]
+        );
     }
 
     #[test]
@@ -223,7 +262,10 @@ mod tests {
         assert_eq!(clips.len(), 2);
         // Overlapping windows: the frames after the last clip are new, so they make a tail.
         let clips = clips_of((0..6).map(frame), spec(4, 2, 1, Tail::Pad));
-        assert_eq!(clips.iter().map(idx).collect::<Vec<_>>(), vec![vec![0, 1, 2, 3], vec![2, 3, 4, 5]]);
+        assert_eq!(
+            clips.iter().map(idx).collect::<Vec<_>>(),
+            vec![vec![0, 1, 2, 3], vec![2, 3, 4, 5]]
+        );
         assert!(spec(0, 1, 1, Tail::Pad).validate().is_err());
     }
 }

@@ -110,11 +110,22 @@ pub struct JsonLinesSink {
 
 impl JsonLinesSink {
     pub fn stdout() -> Self {
-        Self { out: Box::new(std::io::stdout()), path: None, written: 0 }
+        Self {
+            out: Box::new(std::io::stdout()),
+            path: None,
+            written: 0,
+        }
     }
     pub fn file(path: &Path) -> std::io::Result<Self> {
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self { out: Box::new(std::io::BufWriter::new(f)), path: Some(path.to_path_buf()), written: 0 })
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Self {
+            out: Box::new(std::io::BufWriter::new(f)),
+            path: Some(path.to_path_buf()),
+            written: 0,
+        })
     }
     pub fn write(&mut self, e: &Event) -> std::io::Result<()> {
         let line = serde_json::to_string(e).map_err(std::io::Error::other)?;
@@ -125,7 +136,9 @@ impl JsonLinesSink {
         Ok(())
     }
     pub fn describe(&self) -> String {
-        self.path.as_ref().map_or("stdout".into(), |p| p.display().to_string())
+        self.path
+            .as_ref()
+            .map_or("stdout".into(), |p| p.display().to_string())
     }
 }
 
@@ -135,7 +148,10 @@ mod tests {
 
     #[test]
     fn redacts_credentials_only() {
-        assert_eq!(redact("rtsp://admin:secret@10.0.0.5:554/stream1"), "rtsp://***@10.0.0.5:554/stream1");
+        assert_eq!(
+            redact("rtsp://admin:secret@10.0.0.5:554/stream1"),
+            "rtsp://***@10.0.0.5:554/stream1"
+        );
         assert_eq!(redact("rtsp://cam.local/stream"), "rtsp://cam.local/stream");
         assert_eq!(redact("/videos/a@b.mp4"), "/videos/a@b.mp4");
         assert_eq!(redact("file:///x/a@b.mp4"), "file:///x/a@b.mp4");
@@ -143,7 +159,11 @@ mod tests {
 
     #[test]
     fn events_round_trip_with_a_type_tag() {
-        let e = Event::StreamError { stream: "s".into(), reason: "r".into(), time: now() };
+        let e = Event::StreamError {
+            stream: "s".into(),
+            reason: "r".into(),
+            time: now(),
+        };
         let j = serde_json::to_string(&e).unwrap();
         assert!(j.starts_with("{\"type\":\"stream_error\""));
         assert_eq!(serde_json::from_str::<Event>(&j).unwrap(), e);

@@ -6,5 +6,16 @@
 //! - [`device`]: choosing the compute device.
 
 pub mod bench;
+#[cfg(feature = "gst")]
+pub mod cli;
+pub mod clip;
 pub mod device;
+pub mod events;
 pub mod model;
+#[cfg(feature = "gst")]
+pub mod pipeline;
+#[cfg(feature = "gst")]
+pub mod runtime;
+#[cfg(feature = "gst")]
+pub mod source;
+pub mod tokenizer;

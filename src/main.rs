@@ -23,6 +23,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Classify video files or streams as fast as the machine allows; events as JSON Lines.
+    #[cfg(feature = "gst")]
+    Classify(mone::cli::ClassifyArgs),
+    /// Run a long-lived multi-stream pipeline described by a TOML file.
+    #[cfg(feature = "gst")]
+    Run {
+        /// Pipeline config (see docs/pipelines.md).
+        config: std::path::PathBuf,
+    },
+    /// Model folders.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Encode a test-pattern video (for demos and benchmarks).
+    #[cfg(feature = "gst")]
+    SampleVideo(mone::cli::SampleVideoArgs),
     /// Measure the model and the pipeline.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -34,6 +49,13 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a model folder with random weights (for trying the pipeline; it classifies nothing).
+    #[cfg(feature = "gst")]
+    Init(mone::cli::InitModelArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Latency and clips/s of MoNE at every capacity against the dense forward.
     Model(mone::bench::ModelBenchArgs),
@@ -41,17 +63,17 @@ enum BenchCommand {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Bench(BenchCommand::Model(args)) => mone::bench::run_model_bench(&args),
-        Command::Config { preset } => {
-            let cfg = mone::model::Config::preset(&preset)?;
-            println!("{}", serde_json::to_string_pretty(&cfg)?);
-            for e_c in [None, Some(1.0), Some(0.5), Some(0.3)] {
-                let m = mone::model::flops::macs(&cfg, e_c)?;
-                let name = e_c.map_or("dense".to_string(), |c| format!("e_c {c}"));
-                eprintln!("{name:>9}: {:.2} GMACs per clip", m.gmacs());
-            }
-            Ok(())
-        }
-    }
+    let code = match cli.command {
+        #[cfg(feature = "gst")]
+        Command::Classify(a) => mone::cli::classify(&a)?,
+        #[cfg(feature = "gst")]
+        Command::Run { config } => mone::cli::run_pipeline(&config)?,
+        #[cfg(feature = "gst")]
+        Command::Model(ModelCommand::Init(a)) => mone::cli::init_model(&a).map(|_| 0)?,
+        #[cfg(feature = "gst")]
+        Command::SampleVideo(a) => mone::cli::sample_video(&a).map(|_| 0)?,
+        Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,
+        Command::Config { preset } => mone::bench::print_config(&preset).map(|_| 0)?,
+    };
+    std::process::exit(code)
 }

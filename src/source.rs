@@ -9,6 +9,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
 
 use crate::clip::Frame;
 
@@ -77,22 +78,59 @@ impl Input {
     /// A file path (checked to exist), a URI, or a `test:` source.
     pub fn parse(s: &str) -> Result<Self, SourceError> {
         if let Some(rest) = s.strip_prefix("test:") {
-            let mut t = TestSpec { pattern: "ball".into(), frames: None, fps: 25, live: true, width: 320, height: 240 };
+            let mut t = TestSpec {
+                pattern: "ball".into(),
+                frames: None,
+                fps: 25,
+                live: true,
+                width: 320,
+                height: 240,
+            };
             for kv in rest.split([',', '&']).filter(|p| !p.is_empty()) {
-                let (k, v) = kv.split_once('=').ok_or_else(|| SourceError::Invalid(s.into(), format!("`{kv}` is not key=value")))?;
+                let (k, v) = kv.split_once('=').ok_or_else(|| {
+                    SourceError::Invalid(s.into(), format!("`{kv}` is not key=value"))
+                })?;
                 let bad = |e: String| SourceError::Invalid(s.into(), format!("{k}: {e}"));
                 match k {
                     "pattern" => t.pattern = v.to_string(),
-                    "frames" => t.frames = Some(v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?),
-                    "fps" => t.fps = v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?,
-                    "live" => t.live = v.parse().map_err(|e: std::str::ParseBoolError| bad(e.to_string()))?,
-                    "width" => t.width = v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?,
-                    "height" => t.height = v.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?,
-                    _ => return Err(bad("unknown key (pattern, frames, fps, live, width, height)".into())),
+                    "frames" => {
+                        t.frames = Some(
+                            v.parse()
+                                .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?,
+                        )
+                    }
+                    "fps" => {
+                        t.fps = v
+                            .parse()
+                            .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
+                    }
+                    "live" => {
+                        t.live = v
+                            .parse()
+                            .map_err(|e: std::str::ParseBoolError| bad(e.to_string()))?
+                    }
+                    "width" => {
+                        t.width = v
+                            .parse()
+                            .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
+                    }
+                    "height" => {
+                        t.height = v
+                            .parse()
+                            .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?
+                    }
+                    _ => {
+                        return Err(bad(
+                            "unknown key (pattern, frames, fps, live, width, height)".into(),
+                        ))
+                    }
                 }
             }
             if t.fps == 0 || t.width == 0 || t.height == 0 {
-                return Err(SourceError::Invalid(s.into(), "fps, width and height must be positive".into()));
+                return Err(SourceError::Invalid(
+                    s.into(),
+                    "fps, width and height must be positive".into(),
+                ));
             }
             return Ok(Input::Test(t));
         }
@@ -111,8 +149,10 @@ impl Input {
         if p.is_dir() {
             return Err(SourceError::Invalid(s.into(), "is a directory".into()));
         }
-        let abs = std::fs::canonicalize(p).map_err(|e| SourceError::Invalid(s.into(), e.to_string()))?;
-        let uri = gst::glib::filename_to_uri(&abs, None).map_err(|e| SourceError::Invalid(s.into(), e.to_string()))?;
+        let abs =
+            std::fs::canonicalize(p).map_err(|e| SourceError::Invalid(s.into(), e.to_string()))?;
+        let uri = gst::glib::filename_to_uri(&abs, None)
+            .map_err(|e| SourceError::Invalid(s.into(), e.to_string()))?;
         Ok(Input::Uri(uri.to_string()))
     }
 
@@ -122,7 +162,11 @@ impl Input {
             Input::Test(t) => t.live,
             Input::Uri(u) => {
                 let l = u.to_ascii_lowercase();
-                l.starts_with("rtsp://") || l.starts_with("rtsps://") || l.starts_with("rtspt://") || l.starts_with("udp://") || l.starts_with("srt://")
+                l.starts_with("rtsp://")
+                    || l.starts_with("rtsps://")
+                    || l.starts_with("rtspt://")
+                    || l.starts_with("udp://")
+                    || l.starts_with("srt://")
             }
         }
     }
@@ -169,7 +213,7 @@ impl SourcePipeline {
         init()?;
         let gerr = |e: gst::glib::BoolError| SourceError::Gst(e.to_string());
         let pipeline = gst::Pipeline::new();
-        // Conversion chain: videorate -> crop -> scale (in YUV: about 2x cheaper) -> convert to RGB.
+        // Conversion chain: videorate -> crop -> scale (in YUV: about 2x cheaper) -> RGB.
         let queue = make("queue")?;
         let mut chain: Vec<gst::Element> = vec![queue.clone()];
         if opts.fps.is_some() {
@@ -177,7 +221,10 @@ impl SourcePipeline {
         }
         if opts.resize == Resize::Crop {
             let crop = make("aspectratiocrop")?;
-            crop.set_property("aspect-ratio", gst::Fraction::new(opts.width as i32, opts.height as i32));
+            crop.set_property(
+                "aspect-ratio",
+                gst::Fraction::new(opts.width as i32, opts.height as i32),
+            );
             chain.push(crop);
         }
         let scale = make("videoscale")?;
@@ -201,7 +248,18 @@ impl SourcePipeline {
             .build();
         chain.push(sink.clone().upcast());
         pipeline.add_many(&chain).map_err(gerr)?;
-        gst::Element::link_many(&chain).map_err(gerr)?;
+        // Link without the caps check: aspectratiocrop cannot answer a caps query until
+        // upstream caps exist (uridecodebin adds its pad later), and refuses a checked link.
+        for w in chain.windows(2) {
+            w[0].link_pads_full(Some("src"), &w[1], Some("sink"), gst::PadLinkCheck::empty())
+                .map_err(|e| {
+                    SourceError::Gst(format!(
+                        "cannot link {} to {}: {e}",
+                        w[0].name(),
+                        w[1].name()
+                    ))
+                })?;
+        }
 
         match input {
             Input::Test(t) => {
@@ -229,7 +287,7 @@ impl SourcePipeline {
                 let transport = opts.rtsp_transport;
                 dec.connect("source-setup", false, move |args| {
                     if let Some(src) = args.get(1).and_then(|v| v.get::<gst::Element>().ok()) {
-                        if src.has_property("protocols", None) {
+                        if src.has_property("protocols") {
                             let p = match transport {
                                 RtspTransport::Tcp => "tcp",
                                 RtspTransport::Udp => "udp",
@@ -237,7 +295,7 @@ impl SourcePipeline {
                             };
                             src.set_property_from_str("protocols", p);
                         }
-                        if src.has_property("latency", None) {
+                        if src.has_property("latency") {
                             src.set_property("latency", 200u32);
                         }
                     }
@@ -245,7 +303,9 @@ impl SourcePipeline {
                 });
                 let queue_weak = queue.downgrade();
                 dec.connect_pad_added(move |_, pad| {
-                    let Some(queue) = queue_weak.upgrade() else { return };
+                    let Some(queue) = queue_weak.upgrade() else {
+                        return;
+                    };
                     let is_video = pad
                         .current_caps()
                         .or_else(|| Some(pad.query_caps(None)))
@@ -260,8 +320,17 @@ impl SourcePipeline {
                 pipeline.add(&dec).map_err(gerr)?;
             }
         }
-        let bus = pipeline.bus().ok_or_else(|| SourceError::Gst("pipeline without a bus".into()))?;
-        Ok(Self { pipeline, sink, bus, width: opts.width as usize, height: opts.height as usize, index: 0 })
+        let bus = pipeline
+            .bus()
+            .ok_or_else(|| SourceError::Gst("pipeline without a bus".into()))?;
+        Ok(Self {
+            pipeline,
+            sink,
+            bus,
+            width: opts.width as usize,
+            height: opts.height as usize,
+            index: 0,
+        })
     }
 
     pub fn start(&self) -> Result<(), SourceError> {
@@ -276,8 +345,18 @@ impl SourcePipeline {
             if let gst::MessageView::Error(e) = msg.view() {
                 let src = e.src().map(|s| s.name().to_string()).unwrap_or_default();
                 let dbg = e.debug().map(|d| d.to_string()).unwrap_or_default();
-                let short = dbg.lines().next().unwrap_or("").chars().take(200).collect::<String>();
-                return Some(if short.is_empty() { format!("{} ({src})", e.error()) } else { format!("{} ({src}: {short})", e.error()) });
+                let short = dbg
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect::<String>();
+                return Some(if short.is_empty() {
+                    format!("{} ({src})", e.error())
+                } else {
+                    format!("{} ({src}: {short})", e.error())
+                });
             }
         }
         None
@@ -288,7 +367,10 @@ impl SourcePipeline {
         if let Some(e) = self.bus_error() {
             return Pulled::Error(e);
         }
-        match self.sink.try_pull_sample(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64)) {
+        match self
+            .sink
+            .try_pull_sample(gst::ClockTime::from_nseconds(timeout.as_nanos() as u64))
+        {
             Some(sample) => match self.frame(&sample) {
                 Ok(f) => Pulled::Frame(f),
                 Err(e) => Pulled::Error(e),
@@ -309,10 +391,15 @@ impl SourcePipeline {
         let buffer = sample.buffer().ok_or("sample without buffer")?;
         let caps = sample.caps().ok_or("sample without caps")?;
         let info = gst_video::VideoInfo::from_caps(caps).map_err(|e| e.to_string())?;
-        let vf = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).map_err(|e| e.to_string())?;
+        let vf = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info)
+            .map_err(|e| e.to_string())?;
         let (w, h) = (self.width, self.height);
         if vf.width() as usize != w || vf.height() as usize != h {
-            return Err(format!("frame is {}x{}, expected {w}x{h}", vf.width(), vf.height()));
+            return Err(format!(
+                "frame is {}x{}, expected {w}x{h}",
+                vf.width(),
+                vf.height()
+            ));
         }
         let stride = vf.plane_stride()[0] as usize;
         let data = vf.plane_data(0).map_err(|e| e.to_string())?;
@@ -368,7 +455,15 @@ impl Drop for SourcePipeline {
 
 /// Encode a test video with GStreamer (`videotestsrc` + an encoder), for demos, tests and
 /// benchmarks. `format`: mp4 (H.264), webm (VP8), avi (MJPEG), mkv (H.264).
-pub fn write_test_video(path: &Path, pattern: &str, frames: u32, fps: u32, width: u32, height: u32, format: &str) -> Result<(), SourceError> {
+pub fn write_test_video(
+    path: &Path,
+    pattern: &str,
+    frames: u32,
+    fps: u32,
+    width: u32,
+    height: u32,
+    format: &str,
+) -> Result<(), SourceError> {
     init()?;
     let enc = match format {
         "mp4" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! mp4mux",
@@ -382,11 +477,19 @@ pub fn write_test_video(path: &Path, pattern: &str, frames: u32, fps: u32, width
         path.display()
     );
     let p = gst::parse::launch(&desc).map_err(|e| SourceError::Gst(format!("{e}: {desc}")))?;
-    p.set_state(gst::State::Playing).map_err(|_| SourceError::Gst("encoder pipeline refused to start".into()))?;
+    p.set_state(gst::State::Playing)
+        .map_err(|_| SourceError::Gst("encoder pipeline refused to start".into()))?;
     let bus = p.bus().ok_or_else(|| SourceError::Gst("no bus".into()))?;
-    let res = match bus.timed_pop_filtered(gst::ClockTime::from_seconds(600), &[gst::MessageType::Eos, gst::MessageType::Error]) {
+    let res = match bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(600),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    ) {
         Some(m) => match m.view() {
-            gst::MessageView::Error(e) => Err(SourceError::Gst(format!("encoding {}: {}", path.display(), e.error()))),
+            gst::MessageView::Error(e) => Err(SourceError::Gst(format!(
+                "encoding {}: {}",
+                path.display(),
+                e.error()
+            ))),
             _ => Ok(()),
         },
         None => Err(SourceError::Gst("encoding timed out".into())),
@@ -401,18 +504,29 @@ mod tests {
 
     #[test]
     fn parses_inputs() {
-        assert!(matches!(Input::parse("/no/such/file.mp4"), Err(SourceError::NotFound(_))));
-        assert!(matches!(Input::parse("file:///no/such/file.mp4"), Err(SourceError::NotFound(_))));
+        assert!(matches!(
+            Input::parse("/no/such/file.mp4"),
+            Err(SourceError::NotFound(_))
+        ));
+        assert!(matches!(
+            Input::parse("file:///no/such/file.mp4"),
+            Err(SourceError::NotFound(_))
+        ));
         let t = Input::parse("test:pattern=ball,frames=10,live=false").unwrap();
         assert!(!t.is_live());
         match t {
-            Input::Test(t) => assert_eq!((t.pattern.as_str(), t.frames, t.fps), ("ball", Some(10), 25)),
+            Input::Test(t) => assert_eq!(
+                (t.pattern.as_str(), t.frames, t.fps),
+                ("ball", Some(10), 25)
+            ),
             _ => panic!(),
         }
         assert!(Input::parse("test:frames=x").is_err());
         assert!(Input::parse("test:bogus=1").is_err());
         assert!(Input::parse("rtsp://127.0.0.1:8554/x").unwrap().is_live());
-        assert!(!Input::parse("http://example.invalid/a.mp4").unwrap().is_live());
+        assert!(!Input::parse("http://example.invalid/a.mp4")
+            .unwrap()
+            .is_live());
         assert!(Input::parse("/tmp").is_err());
     }
 }

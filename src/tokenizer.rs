@@ -28,7 +28,10 @@ pub fn batch(clips: &[&[f32]], t: usize, h: usize, w: usize, device: &Device) ->
     let mut data = Vec::with_capacity(per * clips.len());
     for c in clips {
         if c.len() != per {
-            candle_core::bail!("clip has {} values, expected {per} for (3, {t}, {h}, {w})", c.len());
+            candle_core::bail!(
+                "clip has {} values, expected {per} for (3, {t}, {h}, {w})",
+                c.len()
+            );
         }
         data.extend_from_slice(c);
     }
@@ -51,7 +54,11 @@ mod tests {
             pts_ns: 0,
             duration_ns: 0,
         };
-        let clip = Clip { index: 0, frames: vec![f(0, [0, 255, 51]), f(1, [255, 0, 102])], padded: 0 };
+        let clip = Clip {
+            index: 0,
+            frames: vec![f(0, [0, 255, 51]), f(1, [255, 0, 102])],
+            padded: 0,
+        };
         let x = clip_to_chw(&clip, [0.5, 0.5, 0.0], [0.5, 0.5, 1.0]);
         // (C=3, T=2, H=1, W=2)
         assert_eq!(x.len(), 12);

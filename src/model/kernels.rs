@@ -588,4 +588,3 @@ mod tests {
         assert!(exp_approx(-200.0) < 1e-37);
     }
 }
-

@@ -1,0 +1,288 @@
+//! What the `mone` subcommands do; `main.rs` only parses the command line and calls these.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::clip::Tail;
+use crate::events::JsonLinesSink;
+use crate::model::{self, Config};
+use crate::pipeline::PipelineConfig;
+use crate::runtime::{self, Progress, RuntimeOptions, StreamSpec, Summary};
+use crate::source::Resize;
+
+/// Where `--model` points by default.
+pub const DEFAULT_MODEL: &str = "models/default";
+
+#[derive(clap::Args, Debug)]
+pub struct ClassifyArgs {
+    /// Video files, URIs (file://, rtsp://, http(s)://) or test:... sources.
+    #[arg(required = true)]
+    pub inputs: Vec<String>,
+    /// Model folder (config.json, model.safetensors, labels.txt).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Compute budget e_c in [1/8, 1].
+    #[arg(long, default_value_t = 1.0)]
+    pub capacity: f64,
+    #[arg(long, default_value_t = 5)]
+    pub topk: usize,
+    /// Append events (JSON Lines) to this file instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// auto, cpu or cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Sampled frames between clip starts (default: the clip length, no overlap).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Use every N-th frame.
+    #[arg(long, default_value_t = 1)]
+    pub step: usize,
+    /// The last partial clip of a file: pad (repeat the last frame) or drop.
+    #[arg(long, value_enum, default_value = "pad")]
+    pub tail: TailArg,
+    /// Frame rate the model expects (default: the input's).
+    #[arg(long)]
+    pub fps: Option<f64>,
+    #[arg(long, value_enum, default_value = "crop")]
+    pub resize: ResizeArg,
+    /// Flush a partial batch after its oldest clip waited this long.
+    #[arg(long, default_value_t = 200)]
+    pub max_wait_ms: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum TailArg {
+    Pad,
+    Drop,
+}
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ResizeArg {
+    Crop,
+    Letterbox,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InitModelArgs {
+    /// Architecture preset.
+    #[arg(long, default_value = "vivit-fe-s16")]
+    pub preset: String,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SampleVideoArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 150)]
+    pub frames: u32,
+    #[arg(long, default_value_t = 25)]
+    pub fps: u32,
+    #[arg(long, default_value_t = 320)]
+    pub width: u32,
+    #[arg(long, default_value_t = 240)]
+    pub height: u32,
+    /// A videotestsrc pattern (ball, smpte, snow, ...).
+    #[arg(long, default_value = "ball")]
+    pub pattern: String,
+    /// mp4 (H.264), mkv (H.264), webm (VP8) or avi (MJPEG).
+    #[arg(long, default_value = "mp4")]
+    pub format: String,
+}
+
+/// SIGINT/SIGTERM: the first asks for a clean stop (sources stop, queued clips drain, the sink
+/// flushes); a second exits at once.
+pub fn install_signal_handlers() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+fn load_model(dir: &Path, device: &candle_core::Device) -> anyhow::Result<model::LoadedModel> {
+    if !dir.exists() {
+        anyhow::bail!(
+            "no model folder at {} (pass --model DIR; `mone model init --out DIR` makes a random-weight one for trying the pipeline)",
+            dir.display()
+        );
+    }
+    Ok(model::load_model_dir(dir, device)?)
+}
+
+fn model_name(dir: &Path) -> String {
+    dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn print_summary(s: &Summary) {
+    let secs = s.elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "{} inputs, {} clips, {} frames in {:.1} s ({:.2} clips/s), {} dropped clips, {} failed",
+        s.inputs,
+        s.clips,
+        s.frames,
+        secs,
+        s.clips as f64 / secs,
+        s.dropped_clips,
+        s.failed.len()
+    );
+    for (name, reason) in &s.failed {
+        eprintln!("  failed: {name}: {reason}");
+    }
+}
+
+fn run_streams(
+    model_dir: &Path,
+    device: &str,
+    streams: &[StreamSpec],
+    opts: &RuntimeOptions,
+    out: Option<&Path>,
+) -> anyhow::Result<Summary> {
+    let device = crate::device::open(device)?;
+    let loaded = load_model(model_dir, &device)?;
+    let mut sink = match out {
+        Some(p) => {
+            JsonLinesSink::file(p).with_context(|| format!("cannot open {}", p.display()))?
+        }
+        None => JsonLinesSink::stdout(),
+    };
+    let stop = install_signal_handlers()?;
+    eprintln!(
+        "mone: model {} ({} classes, {} frames at {} px) on {}, capacity {}, events to {}",
+        model_dir.display(),
+        loaded.config.num_classes,
+        loaded.config.frames,
+        loaded.config.image_size,
+        crate::device::describe(&device),
+        opts.capacity,
+        sink.describe()
+    );
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut progress = |p: &Progress| {
+        if let Some(b) = &bar {
+            b.set_message(format!(
+                "{}/{} inputs done, {} clips, {:.2} clips/s",
+                p.streams_done,
+                p.streams,
+                p.clips,
+                p.clips as f64 / p.elapsed.as_secs_f64().max(1e-9)
+            ));
+            b.tick();
+        }
+    };
+    let summary = runtime::run(
+        &loaded,
+        &model_name(model_dir),
+        &device,
+        streams,
+        opts,
+        &mut sink,
+        stop,
+        &mut progress,
+    )?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    print_summary(&summary);
+    Ok(summary)
+}
+
+/// `mone classify`: returns the process exit code (1 when any input failed).
+pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
+    let opts = RuntimeOptions {
+        capacity: a.capacity,
+        topk: a.topk,
+        batch: a.batch,
+        max_wait: std::time::Duration::from_millis(a.max_wait_ms),
+        stride: a.stride,
+        step: a.step,
+        tail: match a.tail {
+            TailArg::Pad => Tail::Pad,
+            TailArg::Drop => Tail::Drop,
+        },
+        fps: a.fps,
+        resize: match a.resize {
+            ResizeArg::Crop => Resize::Crop,
+            ResizeArg::Letterbox => Resize::Letterbox,
+        },
+        ..RuntimeOptions::default()
+    };
+    let streams: Vec<StreamSpec> = a.inputs.iter().map(|i| StreamSpec::from_input(i)).collect();
+    let s = run_streams(&a.model, &a.device, &streams, &opts, a.out.as_deref())?;
+    Ok(if s.failed.is_empty() { 0 } else { 1 })
+}
+
+/// `mone run PIPELINE.toml`.
+pub fn run_pipeline(path: &Path) -> anyhow::Result<i32> {
+    let cfg = PipelineConfig::load(path)?;
+    let opts = cfg.options().map_err(anyhow::Error::msg)?;
+    let s = run_streams(
+        &cfg.model.dir,
+        &cfg.model.device,
+        &cfg.streams(),
+        &opts,
+        cfg.output.path.as_deref(),
+    )?;
+    Ok(if s.failed.is_empty() { 0 } else { 1 })
+}
+
+/// `mone model init`: a model folder with random weights, for trying the pipeline.
+pub fn init_model(a: &InitModelArgs) -> anyhow::Result<()> {
+    let cfg = Config::preset(&a.preset)?;
+    let m = model::random_model(&cfg, &candle_core::Device::Cpu)?;
+    let labels: Vec<String> = (0..cfg.num_classes).map(|i| format!("class_{i}")).collect();
+    model::save_model_dir(&a.out, &cfg, &labels, &m.named_tensors())?;
+    std::fs::write(
+        a.out.join("README.md"),
+        format!(
+            "# Random-weight `{}` model\n\nMade by `mone model init`. Its weights are random: it exercises the pipeline and measures speed, and it classifies nothing.\n",
+            a.preset
+        ),
+    )?;
+    eprintln!(
+        "wrote a random-weight {} model to {}",
+        a.preset,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// `mone sample-video`: encode a test-pattern video with GStreamer.
+pub fn sample_video(a: &SampleVideoArgs) -> anyhow::Result<()> {
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::source::write_test_video(
+        &a.out, &a.pattern, a.frames, a.fps, a.width, a.height, &a.format,
+    )?;
+    eprintln!(
+        "wrote {} ({} frames at {} fps, {}x{})",
+        a.out.display(),
+        a.frames,
+        a.fps,
+        a.width,
+        a.height
+    );
+    Ok(())
+}

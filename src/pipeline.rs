@@ -1,0 +1,248 @@
+//! Pipeline configs for `mone run` (TOML; see docs/pipelines.md).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::clip::Tail;
+use crate::runtime::{RuntimeOptions, StreamSpec};
+use crate::source::{Resize, RtspTransport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn auto() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub dir: PathBuf,
+    #[serde(default = "one")]
+    pub capacity: f64,
+    #[serde(default = "auto")]
+    pub device: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClipsSection {
+    pub stride: Option<usize>,
+    pub step: Option<usize>,
+    pub tail: Option<Tail>,
+    pub fps: Option<f64>,
+    pub resize: Option<Resize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSection {
+    pub size: Option<usize>,
+    pub max_wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// JSON Lines file (appended); stdout when absent.
+    pub path: Option<PathBuf>,
+    pub topk: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesSection {
+    pub rtsp_transport: Option<RtspTransport>,
+    pub watchdog_s: Option<f64>,
+    pub queue: Option<usize>,
+    pub backoff_initial_s: Option<f64>,
+    pub backoff_max_s: Option<f64>,
+    pub max_reconnects: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamEntry {
+    /// Name used in events (default: the URI with credentials redacted).
+    pub id: Option<String>,
+    pub uri: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub clips: ClipsSection,
+    #[serde(default)]
+    pub batch: BatchSection,
+    #[serde(default)]
+    pub output: OutputSection,
+    #[serde(default)]
+    pub sources: SourcesSection,
+    pub streams: Vec<StreamEntry>,
+}
+
+fn secs(v: f64, what: &str) -> Result<Duration, String> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!(
+            "{what} must be a non-negative number of seconds, got {v}"
+        ))
+    }
+}
+
+impl PipelineConfig {
+    pub fn load(path: &Path) -> Result<Self, PipelineError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        Self::parse(&text).map_err(|message| PipelineError::Invalid {
+            path: path.into(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cfg: PipelineConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if cfg.streams.is_empty() {
+            return Err("no [[streams]] given".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for s in cfg.streams() {
+            if !names.insert(s.name.clone()) {
+                return Err(format!(
+                    "two streams are named `{}`: give them distinct ids",
+                    s.name
+                ));
+            }
+        }
+        cfg.options()?;
+        Ok(cfg)
+    }
+
+    pub fn streams(&self) -> Vec<StreamSpec> {
+        self.streams
+            .iter()
+            .map(|s| {
+                let mut spec = StreamSpec::from_input(&s.uri);
+                if let Some(id) = &s.id {
+                    spec.name = id.clone();
+                }
+                spec
+            })
+            .collect()
+    }
+
+    pub fn options(&self) -> Result<RuntimeOptions, String> {
+        let d = RuntimeOptions::default();
+        let s = &self.sources;
+        Ok(RuntimeOptions {
+            capacity: self.model.capacity,
+            topk: self.output.topk.unwrap_or(d.topk),
+            batch: self.batch.size.unwrap_or(d.batch),
+            max_wait: self
+                .batch
+                .max_wait_ms
+                .map_or(d.max_wait, Duration::from_millis),
+            stride: self.clips.stride,
+            step: self.clips.step.unwrap_or(d.step),
+            tail: self.clips.tail.unwrap_or(d.tail),
+            fps: self.clips.fps,
+            resize: self.clips.resize.unwrap_or(d.resize),
+            rtsp_transport: s.rtsp_transport.unwrap_or(d.rtsp_transport),
+            queue: s.queue.unwrap_or(d.queue),
+            watchdog: s
+                .watchdog_s
+                .map(|v| secs(v, "watchdog_s"))
+                .transpose()?
+                .unwrap_or(d.watchdog),
+            backoff_initial: s
+                .backoff_initial_s
+                .map(|v| secs(v, "backoff_initial_s"))
+                .transpose()?
+                .unwrap_or(d.backoff_initial),
+            backoff_max: s
+                .backoff_max_s
+                .map(|v| secs(v, "backoff_max_s"))
+                .transpose()?
+                .unwrap_or(d.backoff_max),
+            max_reconnects: s.max_reconnects,
+            eos_timeout: d.eos_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config_and_rejects_bad_ones() {
+        let c = PipelineConfig::parse(
+            r#"
+            [model]
+            dir = "models/default"
+            capacity = 0.5
+            [clips]
+            stride = 8
+            tail = "drop"
+            resize = "letterbox"
+            [batch]
+            size = 8
+            max_wait_ms = 50
+            [sources]
+            rtsp_transport = "udp"
+            watchdog_s = 2.5
+            [[streams]]
+            id = "door"
+            uri = "rtsp://user:pw@10.0.0.2/s"
+            [[streams]]
+            uri = "test:pattern=ball"
+            "#,
+        )
+        .unwrap();
+        let o = c.options().unwrap();
+        assert_eq!(
+            (o.capacity, o.batch, o.stride, o.tail),
+            (0.5, 8, Some(8), Tail::Drop)
+        );
+        assert_eq!(o.watchdog, Duration::from_millis(2500));
+        assert_eq!(o.rtsp_transport, RtspTransport::Udp);
+        let s = c.streams();
+        assert_eq!(s[0].name, "door");
+        assert_eq!(s[1].name, "test:pattern=ball");
+        assert!(PipelineConfig::parse("[model]\ndir='m'\n")
+            .unwrap_err()
+            .contains("streams"));
+        assert!(
+            PipelineConfig::parse("[model]\ndir='m'\ncapcity=1\n[[streams]]\nuri='x'")
+                .unwrap_err()
+                .contains("capcity")
+        );
+        assert!(PipelineConfig::parse(
+            "[model]\ndir='m'\n[sources]\nwatchdog_s=-1\n[[streams]]\nuri='x'"
+        )
+        .is_err());
+        assert!(PipelineConfig::parse(
+            "[model]\ndir='m'\n[[streams]]\nuri='x'\n[[streams]]\nuri='x'"
+        )
+        .unwrap_err()
+        .contains("distinct"));
+    }
+}
