@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo test --locked --all-targets -- --test-threads=2
+cargo test --release --locked --all-targets -- --test-threads=2

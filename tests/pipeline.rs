@@ -1,0 +1,569 @@
+//! The pipeline with real GStreamer: encoded files of three containers, bad inputs, the stream
+//! path against the offline path, RTSP reconnects, a dying stream next to a live one, and a
+//! SIGTERM drain. Real-time tests assert on events, never on timing.
+
+#![cfg(feature = "gst")]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor, D};
+use mone::clip::{clips_of, ClipAssembler, ClipSpec, Tail};
+use mone::events::{Event, JsonLinesSink};
+use mone::model::{self, Config, ForwardOptions};
+use mone::runtime::{self, RuntimeOptions, StreamSpec, Summary};
+use mone::source::{self, Input, Pulled, SourceOptions, SourcePipeline};
+
+/// The real-time tests share two cores with candle: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mone-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn model_dir(dir: &Path, preset: &str) -> PathBuf {
+    let cfg = Config::preset(preset).unwrap();
+    let m = model::random_model(&cfg, &Device::Cpu).unwrap();
+    let labels: Vec<String> = (0..cfg.num_classes).map(|i| format!("c{i}")).collect();
+    let out = dir.join(preset);
+    model::save_model_dir(&out, &cfg, &labels, &m.named_tensors()).unwrap();
+    out
+}
+
+fn read_events(path: &Path) -> Vec<Event> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Event>(l).unwrap_or_else(|e| panic!("bad event {l}: {e}")))
+        .collect()
+}
+
+fn run_files(model: &Path, inputs: &[String], opts: &RuntimeOptions, out: &Path) -> Summary {
+    let loaded = model::load_model_dir(model, &Device::Cpu).unwrap();
+    let streams: Vec<StreamSpec> = inputs.iter().map(|i| StreamSpec::from_input(i)).collect();
+    let mut sink = JsonLinesSink::file(out).unwrap();
+    runtime::run(
+        &loaded,
+        "tiny",
+        &Device::Cpu,
+        &streams,
+        opts,
+        &mut sink,
+        Arc::new(AtomicBool::new(false)),
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn clips_of_stream<'a>(events: &'a [Event], stream: &str) -> Vec<&'a Event> {
+    events
+        .iter()
+        .filter(|e| matches!(e, Event::Clip { stream: s, .. } if s == stream))
+        .collect()
+}
+
+#[test]
+fn classifies_three_containers_and_reports_bad_inputs_without_losing_the_rest() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("files");
+    let model = model_dir(&dir, "vivit-fe-tiny");
+    let mut inputs = Vec::new();
+    for fmt in ["mp4", "webm", "avi"] {
+        let p = dir.join(format!("ball.{fmt}"));
+        source::write_test_video(&p, "ball", 40, 25, 160, 120, fmt).unwrap();
+        inputs.push(p.display().to_string());
+    }
+    // A truncated MP4 (its index is at the end), a text file and a missing file.
+    let full = std::fs::read(&inputs[0]).unwrap();
+    std::fs::write(dir.join("truncated.mp4"), &full[..full.len() / 3]).unwrap();
+    std::fs::write(dir.join("notes.mp4"), "this is not a video\n".repeat(100)).unwrap();
+    for bad in ["truncated.mp4", "notes.mp4", "missing.mp4"] {
+        inputs.push(dir.join(bad).display().to_string());
+    }
+    let out = dir.join("events.jsonl");
+    let opts = RuntimeOptions {
+        batch: 3,
+        ..RuntimeOptions::default()
+    };
+    let summary = run_files(&model, &inputs, &opts, &out);
+    let events = read_events(&out);
+
+    for good in &inputs[..3] {
+        let clips = clips_of_stream(&events, good);
+        assert_eq!(clips.len(), 5, "{good}: 40 frames make 5 clips of 8");
+        let mut last_end = 0;
+        for (k, e) in clips.iter().enumerate() {
+            let Event::Clip {
+                clip_index,
+                frames,
+                pts_start_ns,
+                pts_end_ns,
+                labels,
+                event_id,
+                capacity,
+                ..
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!(*clip_index, k as u64);
+            assert_eq!(event_id, &format!("{good}#{k}"));
+            assert_eq!(*frames, [8 * k as u64, 8 * k as u64 + 7]);
+            assert!(
+                *pts_start_ns >= last_end && pts_end_ns > pts_start_ns,
+                "{good}: pts go forward"
+            );
+            last_end = *pts_end_ns;
+            assert_eq!(labels.len(), 5);
+            assert!(labels.windows(2).all(|w| w[0].score >= w[1].score));
+            assert_eq!(*capacity, 1.0);
+        }
+        // 40 frames at 25 fps: the last clip ends at 1.6 s.
+        assert!(
+            (last_end as i64 - 1_600_000_000).abs() < 50_000_000,
+            "{good}: last pts end {last_end}"
+        );
+        let pos = |f: &dyn Fn(&Event) -> bool| events.iter().position(f).unwrap();
+        let started = pos(&|e| matches!(e, Event::StreamStarted { stream, .. } if stream == good));
+        let first_clip = pos(&|e| matches!(e, Event::Clip { stream, .. } if stream == good));
+        let video = pos(&|e| matches!(e, Event::Video { stream, clips: 5, .. } if stream == good));
+        let ended = pos(
+            &|e| matches!(e, Event::StreamEnded { stream, clips: 5, frames: 40, .. } if stream == good),
+        );
+        assert!(started < first_clip && first_clip < video && video < ended);
+    }
+    for bad in &inputs[3..] {
+        assert!(
+            clips_of_stream(&events, bad).is_empty(),
+            "{bad} produced clips"
+        );
+        let reason = events
+            .iter()
+            .find_map(|e| match e {
+                Event::StreamError { stream, reason, .. } if stream == bad => Some(reason.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no stream_error for {bad}"));
+        assert!(!reason.is_empty());
+    }
+    assert_eq!(summary.failed.len(), 3);
+    assert_eq!(summary.clips, 15);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_clip_from_the_stream_equals_the_same_clip_assembled_offline() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("offline");
+    let model = model_dir(&dir, "vivit-fe-tiny");
+    let video = dir.join("ball.mp4");
+    source::write_test_video(&video, "ball", 30, 25, 160, 120, "mp4").unwrap();
+    let cfg = Config::preset("vivit-fe-tiny").unwrap();
+    let spec = ClipSpec {
+        frames: cfg.frames,
+        stride: 5,
+        step: 1,
+        tail: Tail::Pad,
+    };
+
+    // Streamed: clips come out while frames are pulled.
+    let input = Input::parse(&video.display().to_string()).unwrap();
+    let sopts = SourceOptions {
+        width: 32,
+        height: 32,
+        fps: None,
+        resize: Default::default(),
+        rtsp_transport: Default::default(),
+    };
+    let mut p = SourcePipeline::new(&input, &sopts).unwrap();
+    p.start().unwrap();
+    let (mut frames, mut streamed) = (Vec::new(), Vec::new());
+    let mut asm = ClipAssembler::new(spec);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match p.pull(Duration::from_millis(200)) {
+            Pulled::Frame(f) => {
+                frames.push(f.clone());
+                streamed.extend(asm.push(f));
+            }
+            Pulled::Eos => break,
+            Pulled::Error(e) => panic!("{e}"),
+            Pulled::Idle => assert!(Instant::now() < deadline, "timed out"),
+        }
+    }
+    p.stop(Duration::from_secs(1));
+    streamed.extend(asm.finish());
+    assert_eq!(frames.len(), 30);
+    assert!(frames.iter().all(|f| f.rgb.len() == 32 * 32 * 3));
+    let offline = clips_of(frames, spec);
+    assert_eq!(streamed, offline);
+    assert_eq!(offline.len(), 6); // starts 0, 5, 10, 15, 20, and the padded tail from 25
+
+    // The runtime's events carry the model's output for exactly these clips.
+    let loaded = model::load_model_dir(&model, &Device::Cpu).unwrap();
+    let out = dir.join("events.jsonl");
+    let opts = RuntimeOptions {
+        stride: Some(5),
+        topk: cfg.num_classes,
+        batch: 2,
+        ..RuntimeOptions::default()
+    };
+    run_files(&model, &[video.display().to_string()], &opts, &out);
+    let events = read_events(&out);
+    let clips = clips_of_stream(&events, &video.display().to_string());
+    assert_eq!(clips.len(), offline.len());
+    for (c, e) in offline.iter().zip(clips) {
+        let x = mone::tokenizer::clip_to_chw(c, cfg.mean, cfg.std);
+        let t = Tensor::from_vec(x, (1, 3, cfg.frames, 32, 32), &Device::Cpu).unwrap();
+        let logits = loaded
+            .model
+            .forward(&t, &[1.0], &ForwardOptions::default())
+            .unwrap()
+            .logits;
+        let probs = candle_nn::ops::softmax(&logits, D::Minus1)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let Event::Clip { labels, .. } = e else {
+            unreachable!()
+        };
+        for l in labels {
+            let k: usize = l.label[1..].parse().unwrap();
+            assert!(
+                (probs[k] - l.score).abs() < 1e-5,
+                "clip {}: {} vs {}",
+                c.index,
+                probs[k],
+                l.score
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+mod rtsp {
+    use gstreamer as gst;
+    use gstreamer_rtsp_server as rtsp_server;
+    use rtsp_server::prelude::*;
+
+    /// An RTSP server on 127.0.0.1 with its own GLib main loop thread.
+    pub struct Server {
+        server: rtsp_server::RTSPServer,
+        source: Option<gst::glib::SourceId>,
+        main_loop: gst::glib::MainLoop,
+        ctx: gst::glib::MainContext,
+        thread: Option<std::thread::JoinHandle<()>>,
+        pub port: i32,
+    }
+
+    impl Server {
+        pub fn start(port: i32) -> Server {
+            gst::init().unwrap();
+            let ctx = gst::glib::MainContext::new();
+            let main_loop = gst::glib::MainLoop::new(Some(&ctx), false);
+            let server = rtsp_server::RTSPServer::new();
+            server.set_address("127.0.0.1");
+            server.set_service(&port.to_string());
+            let factory = rtsp_server::RTSPMediaFactory::new();
+            factory.set_launch(
+                "( videotestsrc is-live=true pattern=ball ! video/x-raw,width=160,height=120,framerate=25/1 ! \
+                 x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 ! rtph264pay name=pay0 pt=96 )",
+            );
+            factory.set_shared(true);
+            server.mount_points().unwrap().add_factory("/cam", factory);
+            let source = server.attach(Some(&ctx)).unwrap();
+            let port = server.bound_port();
+            let (ml, c) = (main_loop.clone(), ctx.clone());
+            let thread = std::thread::spawn(move || {
+                let _guard = c.acquire().unwrap();
+                ml.run();
+            });
+            Server {
+                server,
+                source: Some(source),
+                main_loop,
+                ctx,
+                thread: Some(thread),
+                port,
+            }
+        }
+
+        pub fn url(&self) -> String {
+            format!("rtsp://127.0.0.1:{}/cam", self.port)
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            // Stop listening (the source lives on our own context, not the default one).
+            if let Some(id) = self.source.take() {
+                if let Some(src) = self.ctx.find_source_by_id(&id) {
+                    src.destroy();
+                }
+            }
+            // Close the sessions of connected clients too.
+            self.server
+                .client_filter(Some(&mut |_, _| rtsp_server::RTSPFilterResult::Remove));
+            self.main_loop.quit();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn wait_for(
+    out: &Path,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&[Event]) -> bool,
+) -> Vec<Event> {
+    let end = Instant::now() + timeout;
+    loop {
+        let ev = read_events(out);
+        if pred(&ev) {
+            return ev;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}; events: {ev:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spawn_live(
+    model: PathBuf,
+    streams: Vec<StreamSpec>,
+    opts: RuntimeOptions,
+    out: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Summary> {
+    std::thread::spawn(move || {
+        let loaded = model::load_model_dir(&model, &Device::Cpu).unwrap();
+        let mut sink = JsonLinesSink::file(&out).unwrap();
+        runtime::run(
+            &loaded,
+            "tiny",
+            &Device::Cpu,
+            &streams,
+            &opts,
+            &mut sink,
+            stop,
+            &mut |_| {},
+        )
+        .unwrap()
+    })
+}
+
+fn live_opts() -> RuntimeOptions {
+    RuntimeOptions {
+        watchdog: Duration::from_secs(2),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(800),
+        max_wait: Duration::from_millis(50),
+        batch: 2,
+        ..RuntimeOptions::default()
+    }
+}
+
+#[test]
+fn rtsp_client_goes_offline_and_reconnects_when_the_server_restarts() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("rtsp");
+    let model = model_dir(&dir, "vivit-fe-tiny");
+    let server = rtsp::Server::start(0);
+    let port = server.port;
+    let url = server.url();
+    let out = dir.join("events.jsonl");
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = spawn_live(
+        model,
+        vec![StreamSpec::from_input(&url)],
+        live_opts(),
+        out.clone(),
+        stop.clone(),
+    );
+    let n_clips = |ev: &[Event]| {
+        ev.iter()
+            .filter(|e| matches!(e, Event::Clip { .. }))
+            .count()
+    };
+    wait_for(&out, "first clips", Duration::from_secs(30), |ev| {
+        n_clips(ev) >= 2
+    });
+    drop(server);
+    wait_for(&out, "offline", Duration::from_secs(30), |ev| {
+        ev.iter().any(|e| matches!(e, Event::Offline { .. }))
+    });
+    let before = n_clips(&read_events(&out));
+    let server = rtsp::Server::start(port);
+    wait_for(
+        &out,
+        "reconnected and new clips",
+        Duration::from_secs(40),
+        |ev| ev.iter().any(|e| matches!(e, Event::Reconnected { .. })) && n_clips(ev) >= before + 2,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let summary = h.join().unwrap();
+    drop(server);
+    let ev = read_events(&out);
+    assert!(summary.failed.is_empty(), "{:?}", summary.failed);
+    // One timeline: clip indices consecutive, PTS strictly increasing across the reconnect.
+    let clips: Vec<(u64, u64, u64)> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Clip {
+                clip_index,
+                pts_start_ns,
+                pts_end_ns,
+                ..
+            } => Some((*clip_index, *pts_start_ns, *pts_end_ns)),
+            _ => None,
+        })
+        .collect();
+    for w in clips.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1);
+        // Live RTP durations jitter by microseconds, so a clip may end a hair after the next
+        // one starts; the timeline itself must only move forward.
+        assert!(w[1].1 > w[0].1 && w[1].2 > w[0].2, "pts went back: {w:?}");
+    }
+    let order: Vec<&str> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamStarted { .. } => Some("started"),
+            Event::Offline { .. } => Some("offline"),
+            Event::Reconnected { .. } => Some("reconnected"),
+            Event::StreamEnded { .. } => Some("ended"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        vec!["started", "offline", "reconnected", "ended"],
+        "{ev:#?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_dead_camera_does_not_stop_a_live_stream() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("dead");
+    let model = model_dir(&dir, "vivit-fe-tiny");
+    // Nothing listens on this port: connecting fails at once.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dead = format!("rtsp://user:secret@127.0.0.1:{dead_port}/cam");
+    let streams = vec![
+        StreamSpec::from_input(&dead),
+        StreamSpec::from_input("test:pattern=ball,fps=25,live=true"),
+    ];
+    let out = dir.join("events.jsonl");
+    let stop = Arc::new(AtomicBool::new(false));
+    let opts = RuntimeOptions {
+        max_reconnects: Some(2),
+        ..live_opts()
+    };
+    let h = spawn_live(model, streams, opts, out.clone(), stop.clone());
+    let is_err =
+        |e: &Event| matches!(e, Event::StreamError { stream, .. } if stream.contains("127.0.0.1"));
+    let ev = wait_for(
+        &out,
+        "the dead camera's error",
+        Duration::from_secs(30),
+        |ev| ev.iter().any(is_err),
+    );
+    let err_at = ev.iter().position(is_err).unwrap();
+    let live_clips = |ev: &[Event]| {
+        ev.iter()
+            .filter(|e| matches!(e, Event::Clip { stream, .. } if stream.starts_with("test:")))
+            .count()
+    };
+    let clips_then = live_clips(&ev[..err_at]);
+    wait_for(
+        &out,
+        "live clips after the error",
+        Duration::from_secs(30),
+        |ev| live_clips(ev) >= clips_then + 3,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let summary = h.join().unwrap();
+    let ev = read_events(&out);
+    // Credentials never reach an event.
+    assert!(ev
+        .iter()
+        .all(|e| !serde_json::to_string(e).unwrap().contains("secret")));
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::Offline { stream, .. } if stream.contains("***@127.0.0.1"))));
+    assert_eq!(summary.failed.len(), 1);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn sigterm_drains_every_queued_clip_and_exits_zero() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("sigterm");
+    let model = model_dir(&dir, "vivit-fe-s16");
+    let video = dir.join("long.mp4");
+    source::write_test_video(&video, "ball", 600, 25, 320, 240, "mp4").unwrap();
+    let out = dir.join("events.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args([
+            "classify",
+            &video.display().to_string(),
+            "--model",
+            &model.display().to_string(),
+            "--batch",
+            "1",
+            "--out",
+            &out.display().to_string(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&out, "a first clip", Duration::from_secs(60), |ev| {
+        ev.iter().any(|e| matches!(e, Event::Clip { .. }))
+    });
+    let rc = unsafe { libc_kill(child.id() as i32, 15) };
+    assert_eq!(rc, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let ev = read_events(&out);
+    let clips: Vec<u64> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Clip { clip_index, .. } => Some(*clip_index),
+            _ => None,
+        })
+        .collect();
+    let Some(Event::StreamEnded {
+        frames, clips: n, ..
+    }) = ev.last()
+    else {
+        panic!("last event is not stream_ended: {ev:#?}")
+    };
+    // Every frame the source delivered is in a classified clip (the tail padded), none lost.
+    assert_eq!(clips, (0..*n).collect::<Vec<_>>());
+    assert_eq!(*n, frames.div_ceil(16));
+    assert!(
+        *frames < 600,
+        "the stop came too late to test anything ({frames} frames)"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
