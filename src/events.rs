@@ -157,6 +157,106 @@ mod tests {
         assert_eq!(redact("file:///x/a@b.mp4"), "file:///x/a@b.mp4");
     }
 
+    fn examples() -> Vec<Event> {
+        let t = now();
+        let labels = vec![LabelScore {
+            label: "a".into(),
+            score: 0.5,
+        }];
+        vec![
+            Event::StreamStarted {
+                stream: "s".into(),
+                time: t.clone(),
+                model: "m".into(),
+                device: "cpu".into(),
+                live: false,
+            },
+            Event::Clip {
+                event_id: "s#0".into(),
+                stream: "s".into(),
+                clip_index: 0,
+                pts_start_ns: 0,
+                pts_end_ns: 1,
+                frames: [0, 7],
+                padded_frames: 0,
+                labels: labels.clone(),
+                capacity: 1.0,
+                model: "m".into(),
+                latency_ms: Latency {
+                    queue_ms: 1.0,
+                    inference_ms: 2.0,
+                    end_to_end_ms: 3.0,
+                },
+                time: t.clone(),
+            },
+            Event::Video {
+                event_id: "s#video".into(),
+                stream: "s".into(),
+                clips: 1,
+                labels,
+                model: "m".into(),
+                time: t.clone(),
+            },
+            Event::StreamEnded {
+                stream: "s".into(),
+                clips: 1,
+                frames: 8,
+                dropped_clips: 0,
+                time: t.clone(),
+            },
+            Event::StreamError {
+                stream: "s".into(),
+                reason: "r".into(),
+                time: t.clone(),
+            },
+            Event::Offline {
+                stream: "s".into(),
+                reason: "r".into(),
+                time: t.clone(),
+            },
+            Event::Reconnected {
+                stream: "s".into(),
+                attempt: 1,
+                offline_ms: 5,
+                time: t,
+            },
+        ]
+    }
+
+    #[test]
+    fn the_json_schema_matches_every_event() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../docs/events.schema.json")).unwrap();
+        let variants = schema["oneOf"].as_array().unwrap();
+        let ex = examples();
+        assert_eq!(variants.len(), ex.len(), "one schema entry per event type");
+        for e in ex {
+            let v = serde_json::to_value(&e).unwrap();
+            let ty = v["type"].as_str().unwrap();
+            let entry = variants
+                .iter()
+                .find(|s| s["properties"]["type"]["const"] == ty)
+                .unwrap_or_else(|| panic!("{ty} is not in the schema"));
+            let mut props: Vec<&String> = entry["properties"].as_object().unwrap().keys().collect();
+            let mut keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+            props.sort();
+            keys.sort();
+            assert_eq!(props, keys, "{ty}: schema properties vs serialized fields");
+            let mut req: Vec<&str> = entry["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap())
+                .collect();
+            req.sort();
+            assert_eq!(
+                req,
+                keys.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+                "{ty}: every field is required"
+            );
+        }
+    }
+
     #[test]
     fn events_round_trip_with_a_type_tag() {
         let e = Event::StreamError {

@@ -2,6 +2,8 @@
 //!
 //! - [`model`]: the MoNE-ViViT in candle (config, capacity solver, router/EPR, nested
 //!   attention and MLP, the factorized encoder, FLOP counts, model folders).
+//! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
+//!   [`events`], `pipeline`, `cli`: the streaming pipeline from inputs to JSON events.
 //! - [`bench`]: the `mone bench` measurements.
 //! - [`device`]: choosing the compute device.
 

@@ -59,11 +59,24 @@ enum ModelCommand {
 enum BenchCommand {
     /// Latency and clips/s of MoNE at every capacity against the dense forward.
     Model(mone::bench::ModelBenchArgs),
+    /// Frames/s of decode, model and the full pipeline on one long input, in one run.
+    #[cfg(feature = "gst")]
+    Pipeline(mone::bench::PipelineBenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
-    let code = match cli.command {
+    match dispatch(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    Ok(match cli.command {
         #[cfg(feature = "gst")]
         Command::Classify(a) => mone::cli::classify(&a)?,
         #[cfg(feature = "gst")]
@@ -73,7 +86,10 @@ fn main() -> anyhow::Result<()> {
         #[cfg(feature = "gst")]
         Command::SampleVideo(a) => mone::cli::sample_video(&a).map(|_| 0)?,
         Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,
+        #[cfg(feature = "gst")]
+        Command::Bench(BenchCommand::Pipeline(a)) => {
+            mone::bench::run_pipeline_bench(&a).map(|_| 0)?
+        }
         Command::Config { preset } => mone::bench::print_config(&preset).map(|_| 0)?,
-    };
-    std::process::exit(code)
+    })
 }

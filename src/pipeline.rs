@@ -11,10 +11,10 @@ use crate::source::{Resize, RtspTransport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -110,7 +110,7 @@ impl PipelineConfig {
     pub fn load(path: &Path) -> Result<Self, PipelineError> {
         let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Io {
             path: path.into(),
-            source: e,
+            error: e,
         })?;
         Self::parse(&text).map_err(|message| PipelineError::Invalid {
             path: path.into(),
@@ -244,5 +244,22 @@ mod tests {
         )
         .unwrap_err()
         .contains("distinct"));
+    }
+
+    #[test]
+    fn shipped_pipeline_configs_parse() {
+        for (name, text) in [
+            ("cameras", include_str!("../pipelines/cameras.toml")),
+            ("files", include_str!("../pipelines/files.toml")),
+            (
+                "test-pattern",
+                include_str!("../pipelines/test-pattern.toml"),
+            ),
+        ] {
+            let c = PipelineConfig::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!c.streams().is_empty());
+        }
+        let c = PipelineConfig::parse(include_str!("../pipelines/cameras.toml")).unwrap();
+        assert_eq!(c.options().unwrap().fps, Some(12.5));
     }
 }

@@ -511,6 +511,63 @@ fn a_dead_camera_does_not_stop_a_live_stream() {
 }
 
 #[test]
+fn a_live_stream_faster_than_the_model_drops_its_oldest_clips_and_counts_them() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("drops");
+    let model = model_dir(&dir, "vivit-fe-s16");
+    let out = dir.join("events.jsonl");
+    let stop = Arc::new(AtomicBool::new(false));
+    // 1500 frames/s of 16-frame clips is about 90 clips/s: far more than this CPU classifies at
+    // batch 1 (about 25).
+    let streams = vec![StreamSpec::from_input(
+        "test:pattern=ball,fps=1500,live=true,width=160,height=120",
+    )];
+    let opts = RuntimeOptions {
+        batch: 1,
+        queue: 1,
+        ..live_opts()
+    };
+    let h = spawn_live(model, streams, opts, out.clone(), stop.clone());
+    wait_for(&out, "clips", Duration::from_secs(60), |ev| {
+        ev.iter()
+            .filter(|e| matches!(e, Event::Clip { .. }))
+            .count()
+            >= 10
+    });
+    stop.store(true, Ordering::Relaxed);
+    let summary = h.join().unwrap();
+    let ev = read_events(&out);
+    let idx: Vec<u64> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Clip { clip_index, .. } => Some(*clip_index),
+            _ => None,
+        })
+        .collect();
+    let Some(Event::StreamEnded {
+        dropped_clips,
+        clips,
+        ..
+    }) = ev.last()
+    else {
+        panic!("no stream_ended last")
+    };
+    assert!(
+        *dropped_clips > 0,
+        "the model kept up with 1500 fps? {ev:#?}"
+    );
+    assert_eq!(*clips as usize, idx.len());
+    assert!(
+        idx.windows(2).all(|w| w[1] > w[0]),
+        "oldest dropped first: the survivors stay in order"
+    );
+    // Every assembled clip was either classified or counted as dropped.
+    assert_eq!(idx.last().unwrap() + 1, clips + dropped_clips);
+    assert_eq!(summary.dropped_clips, *dropped_clips);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn sigterm_drains_every_queued_clip_and_exits_zero() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tmpdir("sigterm");

@@ -24,7 +24,7 @@ pub struct LoadedModel {
 fn io_err(path: &Path, e: std::io::Error) -> ModelError {
     ModelError::Io {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     }
 }
 
@@ -32,7 +32,7 @@ pub fn read_config(path: &Path) -> Result<Config, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
     let cfg: Config = serde_json::from_str(&text).map_err(|e| ModelError::Json {
         path: path.to_path_buf(),
-        source: e,
+        error: e,
     })?;
     cfg.validate()?;
     Ok(cfg)
@@ -117,7 +117,7 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelE
     if !dir.is_dir() {
         return Err(ModelError::Io {
             path: dir.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+            error: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
         });
     }
     let config = read_config(&dir.join(CONFIG_FILE))?;
@@ -150,7 +150,7 @@ pub fn save_model_dir(
     let cfg_path = dir.join(CONFIG_FILE);
     let json = serde_json::to_string_pretty(cfg).map_err(|e| ModelError::Json {
         path: cfg_path.clone(),
-        source: e,
+        error: e,
     })?;
     std::fs::write(&cfg_path, json + "\n").map_err(|e| io_err(&cfg_path, e))?;
     let lab_path = dir.join(LABELS_FILE);

@@ -28,15 +28,15 @@ pub enum ModelError {
     Capacity(String),
     #[error("weights {path}: {message}")]
     Weights { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path}: malformed JSON: {source}")]
+    #[error("{path}: malformed JSON: {error}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("labels: {0}")]
     Labels(String),
