@@ -194,10 +194,11 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
             })
             .collect();
         let total: f64 = profile_ms.iter().map(|(_, v)| v).sum();
-        let linear = profile_ms
+        let linear: f64 = profile_ms
             .iter()
-            .find(|(n, _)| n == "linear")
-            .map_or(0.0, |(_, v)| *v);
+            .filter(|(n, _)| ["qkv", "proj", "fc1", "fc2"].contains(&n.as_str()))
+            .map(|(_, v)| v)
+            .sum();
         rows.push(BenchRow {
             kind: kind.to_string(),
             capacity: cap,
@@ -268,13 +269,13 @@ pub fn format_table(r: &BenchReport) -> String {
     s += "\nwhere the time goes (ms, median):\n";
     s += &format!("{:<14}", "config");
     for (n, _) in &r.dense.profile_ms {
-        s += &format!(" {:>10}", n);
+        s += &format!(" {:>9}", n);
     }
     s += "\n";
     let prof = |name: String, row: &BenchRow| {
         let mut l = format!("{name:<14}");
         for (_, v) in &row.profile_ms {
-            l += &format!(" {v:>10.1}");
+            l += &format!(" {v:>9.1}");
         }
         l + "\n"
     };

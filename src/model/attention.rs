@@ -58,7 +58,7 @@ impl Attention {
         let hd = d / self.num_heads;
         if fused_ok(h, train) {
             let qkv = {
-                let _p = scope(Part::Linear);
+                let _p = scope(Part::Qkv);
                 h.apply_op3_no_bwd(
                     self.qkv.weight(),
                     bias(&self.qkv)?,
@@ -77,7 +77,7 @@ impl Attention {
                 token_major: layout.token_major,
             })?;
             drop(_p);
-            let _p = scope(Part::Linear);
+            let _p = scope(Part::Proj);
             let b = bias(&self.proj)?.to_vec1::<f32>()?;
             x.inplace_op3(
                 &a,
@@ -91,14 +91,14 @@ impl Attention {
             return Ok(x);
         }
         let qkv = {
-            let _p = scope(Part::Linear);
+            let _p = scope(Part::Qkv);
             in_proj(h, self.qkv.weight(), bias(&self.qkv)?, layout)?
         };
         let a = {
             let _p = scope(Part::Attention);
             attention(&qkv, layout, self.num_heads, train)?
         };
-        let _p = scope(Part::Linear);
+        let _p = scope(Part::Proj);
         x + out_proj(&a, self.proj.weight(), bias(&self.proj)?, layout, None)?
     }
 

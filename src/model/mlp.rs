@@ -60,7 +60,7 @@ impl Mlp {
         if fused_ok(h, train) {
             let host = scale.and_then(|s| s.host.as_deref());
             let f = {
-                let _p = scope(Part::Linear);
+                let _p = scope(Part::Fc1);
                 h.apply_op3_no_bwd(
                     self.fc1.weight(),
                     bias(&self.fc1)?,
@@ -79,7 +79,7 @@ impl Mlp {
                     row_scale: host,
                 })?;
             }
-            let _p = scope(Part::Linear);
+            let _p = scope(Part::Fc2);
             let b = bias(&self.fc2)?.to_vec1::<f32>()?;
             x.inplace_op3(
                 &f,
@@ -93,14 +93,14 @@ impl Mlp {
             return Ok(x);
         }
         let f = {
-            let _p = scope(Part::Linear);
+            let _p = scope(Part::Fc1);
             in_proj(h, self.fc1.weight(), bias(&self.fc1)?, layout)?
         };
         let f = {
             let _p = scope(Part::Activation);
             self.act(&f)?
         };
-        let _p = scope(Part::Linear);
+        let _p = scope(Part::Fc2);
         x + out_proj(
             &f,
             self.fc2.weight(),

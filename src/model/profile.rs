@@ -6,29 +6,36 @@ use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
+    // The discriminants index NANOS and PARTS.
     Embedding,
     Routing,
     Norm,
-    /// The nested linear layers (QKV, attention out, fc1, fc2): the part that shrinks with e_c.
-    Linear,
+    /// The nested linear layers (QKV, attention out, fc1, fc2): the parts that shrink with e_c.
+    Qkv,
+    Proj,
+    Fc1,
+    Fc2,
     Attention,
     Activation,
     /// Pooling, temporal transformer, head.
     Rest,
 }
 
-pub const PARTS: [Part; 7] = [
+pub const PARTS: [Part; 10] = [
     Part::Embedding,
     Part::Routing,
     Part::Norm,
-    Part::Linear,
+    Part::Qkv,
+    Part::Proj,
+    Part::Fc1,
+    Part::Fc2,
     Part::Attention,
     Part::Activation,
     Part::Rest,
 ];
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+static NANOS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
 
 pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
