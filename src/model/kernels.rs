@@ -34,15 +34,6 @@ fn overwritten_f32(n: usize) -> Vec<f32> {
     v
 }
 
-fn par() -> Parallelism {
-    let n = rayon::current_num_threads();
-    if n > 1 {
-        Parallelism::Rayon(n)
-    } else {
-        Parallelism::None
-    }
-}
-
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) => Ok(&v[l.start_offset()..]),
@@ -95,37 +86,51 @@ impl CustomOp3 for NestedInProj<'_> {
         dst.par_chunks_mut(out)
             .for_each(|row| row.copy_from_slice(&b[..out]));
         for g in self.groups {
-            if g.rows == 0 {
-                continue;
-            }
             if g.row0 + g.rows > r || g.width > d {
                 bail!("nested-in-proj: group {g:?} outside ({r}, {d})");
             }
-            // SAFETY: all pointers stay inside the checked extents above.
-            unsafe {
-                gemm(
-                    g.rows,
-                    out,
-                    g.width,
-                    dst.as_mut_ptr().add(g.row0 * out),
-                    1,
-                    out as isize,
-                    self.add_bias,
-                    x.as_ptr().add(g.row0 * x_rs),
-                    x_cs as isize,
-                    x_rs as isize,
-                    w.as_ptr(),
-                    w_rs as isize,
-                    w_cs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par(),
-                )
-            }
         }
+        // Each thread takes a contiguous block of output columns and runs every group on it
+        // single-threaded: one join per op instead of one parallel region per group, and each
+        // thread's weight panel stays in its cache across the groups.
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = out.div_ceil(threads).div_ceil(16) * 16;
+        let dst_ptr = SyncPtr(dst.as_mut_ptr());
+        let dst_ref = &dst_ptr;
+        let add_bias = self.add_bias;
+        (0..threads).into_par_iter().for_each(|t| {
+            let c0 = t * chunk;
+            if c0 >= out {
+                return;
+            }
+            let cn = chunk.min(out - c0);
+            for g in self.groups.iter().filter(|g| g.rows > 0) {
+                // SAFETY: extents checked above; threads write disjoint column blocks.
+                unsafe {
+                    gemm(
+                        g.rows,
+                        cn,
+                        g.width,
+                        dst_ref.0.add(g.row0 * out + c0),
+                        1,
+                        out as isize,
+                        add_bias,
+                        x.as_ptr().add(g.row0 * x_rs),
+                        x_cs as isize,
+                        x_rs as isize,
+                        w.as_ptr().add(c0 * w_rs),
+                        w_rs as isize,
+                        w_cs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    )
+                }
+            }
+        });
         Ok((CpuStorage::F32(dst), Shape::from((r, out))))
     }
 }
@@ -174,45 +179,56 @@ impl InplaceOp3 for NestedOutAccum<'_> {
             _ => bail!("nested-out-accum: f32 only"),
         };
         for g in self.groups {
-            if g.rows == 0 {
-                continue;
-            }
             if g.row0 + g.rows > r || g.width > d {
                 bail!("nested-out-accum: group {g:?} outside ({r}, {d})");
             }
-            let rows = &mut x[g.row0 * d..(g.row0 + g.rows) * d];
-            let bias = &self.bias[..g.width];
-            rows.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
-                let s = self.row_scale.map_or(1.0, |s| s[g.row0 + i]);
-                for (y, b) in row[..g.width].iter_mut().zip(bias) {
-                    *y += s * b;
-                }
-            });
-            // SAFETY: extents checked above.
-            unsafe {
-                gemm(
-                    g.rows,
-                    g.width,
-                    k,
-                    x.as_mut_ptr().add(g.row0 * d),
-                    1,
-                    d as isize,
-                    true,
-                    a.as_ptr().add(g.row0 * a_rs),
-                    a_cs as isize,
-                    a_rs as isize,
-                    w.as_ptr(),
-                    w_rs as isize,
-                    w_cs as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par(),
-                )
-            }
         }
+        // Each thread takes a contiguous share of every group's rows and runs its GEMMs
+        // single-threaded: one join per op, no per-group barrier.
+        let threads = rayon::current_num_threads().max(1);
+        let x_ptr = SyncPtr(x.as_mut_ptr());
+        let x_ref = &x_ptr;
+        (0..threads).into_par_iter().for_each(|t| {
+            for g in self.groups.iter().filter(|g| g.rows > 0) {
+                let per = g.rows.div_ceil(threads);
+                let r0 = g.row0 + t * per;
+                let rn = per.min((g.row0 + g.rows).saturating_sub(r0));
+                if rn == 0 {
+                    continue;
+                }
+                // SAFETY: extents checked above; threads touch disjoint rows.
+                unsafe {
+                    let rows = std::slice::from_raw_parts_mut(x_ref.0.add(r0 * d), rn * d);
+                    for (i, row) in rows.chunks_mut(d).enumerate() {
+                        let s = self.row_scale.map_or(1.0, |s| s[r0 + i]);
+                        for (y, b) in row[..g.width].iter_mut().zip(&self.bias[..g.width]) {
+                            *y += s * b;
+                        }
+                    }
+                    gemm(
+                        rn,
+                        g.width,
+                        k,
+                        x_ref.0.add(r0 * d),
+                        1,
+                        d as isize,
+                        true,
+                        a.as_ptr().add(r0 * a_rs),
+                        a_cs as isize,
+                        a_rs as isize,
+                        w.as_ptr(),
+                        w_rs as isize,
+                        w_cs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    )
+                }
+            }
+        });
         Ok(())
     }
 }
