@@ -111,6 +111,14 @@ impl Stage {
     }
 }
 
+/// How a dense stage runs: the model's own path (fused kernels in CPU inference, generic ops
+/// otherwise) or plain candle layers.
+#[derive(Clone, Copy, Debug)]
+enum Exec {
+    Model { train: bool },
+    Plain,
+}
+
 /// Which experts the spatial tokens go to.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Routing {
@@ -364,6 +372,10 @@ impl MoneVivit {
     }
 
     fn temporal_and_head(&self, pooled: &Tensor, b: usize, train: bool) -> Result<Tensor> {
+        self.temporal_and_head_with(pooled, b, Exec::Model { train })
+    }
+
+    fn temporal_and_head_with(&self, pooled: &Tensor, b: usize, exec: Exec) -> Result<Tensor> {
         let _p = scope(Part::Rest);
         let (nt, d) = (self.cfg.temporal_tokens(), self.cfg.hidden_size);
         let mut t = pooled.reshape((b, nt, d))?;
@@ -372,15 +384,13 @@ impl MoneVivit {
         }
         let t = t.broadcast_add(&self.embedding.temporal_position)?;
         let l = t.dim(1)?;
-        let layout = TokenLayout::dense(l, b, d);
-        let mut x = t.reshape((b * l, d))?;
-        if fused_ok(&x, train) {
-            x = x.copy()?;
-        }
-        for layer in &self.temporal.layers {
-            x = layer.forward(x, &layout, None, train)?;
-        }
-        let x = self.temporal.norm.forward(&x, train)?.reshape((b, l, d))?;
+        let x = self.dense_stage(
+            &self.temporal,
+            t.reshape((b * l, d))?,
+            &TokenLayout::dense(l, b, d),
+            exec,
+        )?;
+        let x = x.reshape((b, l, d))?;
         let v = match self.cfg.pooling {
             Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => x.mean(1)?,
@@ -388,57 +398,61 @@ impl MoneVivit {
         self.head.forward(&v)
     }
 
+    /// Every token of a stage at full width, then the stage's final norm.
+    fn dense_stage(
+        &self,
+        stage: &Stage,
+        x: Tensor,
+        layout: &TokenLayout,
+        exec: Exec,
+    ) -> Result<Tensor> {
+        let mut x = x;
+        match exec {
+            Exec::Model { train } => {
+                if fused_ok(&x, train) {
+                    // The fused path updates the residual in place: own it.
+                    x = x.copy()?;
+                }
+                for layer in &stage.layers {
+                    x = layer.forward(x, layout, None, train)?;
+                }
+                stage.norm.forward(&x, train)
+            }
+            Exec::Plain => {
+                for layer in &stage.layers {
+                    x = layer.forward_plain(&x, layout)?;
+                }
+                stage.norm.forward(&x, false)
+            }
+        }
+    }
+
+    fn dense_forward(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
+        let tokens = {
+            let _p = scope(Part::Embedding);
+            self.embedding.forward(x, matches!(exec, Exec::Plain))?
+        };
+        let (s, n, d) = tokens.dims3()?;
+        let h = self.dense_stage(
+            &self.spatial,
+            tokens.reshape((s * n, d))?,
+            &TokenLayout::dense(n, s, d),
+            exec,
+        )?;
+        let pooled = h.reshape((s, n, d))?.mean(1)?;
+        self.temporal_and_head_with(&pooled, x.dim(0)?, exec)
+    }
+
     /// The dense ViViT-FE forward with no router: every token at full width through the same
     /// kernels. The reference MoNE at e_c = 1 is measured against.
     pub fn forward_dense(&self, x: &Tensor) -> Result<Tensor> {
-        let tokens = {
-            let _p = scope(Part::Embedding);
-            self.embedding.forward(x, false)?
-        };
-        let (s, n, d) = tokens.dims3()?;
-        let layout = TokenLayout::dense(n, s, d);
-        let mut h = tokens.reshape((s * n, d))?;
-        if fused_ok(&h, false) {
-            h = h.copy()?;
-        }
-        for layer in &self.spatial.layers {
-            h = layer.forward(h, &layout, None, false)?;
-        }
-        let h = self.spatial.norm.forward(&h, false)?;
-        let pooled = h.reshape((s, n, d))?.mean(1)?;
-        self.temporal_and_head(&pooled, x.dim(0)?, false)
+        self.dense_forward(x, Exec::Model { train: false })
     }
 
     /// The dense forward with plain candle layers (Linear, matmul attention, candle GELU):
     /// what candle gives out of the box, for comparison.
     pub fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
-        let tokens = self.embedding.forward(x, true)?;
-        let (s, n, d) = tokens.dims3()?;
-        let layout = TokenLayout::dense(n, s, d);
-        let mut h = tokens.reshape((s * n, d))?;
-        for layer in &self.spatial.layers {
-            h = layer.forward_plain(&h, &layout)?;
-        }
-        let h = self.spatial.norm.forward(&h, false)?;
-        let pooled = h.reshape((s, n, d))?.mean(1)?;
-        let b = x.dim(0)?;
-        let (nt, l) = (self.cfg.temporal_tokens(), self.cfg.temporal_seq_len());
-        let mut t = pooled.reshape((b, nt, d))?;
-        if let Some(cls) = &self.embedding.temporal_cls {
-            t = Tensor::cat(&[cls.broadcast_as((b, 1, d))?.contiguous()?, t], 1)?;
-        }
-        let t = t.broadcast_add(&self.embedding.temporal_position)?;
-        let layout = TokenLayout::dense(l, b, d);
-        let mut h = t.reshape((b * l, d))?;
-        for layer in &self.temporal.layers {
-            h = layer.forward_plain(&h, &layout)?;
-        }
-        let h = self.temporal.norm.forward(&h, false)?.reshape((b, l, d))?;
-        let v = match self.cfg.pooling {
-            Pooling::Cls => h.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => h.mean(1)?,
-        };
-        self.head.forward(&v)
+        self.dense_forward(x, Exec::Plain)
     }
 
     /// Every weight under its safetensors name.
