@@ -67,6 +67,7 @@ pub struct OutputSection {
 pub struct SourcesSection {
     pub rtsp_transport: Option<RtspTransport>,
     pub watchdog_s: Option<f64>,
+    pub stall_timeout_s: Option<f64>,
     pub queue: Option<usize>,
     pub backoff_initial_s: Option<f64>,
     pub backoff_max_s: Option<f64>,
@@ -172,6 +173,11 @@ impl PipelineConfig {
                 .map(|v| secs(v, "watchdog_s"))
                 .transpose()?
                 .unwrap_or(d.watchdog),
+            stall_timeout: s
+                .stall_timeout_s
+                .map(|v| secs(v, "stall_timeout_s"))
+                .transpose()?
+                .unwrap_or(d.stall_timeout),
             backoff_initial: s
                 .backoff_initial_s
                 .map(|v| secs(v, "backoff_initial_s"))

@@ -46,6 +46,9 @@ pub struct RuntimeOptions {
     pub queue: usize,
     /// A live stream with no frame for this long is declared offline and reconnected.
     pub watchdog: Duration,
+    /// A finite input (file) with no frame, end or error for this long has stalled: it fails
+    /// with a `stream_error` instead of hanging the run.
+    pub stall_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// Give up on a live stream after this many failed reconnects in a row (None: never).
@@ -69,6 +72,7 @@ impl Default for RuntimeOptions {
             rtsp_transport: RtspTransport::Tcp,
             queue: 4,
             watchdog: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             max_reconnects: None,
@@ -156,6 +160,22 @@ fn jitter(seed: &mut u64) -> f64 {
     *seed ^= *seed >> 7;
     *seed ^= *seed << 17;
     (*seed >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Stop a pipeline, but never wait on it for more than the EOS timeout plus two seconds: a
+/// wedged element (seen with a truncated MP4) must not hang the stream's thread. A pipeline that
+/// does not stop in time is left to its helper thread.
+fn stop_bounded(p: SourcePipeline, eos_timeout: Duration) {
+    let (tx, rx) = bounded::<()>(1);
+    let spawned = std::thread::Builder::new()
+        .name("source-stop".into())
+        .spawn(move || {
+            p.stop(eos_timeout);
+            let _ = tx.send(());
+        });
+    if spawned.is_ok() {
+        let _ = rx.recv_timeout(eos_timeout + Duration::from_secs(2));
+    }
 }
 
 /// Sleep in short steps so a stop request is seen quickly; false if stopped.
@@ -246,7 +266,7 @@ impl StreamCtx {
                     let session_offset = timeline_end;
                     reason = loop {
                         if stop.load(Ordering::Relaxed) {
-                            p.stop(self.opts.eos_timeout);
+                            stop_bounded(p, self.opts.eos_timeout);
                             break 'outer;
                         }
                         match p.pull(Duration::from_millis(100)) {
@@ -281,9 +301,11 @@ impl StreamCtx {
                                 frames += 1;
                                 if let Some(clip) = asm.push(f) {
                                     if !self.send_clip(clip, &mut dropped) {
-                                        p.stop(self.opts.eos_timeout);
+                                        stop_bounded(p, self.opts.eos_timeout);
                                         break 'outer;
                                     }
+                                    // Time blocked on a full queue (backpressure) is not a stall.
+                                    last_frame_at = Instant::now();
                                 }
                             }
                             Pulled::Idle => {
@@ -304,7 +326,7 @@ impl StreamCtx {
                                             .into(),
                                     );
                                 }
-                                p.stop(self.opts.eos_timeout);
+                                stop_bounded(p, self.opts.eos_timeout);
                                 break 'outer;
                             }
                             Pulled::Error(e) => {
@@ -312,12 +334,12 @@ impl StreamCtx {
                                     break e;
                                 }
                                 error = Some(e);
-                                p.stop(self.opts.eos_timeout);
+                                stop_bounded(p, self.opts.eos_timeout);
                                 break 'outer;
                             }
                         }
                     };
-                    p.stop(self.opts.eos_timeout);
+                    stop_bounded(p, self.opts.eos_timeout);
                 }
             }
             if !self.live {
