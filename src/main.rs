@@ -33,6 +33,7 @@ enum Command {
         config: std::path::PathBuf,
     },
     /// Model folders.
+    #[cfg(feature = "gst")]
     #[command(subcommand)]
     Model(ModelCommand),
     /// Encode a test-pattern video (for demos and benchmarks).
@@ -48,6 +49,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "gst")]
 #[derive(Subcommand)]
 enum ModelCommand {
     /// Write a model folder with random weights (for trying the pipeline; it classifies nothing).
