@@ -248,7 +248,9 @@ impl StreamCtx {
                 break;
             }
             let reason: String;
-            match SourcePipeline::new(&self.input, &self.sopts).and_then(|p| p.start().map(|_| p)) {
+            match SourcePipeline::new(&self.input, &self.sopts)
+                .and_then(|p| p.start_in_background().map(|_| p))
+            {
                 Err(e) => reason = e.to_string(),
                 Ok(mut p) => {
                     if !started {
@@ -309,11 +311,20 @@ impl StreamCtx {
                                 }
                             }
                             Pulled::Idle => {
-                                if self.live && last_frame_at.elapsed() >= self.opts.watchdog {
+                                let idle = last_frame_at.elapsed();
+                                if self.live && idle >= self.opts.watchdog {
                                     break format!(
                                         "no frames for {:.1} s",
                                         self.opts.watchdog.as_secs_f64()
                                     );
+                                }
+                                if !self.live && idle >= self.opts.stall_timeout {
+                                    error = Some(format!(
+                                        "the input stalled: no frame, end or error for {:.1} s",
+                                        self.opts.stall_timeout.as_secs_f64()
+                                    ));
+                                    stop_bounded(p, self.opts.eos_timeout);
+                                    break 'outer;
                                 }
                             }
                             Pulled::Eos => {

@@ -362,6 +362,26 @@ impl SourcePipeline {
         None
     }
 
+    /// Start without waiting: some elements (an HTTP source whose server stalls, say) block the
+    /// state change itself, and the caller's watchdog must keep running meanwhile. A failure
+    /// shows up as an error on the bus, or as no frames.
+    pub fn start_in_background(&self) -> Result<(), SourceError> {
+        let p = self.pipeline.clone();
+        std::thread::Builder::new()
+            .name("source-start".into())
+            .spawn(move || {
+                if p.set_state(gst::State::Playing).is_err() {
+                    gst::element_error!(
+                        p,
+                        gst::CoreError::StateChange,
+                        ["the pipeline refused to start"]
+                    );
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| SourceError::Gst(format!("cannot start a thread: {e}")))
+    }
+
     /// Wait up to `timeout` for the next frame.
     pub fn pull(&mut self, timeout: Duration) -> Pulled {
         if let Some(e) = self.bus_error() {
@@ -378,7 +398,8 @@ impl SourcePipeline {
             None => {
                 if let Some(e) = self.bus_error() {
                     Pulled::Error(e)
-                } else if self.sink.is_eos() {
+                } else if self.sink.current_state() >= gst::State::Paused && self.sink.is_eos() {
+                    // appsink reports EOS before it has started, too.
                     Pulled::Eos
                 } else {
                     Pulled::Idle

@@ -624,3 +624,57 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn a_stalled_http_file_fails_with_stream_error_instead_of_hanging() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("stall");
+    let model = model_dir(&dir, "vivit-fe-tiny");
+    // An HTTP server on loopback that sends headers and a few bytes, then goes silent while
+    // holding the connection open.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut held = Vec::new();
+        listener.set_nonblocking(true).unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end && held.len() < 4 {
+            if let Ok((mut s, _)) = listener.accept() {
+                s.set_nonblocking(false).unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: 10000000\r\n\r\n\x00\x00\x00\x20ftypisom");
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let url = format!("http://127.0.0.1:{port}/video.mp4");
+    let out = dir.join("events.jsonl");
+    let opts = RuntimeOptions {
+        stall_timeout: Duration::from_secs(2),
+        eos_timeout: Duration::from_millis(500),
+        ..RuntimeOptions::default()
+    };
+    let t0 = Instant::now();
+    let summary = run_files(&model, std::slice::from_ref(&url), &opts, &out);
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(summary.failed.len(), 1);
+    let ev = read_events(&out);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, Event::StreamError { stream, .. } if stream == &url)),
+        "{ev:#?}"
+    );
+    assert!(matches!(
+        ev.last(),
+        Some(Event::StreamEnded { clips: 0, .. })
+    ));
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}
