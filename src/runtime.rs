@@ -472,6 +472,14 @@ pub fn run(
                     reason: reason.clone(),
                     time: now(),
                 })?;
+                // Every stream's last event is stream_ended, even one that never started.
+                sink.write(&Event::StreamEnded {
+                    stream: s.name.clone(),
+                    clips: 0,
+                    frames: 0,
+                    dropped_clips: 0,
+                    time: now(),
+                })?;
                 summary.failed.push((s.name.clone(), reason));
             }
             Ok(input) => {

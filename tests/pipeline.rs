@@ -150,6 +150,20 @@ fn classifies_three_containers_and_reports_bad_inputs_without_losing_the_rest() 
             })
             .unwrap_or_else(|| panic!("no stream_error for {bad}"));
         assert!(!reason.is_empty());
+        let last = events
+            .iter()
+            .rev()
+            .find(|e| match e {
+                Event::StreamStarted { stream, .. }
+                | Event::StreamError { stream, .. }
+                | Event::StreamEnded { stream, .. } => stream == bad,
+                _ => false,
+            })
+            .unwrap();
+        assert!(
+            matches!(last, Event::StreamEnded { clips: 0, .. }),
+            "{bad}: {last:?}"
+        );
     }
     assert_eq!(summary.failed.len(), 3);
     assert_eq!(summary.clips, 15);
