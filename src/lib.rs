@@ -11,6 +11,7 @@ pub mod bench;
 #[cfg(feature = "gst")]
 pub mod cli;
 pub mod clip;
+pub mod dataset;
 pub mod device;
 pub mod events;
 pub mod model;
