@@ -36,6 +36,10 @@ enum Command {
     #[cfg(feature = "gst")]
     #[command(subcommand)]
     Model(ModelCommand),
+    /// The procedural motion-action dataset.
+    #[cfg(feature = "gst")]
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
     /// Encode a test-pattern video (for demos and benchmarks).
     #[cfg(feature = "gst")]
     SampleVideo(mone::cli::SampleVideoArgs),
@@ -55,6 +59,13 @@ enum ModelCommand {
     /// Write a model folder with random weights (for trying the pipeline; it classifies nothing).
     #[cfg(feature = "gst")]
     Init(mone::cli::InitModelArgs),
+}
+
+#[cfg(feature = "gst")]
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Write clips as video files through GStreamer, with a labels CSV.
+    Render(mone::cli::DatasetRenderArgs),
 }
 
 #[derive(Subcommand)]
@@ -85,6 +96,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run { config } => mone::cli::run_pipeline(&config)?,
         #[cfg(feature = "gst")]
         Command::Model(ModelCommand::Init(a)) => mone::cli::init_model(&a).map(|_| 0)?,
+        #[cfg(feature = "gst")]
+        Command::Dataset(DatasetCommand::Render(a)) => mone::cli::render_dataset(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::SampleVideo(a) => mone::cli::sample_video(&a).map(|_| 0)?,
         Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,

@@ -474,6 +474,87 @@ impl Drop for SourcePipeline {
     }
 }
 
+fn encoder_chain(format: &str) -> Result<&'static str, SourceError> {
+    Ok(match format {
+        "mp4" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! mp4mux",
+        "mkv" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! matroskamux",
+        "webm" => "vp8enc deadline=1 ! webmmux",
+        "avi" => "jpegenc ! avimux",
+        other => return Err(SourceError::Invalid(other.into(), "format must be mp4, mkv, webm or avi".into())),
+    })
+}
+
+fn run_to_eos(p: &gst::Element, what: &Path) -> Result<(), SourceError> {
+    let bus = p.bus().ok_or_else(|| SourceError::Gst("no bus".into()))?;
+    let res = match bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(600),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    ) {
+        Some(m) => match m.view() {
+            gst::MessageView::Error(e) => Err(SourceError::Gst(format!(
+                "encoding {}: {}",
+                what.display(),
+                e.error()
+            ))),
+            _ => Ok(()),
+        },
+        None => Err(SourceError::Gst("encoding timed out".into())),
+    };
+    let _ = p.set_state(gst::State::Null);
+    res
+}
+
+/// Encode packed RGB frames (`width * height * 3` bytes each) into a video file.
+pub fn write_rgb_video(
+    path: &Path,
+    frames: &[Vec<u8>],
+    width: u32,
+    height: u32,
+    fps: u32,
+    format: &str,
+) -> Result<(), SourceError> {
+    init()?;
+    if fps == 0
+        || frames
+            .iter()
+            .any(|f| f.len() != (width * height * 3) as usize)
+    {
+        return Err(SourceError::Invalid(
+            path.display().to_string(),
+            "frames do not match width x height x 3, or fps is 0".into(),
+        ));
+    }
+    let desc = format!(
+        "appsrc name=src format=time caps=video/x-raw,format=RGB,width={width},height={height},framerate={fps}/1 ! videoconvert ! {} ! filesink location=\"{}\"",
+        encoder_chain(format)?,
+        path.display()
+    );
+    let p = gst::parse::launch(&desc).map_err(|e| SourceError::Gst(format!("{e}: {desc}")))?;
+    let bin = p
+        .clone()
+        .downcast::<gst::Bin>()
+        .map_err(|_| SourceError::Gst("not a bin".into()))?;
+    let src = bin
+        .by_name("src")
+        .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
+        .ok_or_else(|| SourceError::Gst("no appsrc".into()))?;
+    p.set_state(gst::State::Playing)
+        .map_err(|_| SourceError::Gst("encoder pipeline refused to start".into()))?;
+    let dur = 1_000_000_000u64 / fps as u64;
+    for (i, f) in frames.iter().enumerate() {
+        let mut buf = gst::Buffer::from_slice(f.clone());
+        if let Some(b) = buf.get_mut() {
+            b.set_pts(gst::ClockTime::from_nseconds(i as u64 * dur));
+            b.set_duration(gst::ClockTime::from_nseconds(dur));
+        }
+        src.push_buffer(buf)
+            .map_err(|e| SourceError::Gst(format!("encoding {}: {e:?}", path.display())))?;
+    }
+    src.end_of_stream()
+        .map_err(|e| SourceError::Gst(format!("encoding {}: {e:?}", path.display())))?;
+    run_to_eos(&p, path)
+}
+
 /// Encode a test video with GStreamer (`videotestsrc` + an encoder), for demos, tests and
 /// benchmarks. `format`: mp4 (H.264), webm (VP8), avi (MJPEG), mkv (H.264).
 pub fn write_test_video(
@@ -486,37 +567,15 @@ pub fn write_test_video(
     format: &str,
 ) -> Result<(), SourceError> {
     init()?;
-    let enc = match format {
-        "mp4" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! mp4mux",
-        "mkv" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! matroskamux",
-        "webm" => "vp8enc deadline=1 ! webmmux",
-        "avi" => "jpegenc ! avimux",
-        other => return Err(SourceError::Invalid(other.into(), "format must be mp4, mkv, webm or avi".into())),
-    };
     let desc = format!(
-        "videotestsrc pattern={pattern} num-buffers={frames} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! videoconvert ! {enc} ! filesink location=\"{}\"",
+        "videotestsrc pattern={pattern} num-buffers={frames} ! video/x-raw,width={width},height={height},framerate={fps}/1 ! videoconvert ! {} ! filesink location=\"{}\"",
+        encoder_chain(format)?,
         path.display()
     );
     let p = gst::parse::launch(&desc).map_err(|e| SourceError::Gst(format!("{e}: {desc}")))?;
     p.set_state(gst::State::Playing)
         .map_err(|_| SourceError::Gst("encoder pipeline refused to start".into()))?;
-    let bus = p.bus().ok_or_else(|| SourceError::Gst("no bus".into()))?;
-    let res = match bus.timed_pop_filtered(
-        gst::ClockTime::from_seconds(600),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
-    ) {
-        Some(m) => match m.view() {
-            gst::MessageView::Error(e) => Err(SourceError::Gst(format!(
-                "encoding {}: {}",
-                path.display(),
-                e.error()
-            ))),
-            _ => Ok(()),
-        },
-        None => Err(SourceError::Gst("encoding timed out".into())),
-    };
-    let _ = p.set_state(gst::State::Null);
-    res
+    run_to_eos(&p, path)
 }
 
 #[cfg(test)]
