@@ -4,6 +4,8 @@
 //!   attention and MLP, the factorized encoder, FLOP counts, model folders).
 //! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], `pipeline`, `cli`: the streaming pipeline from inputs to JSON events.
+//! - [`dataset`] (the procedural motion dataset) and [`optim`] (AdamW with saveable state):
+//!   the first parts of training.
 //! - [`bench`]: the `mone bench` measurements.
 //! - [`device`]: choosing the compute device.
 
@@ -15,6 +17,7 @@ pub mod dataset;
 pub mod device;
 pub mod events;
 pub mod model;
+pub mod optim;
 #[cfg(feature = "gst")]
 pub mod pipeline;
 #[cfg(feature = "gst")]
