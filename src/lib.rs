@@ -4,8 +4,8 @@
 //!   attention and MLP, the factorized encoder, FLOP counts, model folders).
 //! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], `pipeline`, `cli`: the streaming pipeline from inputs to JSON events.
-//! - [`dataset`] (the procedural motion dataset) and [`optim`] (AdamW with saveable state):
-//!   the first parts of training.
+//! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
+//!   [`train`] (the MoNE training loop with exact-resume checkpoints): training, in progress.
 //! - [`bench`]: the `mone bench` measurements.
 //! - [`device`]: choosing the compute device.
 
@@ -25,3 +25,4 @@ pub mod runtime;
 #[cfg(feature = "gst")]
 pub mod source;
 pub mod tokenizer;
+pub mod train;

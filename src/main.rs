@@ -43,6 +43,8 @@ enum Command {
     /// Encode a test-pattern video (for demos and benchmarks).
     #[cfg(feature = "gst")]
     SampleVideo(mone::cli::SampleVideoArgs),
+    /// Train a MoNE-ViViT on the procedural motion dataset (resumes from --out).
+    Train(mone::train::TrainArgs),
     /// Measure the model and the pipeline.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -100,6 +102,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Dataset(DatasetCommand::Render(a)) => mone::cli::render_dataset(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::SampleVideo(a) => mone::cli::sample_video(&a).map(|_| 0)?,
+        Command::Train(a) => mone::train::run(&a).map(|_| 0)?,
         Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Pipeline(a)) => {

@@ -1,0 +1,489 @@
+//! Training on the procedural motion dataset with the MoNE recipe: AdamW, warm-up plus cosine,
+//! a capacity drawn from {0.15, 0.25, ..., 0.95} every step (optionally after a phase that
+//! trains the nested widths jointly), and checkpoints that resume exactly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{self, Rng, CLASSES};
+use crate::model::{self, Config, ForwardOptions, MoneVivit, Routing};
+use crate::optim::{AdamW, AdamWConfig};
+
+pub const CAPACITIES: [f64; 9] = [0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95];
+const CHECKPOINT: &str = "checkpoint.safetensors";
+const STATE: &str = "train_state.json";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    /// The model architecture (its num_classes must be 12 for the motion dataset).
+    pub model: Config,
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: u64,
+    pub weight_decay: f64,
+    /// Steps of the nested joint phase (every width, summed losses) before MoNE training.
+    pub nested_steps: u64,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+}
+
+/// Normalised (B, 3, T, S, S) clips and their labels for dataset indices `idx`.
+pub fn synthetic_batch(
+    cfg: &Config,
+    seed: u64,
+    idx: &[u64],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (t, s) = (cfg.frames, cfg.image_size);
+    let plane = s * s;
+    let mut data = vec![0f32; idx.len() * 3 * t * plane];
+    let mut labels = Vec::with_capacity(idx.len());
+    for (b, &i) in idx.iter().enumerate() {
+        let plan = dataset::plan(seed, i, t);
+        labels.push(plan.label as u32);
+        for (ti, frame) in dataset::render(&plan, s).iter().enumerate() {
+            for (p, px) in frame.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    data[((b * 3 + c) * t + ti) * plane + p] =
+                        (px[c] as f32 / 255.0 - cfg.mean[c]) / cfg.std[c];
+                }
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(data, (idx.len(), 3, t, s, s), device)?,
+        Tensor::from_vec(labels, idx.len(), device)?,
+    ))
+}
+
+/// Learning rate at `step`: linear warm-up, then cosine to zero.
+pub fn lr_at(cfg: &TrainConfig, step: u64) -> f64 {
+    if step < cfg.warmup {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
+    }
+    let span = cfg.steps.saturating_sub(cfg.warmup).max(1) as f64;
+    let u = ((step - cfg.warmup) as f64 / span).min(1.0);
+    cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * u).cos())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    step: u64,
+    config: TrainConfig,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub varmap: VarMap,
+    pub model: MoneVivit,
+    opt: AdamW,
+    pub step: u64,
+    device: Device,
+}
+
+/// One step's outcome.
+#[derive(Clone, Copy, Debug)]
+pub struct StepInfo {
+    pub step: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub capacity: Option<f64>,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, device: &Device) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            cfg.model.num_classes == CLASSES.len(),
+            "the motion dataset has {} classes; the model has {}",
+            CLASSES.len(),
+            cfg.model.num_classes
+        );
+        anyhow::ensure!(
+            cfg.batch > 0 && cfg.steps > 0,
+            "batch and steps must be positive"
+        );
+        let varmap = VarMap::new();
+        let model = MoneVivit::new(
+            &cfg.model,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        let mut vars: Vec<(String, candle_core::Var)> = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt = AdamW::new(
+            vars,
+            AdamWConfig {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        Ok(Self {
+            cfg,
+            varmap,
+            model,
+            opt,
+            step: 0,
+            device: device.clone(),
+        })
+    }
+
+    /// Resume from `dir` if it holds a checkpoint of the same config; returns whether it did.
+    pub fn resume(&mut self, dir: &Path) -> anyhow::Result<bool> {
+        let (ck, st) = (dir.join(CHECKPOINT), dir.join(STATE));
+        if !ck.exists() || !st.exists() {
+            return Ok(false);
+        }
+        let state: State = serde_json::from_str(&std::fs::read_to_string(&st)?)?;
+        anyhow::ensure!(
+            state.config == self.cfg,
+            "{} was written with a different training config; use another --out or the same flags",
+            st.display()
+        );
+        let tensors = candle_core::safetensors::load(&ck, &self.device)?;
+        for (name, var) in self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+        {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("checkpoint lacks `{name}`"))?;
+            var.set(t)?;
+        }
+        self.opt.load_state(&tensors)?;
+        self.step = state.step;
+        Ok(true)
+    }
+
+    pub fn save_checkpoint(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut all: HashMap<String, Tensor> = self.opt.state()?;
+        for (k, v) in self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+        {
+            all.insert(k.clone(), v.as_tensor().clone());
+        }
+        // Write then rename, so a crash never leaves a half-written checkpoint.
+        let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
+        candle_core::safetensors::save(&all, &tmp)?;
+        std::fs::rename(&tmp, dir.join(CHECKPOINT))?;
+        let st = State {
+            step: self.step,
+            config: self.cfg.clone(),
+        };
+        std::fs::write(dir.join(STATE), serde_json::to_string_pretty(&st)?)?;
+        Ok(())
+    }
+
+    /// One optimisation step on the next batch.
+    pub fn step(&mut self) -> anyhow::Result<StepInfo> {
+        let s = self.step;
+        let idx: Vec<u64> = (0..self.cfg.batch as u64)
+            .map(|k| s * self.cfg.batch as u64 + k)
+            .collect();
+        let (x, y) = synthetic_batch(&self.cfg.model, self.cfg.seed, &idx, &self.device)?;
+        let opts = |routing| ForwardOptions {
+            routing,
+            train: true,
+            want_assignment: false,
+        };
+        let (loss, capacity) = if s < self.cfg.nested_steps {
+            let mut total: Option<Tensor> = None;
+            for j in 0..self.cfg.model.num_experts {
+                let out = self.model.forward(&x, &[1.0], &opts(Routing::Width(j)))?;
+                let l = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+                total = Some(match total {
+                    None => l,
+                    Some(t) => (t + l)?,
+                });
+            }
+            (total.ok_or_else(|| anyhow::anyhow!("no experts"))?, None)
+        } else {
+            let mut rng = Rng::new(self.cfg.seed ^ s.wrapping_mul(0x2545_F491_4F6C_DD1D));
+            let e_c = CAPACITIES[rng.below(CAPACITIES.len())];
+            let out = self.model.forward(&x, &[e_c], &opts(Routing::Learned))?;
+            (candle_nn::loss::cross_entropy(&out.logits, &y)?, Some(e_c))
+        };
+        let grads = loss.backward()?;
+        let lr = lr_at(&self.cfg, s);
+        self.opt.set_lr(lr);
+        self.opt.step(&grads)?;
+        self.step += 1;
+        Ok(StepInfo {
+            step: s,
+            loss: loss.to_scalar::<f32>()?,
+            lr,
+            capacity,
+        })
+    }
+
+    /// Top-1 accuracy on `count` held-out clips (dataset seed `seed`) at capacity `e_c`.
+    pub fn accuracy(
+        &self,
+        seed: u64,
+        count: u64,
+        e_c: f64,
+        routing: Routing,
+    ) -> anyhow::Result<f64> {
+        accuracy(
+            &self.model,
+            &self.cfg.model,
+            seed,
+            count,
+            e_c,
+            routing,
+            self.cfg.batch,
+            &self.device,
+        )
+    }
+
+    /// Write the trained model as a model folder.
+    pub fn export(&self, dir: &Path) -> anyhow::Result<()> {
+        let labels: Vec<String> = CLASSES.iter().map(|s| s.to_string()).collect();
+        model::save_model_dir(dir, &self.cfg.model, &labels, &self.model.named_tensors())?;
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn accuracy(
+    m: &MoneVivit,
+    cfg: &Config,
+    seed: u64,
+    count: u64,
+    e_c: f64,
+    routing: Routing,
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let mut correct = 0u64;
+    let mut i = 0u64;
+    while i < count {
+        let idx: Vec<u64> = (i..(i + batch as u64).min(count)).collect();
+        let (x, y) = synthetic_batch(cfg, seed, &idx, device)?;
+        let out = m.forward(
+            &x,
+            &[e_c],
+            &ForwardOptions {
+                routing,
+                ..Default::default()
+            },
+        )?;
+        let pred = out.logits.argmax(1)?.to_vec1::<u32>()?;
+        correct += pred
+            .iter()
+            .zip(y.to_vec1::<u32>()?)
+            .filter(|(p, y)| **p == *y)
+            .count() as u64;
+        i += idx.len() as u64;
+    }
+    Ok(correct as f64 / count.max(1) as f64)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Architecture preset (its classes are set to the dataset's 12).
+    #[arg(long, default_value = "vivit-fe-s16")]
+    pub preset: String,
+    /// Output folder: checkpoints while training, then the model folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 100)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f64,
+    /// Steps of the nested joint phase first.
+    #[arg(long, default_value_t = 0)]
+    pub nested_steps: u64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 200)]
+    pub checkpoint_every: u64,
+    /// Held-out clips for the final evaluation (dataset seed + 1).
+    #[arg(long, default_value_t = 240)]
+    pub eval_count: u64,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `mone train`: train on the procedural dataset, resuming from `--out` when it holds a checkpoint.
+pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
+    let device = crate::device::open(&a.device)?;
+    let mut mcfg = Config::preset(&a.preset)?;
+    mcfg.num_classes = CLASSES.len();
+    let cfg = TrainConfig {
+        model: mcfg,
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        nested_steps: a.nested_steps,
+        seed: a.seed,
+        checkpoint_every: a.checkpoint_every.max(1),
+    };
+    let mut tr = Trainer::new(cfg, &device)?;
+    if tr.resume(&a.out)? {
+        eprintln!("resumed from {} at step {}", a.out.display(), tr.step);
+    }
+    let t0 = Instant::now();
+    let start = tr.step;
+    while tr.step < tr.cfg.steps {
+        let info = tr.step()?;
+        let done = tr.step - start;
+        if info.step % 10 == 0 || tr.step == tr.cfg.steps {
+            eprintln!(
+                "step {}/{}  loss {:.4}  lr {:.2e}  e_c {}  {:.1} clips/s",
+                tr.step,
+                tr.cfg.steps,
+                info.loss,
+                info.lr,
+                info.capacity.map_or("nested".into(), |c| format!("{c:.2}")),
+                (done * tr.cfg.batch as u64) as f64 / t0.elapsed().as_secs_f64()
+            );
+        }
+        if tr.step % tr.cfg.checkpoint_every == 0 || tr.step == tr.cfg.steps {
+            tr.save_checkpoint(&a.out)?;
+        }
+    }
+    tr.export(&a.out)?;
+    for e_c in [1.0, 0.5, 0.3, 0.15] {
+        let acc = tr.accuracy(a.seed + 1, a.eval_count, e_c, Routing::Learned)?;
+        eprintln!("held-out top-1 at e_c {e_c}: {:.1}%", acc * 100.0);
+    }
+    eprintln!("model folder written to {}", a.out.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_cfg(steps: u64) -> TrainConfig {
+        let mut m = Config::preset("vivit-fe-tiny").unwrap();
+        m.num_classes = CLASSES.len();
+        TrainConfig {
+            model: m,
+            steps,
+            batch: 4,
+            lr: 1e-3,
+            warmup: 2,
+            weight_decay: 0.05,
+            nested_steps: 2,
+            seed: 3,
+            checkpoint_every: 3,
+        }
+    }
+
+    fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+        let mut v: Vec<(String, Vec<f32>)> = t
+            .varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let c = TrainConfig {
+            warmup: 10,
+            steps: 110,
+            lr: 1.0,
+            ..tiny_cfg(110)
+        };
+        assert!((lr_at(&c, 0) - 0.1).abs() < 1e-12);
+        assert!((lr_at(&c, 9) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&c, 60) - 0.5).abs() < 1e-9);
+        assert!(lr_at(&c, 109) < 0.01);
+    }
+
+    #[test]
+    fn a_resumed_run_ends_exactly_where_a_straight_run_does() {
+        let dir = std::env::temp_dir().join(format!("mone-train-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut straight = Trainer::new(tiny_cfg(6), &Device::Cpu).unwrap();
+        // Same initial weights for both runs: copy them over.
+        let mut first = Trainer::new(tiny_cfg(6), &Device::Cpu).unwrap();
+        for (name, var) in first.varmap.data().lock().unwrap().iter() {
+            let src = straight
+                .varmap
+                .data()
+                .lock()
+                .unwrap()
+                .get(name)
+                .unwrap()
+                .as_tensor()
+                .copy()
+                .unwrap();
+            var.set(&src).unwrap();
+        }
+        let mut losses = Vec::new();
+        for _ in 0..6 {
+            losses.push(straight.step().unwrap().loss);
+        }
+        assert!(losses.iter().all(|l| l.is_finite()));
+        for _ in 0..3 {
+            first.step().unwrap();
+        }
+        first.save_checkpoint(&dir).unwrap();
+        let mut resumed = Trainer::new(tiny_cfg(6), &Device::Cpu).unwrap();
+        assert!(resumed.resume(&dir).unwrap());
+        assert_eq!(resumed.step, 3);
+        for _ in 3..6 {
+            resumed.step().unwrap();
+        }
+        assert_eq!(weights(&resumed), weights(&straight));
+        // Another config refuses the checkpoint.
+        let mut other = Trainer::new(
+            TrainConfig {
+                lr: 5e-4,
+                ..tiny_cfg(6)
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(other.resume(&dir).is_err());
+        resumed.export(&dir.join("model")).unwrap();
+        let loaded = model::load_model_dir(&dir.join("model"), &Device::Cpu).unwrap();
+        assert_eq!(loaded.labels.len(), 12);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
