@@ -97,13 +97,14 @@ pub struct PipelineConfig {
     pub streams: Vec<StreamEntry>,
 }
 
-fn secs(v: f64, what: &str) -> Result<Duration, String> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(format!(
+/// An optional number of seconds from the config, or the default.
+fn secs(v: Option<f64>, default: Duration, what: &str) -> Result<Duration, String> {
+    match v {
+        None => Ok(default),
+        Some(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v)),
+        Some(v) => Err(format!(
             "{what} must be a non-negative number of seconds, got {v}"
-        ))
+        )),
     }
 }
 
@@ -168,26 +169,10 @@ impl PipelineConfig {
             resize: self.clips.resize.unwrap_or(d.resize),
             rtsp_transport: s.rtsp_transport.unwrap_or(d.rtsp_transport),
             queue: s.queue.unwrap_or(d.queue),
-            watchdog: s
-                .watchdog_s
-                .map(|v| secs(v, "watchdog_s"))
-                .transpose()?
-                .unwrap_or(d.watchdog),
-            stall_timeout: s
-                .stall_timeout_s
-                .map(|v| secs(v, "stall_timeout_s"))
-                .transpose()?
-                .unwrap_or(d.stall_timeout),
-            backoff_initial: s
-                .backoff_initial_s
-                .map(|v| secs(v, "backoff_initial_s"))
-                .transpose()?
-                .unwrap_or(d.backoff_initial),
-            backoff_max: s
-                .backoff_max_s
-                .map(|v| secs(v, "backoff_max_s"))
-                .transpose()?
-                .unwrap_or(d.backoff_max),
+            watchdog: secs(s.watchdog_s, d.watchdog, "watchdog_s")?,
+            stall_timeout: secs(s.stall_timeout_s, d.stall_timeout, "stall_timeout_s")?,
+            backoff_initial: secs(s.backoff_initial_s, d.backoff_initial, "backoff_initial_s")?,
+            backoff_max: secs(s.backoff_max_s, d.backoff_max, "backoff_max_s")?,
             max_reconnects: s.max_reconnects,
             eos_timeout: d.eos_timeout,
         })

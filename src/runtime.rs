@@ -697,7 +697,7 @@ fn infer(
             frames: c.frames,
             padded_frames: c.padded,
             labels: topk(&probs[k], &model.labels, opts.topk),
-            capacity: out.capacity[k.min(out.capacity.len() - 1)],
+            capacity: out.capacity[k],
             model: model_name.to_string(),
             latency_ms: Latency {
                 queue_ms: started.duration_since(c.ready).as_secs_f64() * 1e3,

@@ -6,20 +6,34 @@ use crate::clip::Clip;
 
 /// (x / 255 - mean) / std per channel, laid out (C, T, H, W).
 pub fn clip_to_chw(clip: &Clip, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
-    let t = clip.frames.len();
-    let (h, w) = clip.frames.first().map_or((0, 0), |f| (f.height, f.width));
-    let plane = h * w;
-    let mut out = vec![0f32; 3 * t * plane];
+    let plane = clip.frames.first().map_or(0, |f| f.height * f.width);
+    let frames: Vec<&[u8]> = clip.frames.iter().map(|f| f.rgb.as_slice()).collect();
+    let mut out = Vec::new();
+    frames_to_chw_into(&frames, plane, mean, std, &mut out);
+    out
+}
+
+/// [`clip_to_chw`] for packed RGB frames of `plane` pixels each, appended to `out`.
+pub fn frames_to_chw_into(
+    frames: &[&[u8]],
+    plane: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+    out: &mut Vec<f32>,
+) {
+    let t = frames.len();
+    let base = out.len();
+    out.resize(base + 3 * t * plane, 0.0);
+    let dst = &mut out[base..];
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
     let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
-    for (ti, f) in clip.frames.iter().enumerate() {
-        for (p, px) in f.rgb.chunks_exact(3).take(plane).enumerate() {
+    for (ti, f) in frames.iter().enumerate() {
+        for (p, px) in f.chunks_exact(3).take(plane).enumerate() {
             for c in 0..3 {
-                out[(c * t + ti) * plane + p] = px[c] as f32 * scale[c] - shift[c];
+                dst[(c * t + ti) * plane + p] = px[c] as f32 * scale[c] - shift[c];
             }
         }
     }
-    out
 }
 
 /// Stack tokenised clips of shape (C, T, H, W) into one (B, C, T, H, W) tensor.

@@ -41,20 +41,14 @@ pub fn synthetic_batch(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let (t, s) = (cfg.frames, cfg.image_size);
-    let plane = s * s;
-    let mut data = vec![0f32; idx.len() * 3 * t * plane];
+    let mut data = Vec::with_capacity(idx.len() * 3 * t * s * s);
     let mut labels = Vec::with_capacity(idx.len());
-    for (b, &i) in idx.iter().enumerate() {
+    for &i in idx {
         let plan = dataset::plan(seed, i, t);
         labels.push(plan.label as u32);
-        for (ti, frame) in dataset::render(&plan, s).iter().enumerate() {
-            for (p, px) in frame.chunks_exact(3).enumerate() {
-                for c in 0..3 {
-                    data[((b * 3 + c) * t + ti) * plane + p] =
-                        (px[c] as f32 / 255.0 - cfg.mean[c]) / cfg.std[c];
-                }
-            }
-        }
+        let frames = dataset::render(&plan, s);
+        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        crate::tokenizer::frames_to_chw_into(&refs, s * s, cfg.mean, cfg.std, &mut data);
     }
     Ok((
         Tensor::from_vec(data, (idx.len(), 3, t, s, s), device)?,

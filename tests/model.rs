@@ -408,7 +408,7 @@ fn mixed_assignment_equals_the_per_token_reference() {
 }
 
 #[test]
-fn nesting_changes_the_output_and_capacity_is_monotone_in_compute() {
+fn a_low_capacity_changes_the_output() {
     let cfg = tiny();
     let m = build(&cfg, &weights(&cfg, 3, 0.2));
     let x = input(&cfg, 1, 1);

@@ -60,6 +60,30 @@ fn run_files(model: &Path, inputs: &[String], opts: &RuntimeOptions, out: &Path)
     .unwrap()
 }
 
+/// Decode a file to `size` x `size` RGB frames through the project's source, frame by frame.
+fn decode_each(path: &Path, size: u32, mut on_frame: impl FnMut(mone::clip::Frame)) {
+    let input = Input::parse(&path.display().to_string()).unwrap();
+    let sopts = SourceOptions {
+        width: size,
+        height: size,
+        fps: None,
+        resize: Default::default(),
+        rtsp_transport: Default::default(),
+    };
+    let mut p = SourcePipeline::new(&input, &sopts).unwrap();
+    p.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match p.pull(Duration::from_millis(200)) {
+            Pulled::Frame(f) => on_frame(f),
+            Pulled::Eos => break,
+            Pulled::Error(e) => panic!("{}: {e}", path.display()),
+            Pulled::Idle => assert!(Instant::now() < deadline, "{}: timed out", path.display()),
+        }
+    }
+    p.stop(Duration::from_secs(1));
+}
+
 fn clips_of_stream<'a>(events: &'a [Event], stream: &str) -> Vec<&'a Event> {
     events
         .iter()
@@ -186,31 +210,12 @@ fn a_clip_from_the_stream_equals_the_same_clip_assembled_offline() {
     };
 
     // Streamed: clips come out while frames are pulled.
-    let input = Input::parse(&video.display().to_string()).unwrap();
-    let sopts = SourceOptions {
-        width: 32,
-        height: 32,
-        fps: None,
-        resize: Default::default(),
-        rtsp_transport: Default::default(),
-    };
-    let mut p = SourcePipeline::new(&input, &sopts).unwrap();
-    p.start().unwrap();
     let (mut frames, mut streamed) = (Vec::new(), Vec::new());
     let mut asm = ClipAssembler::new(spec);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match p.pull(Duration::from_millis(200)) {
-            Pulled::Frame(f) => {
-                frames.push(f.clone());
-                streamed.extend(asm.push(f));
-            }
-            Pulled::Eos => break,
-            Pulled::Error(e) => panic!("{e}"),
-            Pulled::Idle => assert!(Instant::now() < deadline, "timed out"),
-        }
-    }
-    p.stop(Duration::from_secs(1));
+    decode_each(&video, 32, |f| {
+        frames.push(f.clone());
+        streamed.extend(asm.push(f));
+    });
     streamed.extend(asm.finish());
     assert_eq!(frames.len(), 30);
     assert!(frames.iter().all(|f| f.rgb.len() == 32 * 32 * 3));
@@ -724,27 +729,8 @@ fn rendered_dataset_clips_decode_back_to_their_frames() {
         let plan = mone::dataset::plan(4, i as u64, 8);
         assert_eq!(label, mone::dataset::CLASSES[plan.label]);
         let want = mone::dataset::render(&plan, 64);
-        let input = Input::parse(&dir.join(name).display().to_string()).unwrap();
-        let sopts = SourceOptions {
-            width: 64,
-            height: 64,
-            fps: None,
-            resize: Default::default(),
-            rtsp_transport: Default::default(),
-        };
-        let mut p = SourcePipeline::new(&input, &sopts).unwrap();
-        p.start().unwrap();
         let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match p.pull(Duration::from_millis(200)) {
-                Pulled::Frame(f) => got.push(f),
-                Pulled::Eos => break,
-                Pulled::Error(e) => panic!("{e}"),
-                Pulled::Idle => assert!(Instant::now() < deadline, "timed out"),
-            }
-        }
-        p.stop(Duration::from_secs(1));
+        decode_each(&dir.join(name), 64, |f| got.push(f));
         assert_eq!(got.len(), 8, "{name}");
         // H.264 is lossy: compare on average.
         for (g, w) in got.iter().zip(&want) {
