@@ -728,3 +728,75 @@ fn model_folder_round_trip_and_mismatch_errors() {
     assert!(model::load_model_dir(&dir.join("nope"), &Device::Cpu).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Backward through the whole training graph (routing at e_c 0.5 with alpha > 0, so the router,
+/// the nested slices and the gathers all take part) against central finite differences, in f64.
+#[test]
+fn training_gradients_match_finite_differences() {
+    let mut cfg = tiny();
+    cfg.num_classes = 4;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let m = MoneVivit::new(&cfg, VarBuilder::from_varmap(&vm, DType::F64, &dev)).unwrap();
+    vm.data()
+        .lock()
+        .unwrap()
+        .get("router.alpha")
+        .unwrap()
+        .set(&Tensor::new(&[0.5f64], &dev).unwrap())
+        .unwrap();
+    let x = input(&cfg, 3, 5).to_dtype(DType::F64).unwrap();
+    let y = Tensor::new(&[0u32, 1, 2], &dev).unwrap();
+    let loss = || {
+        let out = m
+            .forward(
+                &x,
+                &[0.5],
+                &ForwardOptions {
+                    routing: Routing::Learned,
+                    train: true,
+                    want_assignment: false,
+                },
+            )
+            .unwrap();
+        candle_nn::loss::cross_entropy(&out.logits, &y).unwrap()
+    };
+    let grads = loss().backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    let mut checked = 0;
+    for (name, v) in data.iter() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let w0 = v
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let shape = v.as_tensor().shape().clone();
+        for k in [0, w0.len() / 2, w0.len() - 1] {
+            let at = |delta: f64| {
+                let mut w = w0.clone();
+                w[k] += delta;
+                v.set(&Tensor::from_vec(w, &shape, &dev).unwrap()).unwrap();
+                loss().to_scalar::<f64>().unwrap()
+            };
+            let eps = 1e-5;
+            let num = (at(eps) - at(-eps)) / (2.0 * eps);
+            v.set(&Tensor::from_vec(w0.clone(), &shape, &dev).unwrap())
+                .unwrap();
+            assert!(
+                (num - g[k]).abs() < 1e-6 + 1e-4 * num.abs(),
+                "{name}[{k}]: backward {} vs finite difference {num}",
+                g[k]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 100);
+}

@@ -8,7 +8,8 @@
 //! The generic (any device, differentiable) path in `nested.rs` computes the same thing.
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, InplaceOp1, InplaceOp3, Layout, Result, Shape,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp1, InplaceOp3, Layout, Result,
+    Shape, Tensor,
 };
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -473,8 +474,298 @@ impl CustomOp3 for FusedLayerNorm {
             .for_each(|(yr, xr)| layer_norm_row(xr, w, b, eps, yr));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
+
+    /// candle's composed layer norm spends most of its backward in strided column sums; this
+    /// computes dx row by row and dw, db in one pass over the rows.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, g) = (x.contiguous()?, grad.contiguous()?);
+        let dx = x.apply_op3_no_bwd(w, &g, &LayerNormGradX { eps: self.eps })?;
+        let dwb = x.apply_op2_no_bwd(&g, &LayerNormGradWB { eps: self.eps })?;
+        Ok((Some(dx), Some(dwb.get(0)?), Some(dwb.get(1)?)))
+    }
+}
+
+/// Mean and 1/sigma of one row, as in the forward.
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = sum8(x) / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// dx = (g w - mean(g w) - xhat mean(g w xhat)) / sigma, per row.
+struct LayerNormGradX {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGradX {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad-x"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let g = contiguous_f32(s3, l3, self.name())?;
+        let d = w.len();
+        if d == 0 || x.len() != g.len() || x.len() % d != 0 {
+            bail!("layer-norm-grad-x: shapes do not match");
+        }
+        let mut dx = overwritten_f32(x.len());
+        let eps = self.eps;
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(o, (x, g))| {
+                let (mean, inv) = row_stats(x, eps);
+                let (mut a, mut c) = (0f32, 0f32);
+                for k in 0..d {
+                    let gw = g[k] * w[k];
+                    a += gw;
+                    c += gw * (x[k] - mean) * inv;
+                }
+                let (a, c) = (a / d as f32, c / d as f32);
+                for k in 0..d {
+                    let xh = (x[k] - mean) * inv;
+                    o[k] = (g[k] * w[k] - a - xh * c) * inv;
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// (2, D): sum over rows of g * xhat, then of g.
+struct LayerNormGradWB {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormGradWB {
+    fn name(&self) -> &'static str {
+        "layer-norm-grad-wb"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        let d = *l1.dims().last().unwrap_or(&0);
+        if d == 0 || x.len() != g.len() {
+            bail!("layer-norm-grad-wb: shapes do not match");
+        }
+        let eps = self.eps;
+        let rows_per = (x.len() / d)
+            .div_ceil(rayon::current_num_threads().max(1))
+            .max(1);
+        let partial: Vec<Vec<f32>> = x
+            .par_chunks(rows_per * d)
+            .zip(g.par_chunks(rows_per * d))
+            .map(|(x, g)| {
+                let mut acc = vec![0f32; 2 * d];
+                for (x, g) in x.chunks(d).zip(g.chunks(d)) {
+                    let (mean, inv) = row_stats(x, eps);
+                    let (dw, db) = acc.split_at_mut(d);
+                    for k in 0..d {
+                        dw[k] += g[k] * (x[k] - mean) * inv;
+                        db[k] += g[k];
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; 2 * d];
+        for p in partial {
+            out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((2, d))))
+    }
+}
+
+/// x + b for a contiguous (R, D) x and (D) b, whose backward sums b's gradient over rows in one
+/// pass (candle's broadcast backward reduces over the strided leading dimension, slowly).
+pub struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let b = contiguous_f32(s2, l2, self.name())?;
+        let d = b.len();
+        if d == 0 || l1.dims().last() != Some(&d) {
+            bail!("bias-add: bias of {d} for input {:?}", l1.dims());
+        }
+        let mut y = overwritten_f32(x.len());
+        y.par_chunks_mut(d * 64)
+            .zip(x.par_chunks(d * 64))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    for k in 0..d {
+                        y[k] = x[k] + b[k];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let db = g.apply_op1_no_bwd(&ColumnSum(b.dim(0)?))?;
+        Ok((Some(g), Some(db)))
+    }
+}
+
+struct ColumnSum(usize);
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "column-sum"
+    }
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous_f32(storage, layout, self.name())?;
+        let d = self.0;
+        let mut out = vec![0f32; d];
+        for r in g.chunks(d) {
+            out.iter_mut().zip(r).for_each(|(o, v)| *o += v);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(d)))
+    }
 }
 dispatch_simd!(act_row, act_row_body, (row: &mut [f32], bias: &[f32], act: Activation, scale: f32));
+
+/// GELU for training on CPU f32: candle's own op computes its backward from eight separate
+/// tensor ops (powf, tanh, ...), which took a third of a training step; this one computes the
+/// value and, on backward, the derivative in one vectorised pass each.
+pub struct Gelu(pub Activation);
+
+const ELEMWISE_CHUNK: usize = 1 << 14;
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&f32_slice(s, l, name)?[a..b]),
+        None => bail!("{name}: input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-fast"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "gelu-fast")?;
+        let mut y = overwritten_f32(x.len());
+        let act = self.0;
+        y.par_chunks_mut(ELEMWISE_CHUNK)
+            .zip(x.par_chunks(ELEMWISE_CHUNK))
+            .for_each(|(y, x)| gelu_rows(x, y, act));
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &GeluGrad(self.0),
+        )?))
+    }
+}
+
+/// grad * GELU'(x).
+struct GeluGrad(Activation);
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "gelu-fast-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "gelu-fast-grad")?;
+        let g = contiguous_f32(s2, l2, "gelu-fast-grad")?;
+        if x.len() != g.len() {
+            bail!("gelu-fast-grad: {} values, {} gradients", x.len(), g.len());
+        }
+        let mut y = overwritten_f32(x.len());
+        let act = self.0;
+        y.par_chunks_mut(ELEMWISE_CHUNK)
+            .zip(
+                x.par_chunks(ELEMWISE_CHUNK)
+                    .zip(g.par_chunks(ELEMWISE_CHUNK)),
+            )
+            .for_each(|(y, (x, g))| gelu_grad_rows(x, g, y, act));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+dispatch_simd!(gelu_rows, gelu_rows_body, (x: &[f32], y: &mut [f32], act: Activation));
+dispatch_simd!(gelu_grad_rows, gelu_grad_rows_body, (x: &[f32], g: &[f32], y: &mut [f32], act: Activation));
+
+#[inline(always)]
+fn gelu_rows_body(x: &[f32], y: &mut [f32], act: Activation) {
+    let it = y.iter_mut().zip(x);
+    match act {
+        Activation::GeluTanh => it.for_each(|(y, x)| *y = gelu_tanh(*x)),
+        Activation::GeluErf => it.for_each(|(y, x)| *y = gelu_erf(*x)),
+    }
+}
+
+#[inline(always)]
+fn gelu_grad_rows_body(x: &[f32], g: &[f32], y: &mut [f32], act: Activation) {
+    let it = y.iter_mut().zip(x.iter().zip(g));
+    match act {
+        Activation::GeluTanh => it.for_each(|(y, (x, g))| *y = g * gelu_tanh_grad(*x)),
+        Activation::GeluErf => it.for_each(|(y, (x, g))| *y = g * gelu_erf_grad(*x)),
+    }
+}
+
+#[inline(always)]
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6;
+    let t = tanh_approx(C * (x + 0.044_715 * x * x * x));
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044_715 * x * x)
+}
+
+#[inline(always)]
+pub fn gelu_erf_grad(x: f32) -> f32 {
+    // Phi(x) + x * phi(x).
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    0.5 * (1.0 + erf_approx(x * std::f32::consts::FRAC_1_SQRT_2))
+        + x * INV_SQRT_2PI * exp_approx(-0.5 * x * x)
+}
 
 #[inline(always)]
 fn act_row_body(row: &mut [f32], bias: &[f32], act: Activation, scale: f32) {
@@ -602,5 +893,116 @@ mod tests {
         assert!((erf_approx(0.5) - 0.520_499_9).abs() < 1e-6);
         assert!((erf_approx(-1.5) + 0.966_105_1).abs() < 1e-6);
         assert!(exp_approx(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn fast_gelu_matches_candles_value_and_gradient() {
+        use candle_core::{Device, Var};
+        let xs: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) * 4e-4).collect();
+        for act in [Activation::GeluTanh, Activation::GeluErf] {
+            let x = Var::new(xs.as_slice(), &Device::Cpu).unwrap();
+            let w = Tensor::new(
+                (0..xs.len())
+                    .map(|i| (i % 7) as f32 - 3.0)
+                    .collect::<Vec<_>>(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let ours = x.apply_op1(Gelu(act)).unwrap();
+            let theirs = match act {
+                Activation::GeluTanh => x.gelu().unwrap(),
+                Activation::GeluErf => x.gelu_erf().unwrap(),
+            };
+            let (a, b) = (
+                ours.to_vec1::<f32>().unwrap(),
+                theirs.to_vec1::<f32>().unwrap(),
+            );
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| (a - b).abs() < 1e-5),
+                "{act:?}"
+            );
+            let ga = ours.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = theirs
+                .mul(&w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let ga = ga.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            let gb = gb.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            let worst = ga
+                .iter()
+                .zip(&gb)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{act:?}: gradient off by {worst}");
+        }
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= tol, "off by {worst}");
+    }
+
+    #[test]
+    fn layer_norm_and_bias_gradients_match_candles() {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let (r, d) = (37, 24);
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (r, d), &dev).unwrap() + 0.7).unwrap())
+            .unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, d, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, d, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (r, d), &dev).unwrap();
+        let ours = x
+            .apply_op3(w.as_tensor(), b.as_tensor(), FusedLayerNorm { eps: 1e-6 })
+            .unwrap();
+        let theirs = candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-6).unwrap();
+        close(&ours, &theirs, 1e-5);
+        let go = ours
+            .mul(&probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gt = theirs
+            .mul(&probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            close(go.get(v).unwrap(), gt.get(v).unwrap(), 1e-4);
+        }
+        let ours = x.apply_op2(b.as_tensor(), BiasAdd).unwrap();
+        let theirs = x.broadcast_add(&b).unwrap();
+        close(&ours, &theirs, 0.0);
+        let go = ours
+            .mul(&probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gt = theirs
+            .mul(&probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &b] {
+            close(go.get(v).unwrap(), gt.get(v).unwrap(), 1e-5);
+        }
     }
 }

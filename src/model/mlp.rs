@@ -42,6 +42,9 @@ impl Mlp {
     }
 
     fn act(&self, h: &Tensor) -> Result<Tensor> {
+        if h.device().is_cpu() && h.dtype() == candle_core::DType::F32 {
+            return h.contiguous()?.apply_op1(super::kernels::Gelu(self.act));
+        }
         match self.act {
             Activation::GeluTanh => h.gelu(),
             Activation::GeluErf => h.gelu_erf(),

@@ -75,6 +75,16 @@ fn gpu_ready(t: Tensor) -> Result<Tensor> {
     }
 }
 
+/// x + b over the last dimension; on CPU f32 through a kernel whose backward is fast.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2 {
+        x.contiguous()?
+            .apply_op2(&b.contiguous()?, super::kernels::BiasAdd)
+    } else {
+        x.broadcast_add(b)
+    }
+}
+
 /// y[rows_g] = x[rows_g, :d_g] @ W[:, :d_g]^T + b: partial in-projection to the full output.
 pub fn in_proj(x: &Tensor, w: &Tensor, b: &Tensor, layout: &TokenLayout) -> Result<Tensor> {
     let d = x.dim(1)?;
@@ -93,7 +103,7 @@ pub fn in_proj(x: &Tensor, w: &Tensor, b: &Tensor, layout: &TokenLayout) -> Resu
     } else {
         Tensor::cat(&parts, 0)?
     };
-    y.broadcast_add(b)
+    add_bias(&y, b)
 }
 
 /// The residual update of a partial out-projection: rows of group g get
@@ -110,9 +120,10 @@ pub fn out_proj(
     for g in &layout.groups {
         let xs = a.narrow(0, g.row0, g.rows)?;
         let ws = w.narrow(0, 0, g.width)?;
-        let mut y = gpu_ready(xs)?
-            .matmul(&gpu_ready(ws.t()?)?)?
-            .broadcast_add(&b.narrow(0, 0, g.width)?)?;
+        let mut y = add_bias(
+            &gpu_ready(xs)?.matmul(&gpu_ready(ws.t()?)?)?,
+            &b.narrow(0, 0, g.width)?,
+        )?;
         if let Some(s) = row_scale {
             y = y.broadcast_mul(&s.narrow(0, g.row0, g.rows)?)?;
         }

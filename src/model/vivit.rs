@@ -33,8 +33,17 @@ impl Norm {
     }
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let _p = scope(Part::Norm);
-        if train {
-            // The fused kernel drops its inputs from the backward graph (stack.md).
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+        if train && cpu_f32 {
+            // With its own backward (candle's fused layer norm has none: stack.md).
+            x.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                FusedLayerNorm {
+                    eps: self.eps as f32,
+                },
+            )
+        } else if train {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else if fused_ok(x, false) {
             x.contiguous()?.apply_op3_no_bwd(
