@@ -356,3 +356,99 @@ pub fn render_dataset(a: &DatasetRenderArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `mone eval`: the table (or JSON) on stdout, progress on stderr.
+pub fn eval(a: &crate::eval::EvalArgs) -> anyhow::Result<()> {
+    let r = crate::eval::run(a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", crate::eval::table(&r));
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExplainArgs {
+    /// Model folder.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// A video file, URI or test: source; its first clip is explained.
+    pub input: String,
+    /// Compute budget e_c.
+    #[arg(long, default_value_t = 0.3)]
+    pub capacity: f64,
+    /// The image to write.
+    #[arg(long, default_value = "explain.png")]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `mone explain`: which tubelets of one clip went to which expert, drawn over the frames.
+pub fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
+    let device = crate::device::open(&a.device)?;
+    let lm = crate::model::load_model_dir(&a.model, &device)?;
+    let cfg = &lm.config;
+    let frames = crate::source::decode_input(&a.input, cfg.image_size as u32, cfg.frames)?;
+    anyhow::ensure!(!frames.is_empty(), "{}: no frames", a.input);
+    let refs: Vec<&[u8]> = (0..cfg.frames)
+        .map(|i| frames[i.min(frames.len() - 1)].rgb.as_slice())
+        .collect();
+    let mut data = Vec::new();
+    crate::tokenizer::frames_to_chw_into(
+        &refs,
+        cfg.image_size * cfg.image_size,
+        cfg.mean,
+        cfg.std,
+        &mut data,
+    );
+    let x = candle_core::Tensor::from_vec(
+        data,
+        (1, 3, cfg.frames, cfg.image_size, cfg.image_size),
+        &device,
+    )?;
+    let out = lm.model.forward(
+        &x,
+        &[a.capacity],
+        &crate::model::ForwardOptions {
+            want_assignment: true,
+            ..Default::default()
+        },
+    )?;
+    let probs = candle_nn::ops::softmax_last_dim(&out.logits)?.to_vec2::<f32>()?;
+    let (best, p) = probs[0]
+        .iter()
+        .enumerate()
+        .fold((0, 0f32), |b, (i, &p)| if p > b.1 { (i, p) } else { b });
+    let assignment = out
+        .assignment
+        .ok_or_else(|| anyhow::anyhow!("the model returned no routing"))?;
+    let title = format!(
+        "{}: {} ({:.0}%) at e_c {:.2}",
+        a.input,
+        lm.labels[best],
+        p * 100.0,
+        out.capacity.first().copied().unwrap_or(a.capacity)
+    );
+    crate::plot::expert_map(
+        &refs,
+        cfg.image_size,
+        cfg.tubelet,
+        cfg.num_experts,
+        &assignment,
+        &title,
+        &a.out,
+    )?;
+    let n = assignment.len().max(1) as f64;
+    let shares: Vec<String> = (0..cfg.num_experts)
+        .map(|e| {
+            let k = assignment.iter().filter(|&&x| x as usize == e).count();
+            format!("expert {}: {:.0}%", e + 1, k as f64 / n * 100.0)
+        })
+        .collect();
+    println!("{title}");
+    println!("tubelets per expert: {}", shares.join(", "));
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}

@@ -5,7 +5,8 @@
 //! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], `pipeline`, `cli`: the streaming pipeline from inputs to JSON events.
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
-//!   [`train`] (the MoNE training loop with exact-resume checkpoints): training, in progress.
+//!   [`train`] (the MoNE training loop with exact-resume checkpoints): training.
+//! - [`eval`] and [`plot`]: `mone eval`, accuracy against compute, and its PNG plot.
 //! - [`bench`]: the `mone bench` measurements.
 //! - [`device`]: choosing the compute device.
 
@@ -15,11 +16,13 @@ pub mod cli;
 pub mod clip;
 pub mod dataset;
 pub mod device;
+pub mod eval;
 pub mod events;
 pub mod model;
 pub mod optim;
 #[cfg(feature = "gst")]
 pub mod pipeline;
+pub mod plot;
 #[cfg(feature = "gst")]
 pub mod runtime;
 #[cfg(feature = "gst")]

@@ -8,7 +8,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// page-fault them in anew, about 25 ms per 38 MB buffer here; keeping freed pages for reuse
 /// costs only the peak working set, which the process needs anyway.
 #[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: &[u8; 36] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
+pub static MALLOC_CONF: &[u8; 47] = b"thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1\0";
 
 #[derive(Parser)]
 #[command(
@@ -45,12 +45,18 @@ enum Command {
     SampleVideo(mone::cli::SampleVideoArgs),
     /// Train a MoNE-ViViT on the procedural motion dataset (resumes from --out).
     Train(mone::train::TrainArgs),
+    /// Accuracy against compute: MoNE at several capacities, random router, baselines, plot.
+    #[cfg(feature = "gst")]
+    Eval(mone::eval::EvalArgs),
+    /// Draw which tubelets of a clip went to which nested expert (the router's importance map).
+    #[cfg(feature = "gst")]
+    Explain(mone::cli::ExplainArgs),
     /// Measure the model and the pipeline.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Print a model preset's config (JSON) and its compute per clip.
     Config {
-        /// Preset name (vivit-fe-b16, vivit-fe-s16, vivit-fe-tiny).
+        /// Preset name (vivit-fe-b16, vivit-fe-s16, vivit-fe-motion, vivit-fe-tiny).
         preset: String,
     },
 }
@@ -102,6 +108,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Dataset(DatasetCommand::Render(a)) => mone::cli::render_dataset(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::SampleVideo(a) => mone::cli::sample_video(&a).map(|_| 0)?,
+        #[cfg(feature = "gst")]
+        Command::Eval(a) => mone::cli::eval(&a).map(|_| 0)?,
+        #[cfg(feature = "gst")]
+        Command::Explain(a) => mone::cli::explain(&a).map(|_| 0)?,
         Command::Train(a) => mone::train::run(&a).map(|_| 0)?,
         Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]

@@ -578,6 +578,50 @@ pub fn write_test_video(
     run_to_eos(&p, path)
 }
 
+/// Decode up to `max_frames` frames of a file at `size` x `size` (centre crop) through the same
+/// source the pipeline uses; used to read labelled datasets.
+pub fn decode_file(path: &Path, size: u32, max_frames: usize) -> Result<Vec<Frame>, SourceError> {
+    decode_input(&path.display().to_string(), size, max_frames)
+}
+
+/// [`decode_file`] for any input spec [`Input::parse`] takes (file, URI, `test:`...).
+pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Frame>, SourceError> {
+    let path = spec;
+    let input = Input::parse(spec)?;
+    let opts = SourceOptions {
+        width: size,
+        height: size,
+        fps: None,
+        resize: Resize::default(),
+        rtsp_transport: RtspTransport::default(),
+    };
+    let mut p = SourcePipeline::new(&input, &opts)?;
+    p.start()?;
+    let mut frames = Vec::new();
+    let mut idle = 0;
+    let result = loop {
+        match p.pull(Duration::from_millis(200)) {
+            Pulled::Frame(f) => {
+                idle = 0;
+                frames.push(f);
+                if frames.len() >= max_frames {
+                    break Ok(());
+                }
+            }
+            Pulled::Eos => break Ok(()),
+            Pulled::Error(e) => break Err(SourceError::Gst(format!("{path}: {e}"))),
+            Pulled::Idle => {
+                idle += 1;
+                if idle > 150 {
+                    break Err(SourceError::Gst(format!("{path}: no frame for 30 s")));
+                }
+            }
+        }
+    };
+    p.stop(Duration::from_secs(1));
+    result.map(|_| frames)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

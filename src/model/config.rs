@@ -78,7 +78,12 @@ pub struct Config {
 
 impl Config {
     /// Names accepted by [`Config::preset`].
-    pub const PRESETS: &'static [&'static str] = &["vivit-fe-b16", "vivit-fe-s16", "vivit-fe-tiny"];
+    pub const PRESETS: &'static [&'static str] = &[
+        "vivit-fe-b16",
+        "vivit-fe-s16",
+        "vivit-fe-motion",
+        "vivit-fe-tiny",
+    ];
 
     /// A named preset (random-weight architectures; trained models ship their own config).
     pub fn preset(name: &str) -> Result<Self, ModelError> {
@@ -113,6 +118,19 @@ impl Config {
                 spatial_layers: 6,
                 temporal_layers: 2,
                 num_classes: 10,
+                ..base
+            },
+            // The shipped motion model (models/mone-vivit-tiny-motion): small enough to train
+            // from scratch in well under an hour on 2 CPU cores.
+            "vivit-fe-motion" => Config {
+                frames: 16,
+                image_size: 32,
+                tubelet: [2, 8, 8],
+                hidden_size: 64,
+                num_heads: 4,
+                spatial_layers: 4,
+                temporal_layers: 2,
+                num_classes: 12,
                 ..base
             },
             // For tests: fast enough to run many forwards in a unit test.

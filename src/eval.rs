@@ -1,0 +1,472 @@
+//! `mone eval`: top-1 accuracy against compute. One MoNE model at several capacities, the same
+//! capacities with a random router (the paper's ablation), an optional dense baseline, and a
+//! time-shuffled control; a table, JSON and a PNG plot.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::dataset::{self, Rng, CLASSES};
+use crate::model::{self, flops, Config, ForwardOptions, MoneVivit, Routing};
+
+pub const CAPACITIES: [f64; 7] = [1.0, 0.75, 0.5, 0.4, 0.3, 0.2, 0.15];
+
+/// Labelled clips at a model's input size: `frames[i]` holds T packed RGB frames.
+pub struct ClipSet {
+    pub frames: Vec<Vec<Vec<u8>>>,
+    pub labels: Vec<usize>,
+    pub size: usize,
+    /// Where the clips came from, for reports.
+    pub source: String,
+}
+
+impl ClipSet {
+    /// `count` clips of the procedural dataset with seed `seed`, rendered in memory.
+    pub fn synthetic(cfg: &Config, seed: u64, count: u64) -> Self {
+        let (frames, labels) = (0..count)
+            .map(|i| {
+                let p = dataset::plan(seed, i, cfg.frames);
+                (dataset::render(&p, cfg.image_size), p.label)
+            })
+            .unzip();
+        Self {
+            frames,
+            labels,
+            size: cfg.image_size,
+            source: format!("synthetic seed {seed}, {count} clips"),
+        }
+    }
+
+    /// A labelled folder (`labels.csv` of path,label, or one sub-folder per class) decoded
+    /// through the project's GStreamer source; labels must be among `classes`. Each video gives
+    /// its centre `cfg.frames` frames (repeating the last frame of a shorter one).
+    #[cfg(feature = "gst")]
+    pub fn folder(dir: &Path, cfg: &Config, classes: &[String]) -> anyhow::Result<Self> {
+        let entries = list_folder(dir)?;
+        anyhow::ensure!(
+            !entries.is_empty(),
+            "{} holds no labelled videos",
+            dir.display()
+        );
+        let (mut frames, mut labels) = (Vec::new(), Vec::new());
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        for (k, (path, label)) in entries.iter().enumerate() {
+            let idx = classes.iter().position(|c| c == label).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: label `{label}` is not one of the model's classes ({})",
+                    path.display(),
+                    classes.join(", ")
+                )
+            })?;
+            let decoded = crate::source::decode_file(path, cfg.image_size as u32, 512)
+                .with_context(|| format!("cannot decode {}", path.display()))?;
+            anyhow::ensure!(!decoded.is_empty(), "{}: no frames", path.display());
+            let t = cfg.frames;
+            let start = decoded.len().saturating_sub(t) / 2;
+            let clip: Vec<Vec<u8>> = (0..t)
+                .map(|i| decoded[(start + i).min(decoded.len() - 1)].rgb.to_vec())
+                .collect();
+            frames.push(clip);
+            labels.push(idx);
+            if tty {
+                eprint!("\rdecoded {}/{}", k + 1, entries.len());
+            }
+        }
+        if tty {
+            eprintln!();
+        }
+        Ok(Self {
+            frames,
+            labels,
+            size: cfg.image_size,
+            source: format!("{} ({} videos)", dir.display(), entries.len()),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// (video path, label name) pairs of a dataset folder: `labels.csv` (path,label; paths relative
+/// to the folder) if present, else every video in each sub-folder, labelled by the sub-folder.
+pub fn list_folder(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let csv = dir.join("labels.csv");
+    if csv.exists() {
+        let text = std::fs::read_to_string(&csv)
+            .with_context(|| format!("cannot read {}", csv.display()))?;
+        let mut out = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || (n == 0 && line == "path,label") {
+                continue;
+            }
+            let (p, l) = line.rsplit_once(',').ok_or_else(|| {
+                anyhow::anyhow!("{}:{}: expected `path,label`", csv.display(), n + 1)
+            })?;
+            let path = dir.join(p.trim());
+            anyhow::ensure!(
+                path.exists(),
+                "{}:{}: {} does not exist",
+                csv.display(),
+                n + 1,
+                path.display()
+            );
+            out.push((path, l.trim().to_string()));
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::new();
+    let mut classes: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .collect();
+    classes.sort_by_key(|e| e.file_name());
+    for c in classes {
+        let label = c.file_name().to_string_lossy().to_string();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(c.path())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        out.extend(files.into_iter().map(|p| (p, label.clone())));
+    }
+    Ok(out)
+}
+
+/// How clips are altered before the model sees them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Input {
+    AsIs,
+    /// Frames in a random order (seeded per clip): destroys motion, keeps appearance.
+    Shuffled,
+    /// The middle frame repeated T times.
+    SingleFrame,
+}
+
+/// Per-class correct counts and totals.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Score {
+    pub correct: Vec<u64>,
+    pub total: Vec<u64>,
+}
+
+impl Score {
+    pub fn top1(&self) -> f64 {
+        let (c, t): (u64, u64) = (self.correct.iter().sum(), self.total.iter().sum());
+        c as f64 / t.max(1) as f64
+    }
+    /// Top-1 over the classes whose label is in `keep`.
+    pub fn top1_of(&self, keep: impl Fn(usize) -> bool) -> f64 {
+        let (mut c, mut t) = (0, 0);
+        for k in 0..self.total.len() {
+            if keep(k) {
+                c += self.correct[k];
+                t += self.total[k];
+            }
+        }
+        c as f64 / t.max(1) as f64
+    }
+}
+
+/// Top-1 of `m` on `set` at capacity `e_c`.
+#[allow(clippy::too_many_arguments)]
+pub fn score(
+    m: &MoneVivit,
+    cfg: &Config,
+    set: &ClipSet,
+    e_c: f64,
+    routing: Routing,
+    input: Input,
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<Score> {
+    anyhow::ensure!(
+        set.size == cfg.image_size,
+        "clips are {} px, the model takes {} px",
+        set.size,
+        cfg.image_size
+    );
+    let mut s = Score {
+        correct: vec![0; cfg.num_classes],
+        total: vec![0; cfg.num_classes],
+    };
+    let plane = cfg.image_size * cfg.image_size;
+    for (chunk_i, idx) in (0..set.len())
+        .collect::<Vec<_>>()
+        .chunks(batch.max(1))
+        .enumerate()
+    {
+        let mut data = Vec::new();
+        for &i in idx {
+            let f = &set.frames[i];
+            let order: Vec<usize> = match input {
+                Input::AsIs => (0..f.len()).collect(),
+                Input::SingleFrame => vec![f.len() / 2; f.len()],
+                Input::Shuffled => {
+                    let mut o: Vec<usize> = (0..f.len()).collect();
+                    let mut rng = Rng::new(0x5EED ^ i as u64);
+                    for k in (1..o.len()).rev() {
+                        o.swap(k, rng.below(k + 1));
+                    }
+                    o
+                }
+            };
+            let refs: Vec<&[u8]> = order.iter().map(|&k| f[k].as_slice()).collect();
+            crate::tokenizer::frames_to_chw_into(&refs, plane, cfg.mean, cfg.std, &mut data);
+        }
+        let x = candle_core::Tensor::from_vec(
+            data,
+            (idx.len(), 3, cfg.frames, cfg.image_size, cfg.image_size),
+            device,
+        )?;
+        let routing = match routing {
+            // A different random assignment for every batch.
+            Routing::Random { seed } => Routing::Random {
+                seed: seed ^ (chunk_i as u64).wrapping_mul(0x9E37_79B9),
+            },
+            r => r,
+        };
+        let out = m.forward(
+            &x,
+            &[e_c],
+            &ForwardOptions {
+                routing,
+                ..Default::default()
+            },
+        )?;
+        let pred = out.logits.argmax(1)?.to_vec1::<u32>()?;
+        for (&i, p) in idx.iter().zip(pred) {
+            let y = set.labels[i];
+            s.total[y] += 1;
+            if p as usize == y {
+                s.correct[y] += 1;
+            }
+        }
+    }
+    Ok(s)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub capacity: f64,
+    pub gmacs: f64,
+    pub top1_learned: f64,
+    pub top1_random: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    pub name: String,
+    pub gmacs: f64,
+    pub top1: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub data: String,
+    pub clips: usize,
+    pub dense_gmacs: f64,
+    pub mone: Vec<Row>,
+    pub baselines: Vec<Baseline>,
+    /// Time-shuffled clips at e_c 1: top-1 over all classes and over the classes that need
+    /// temporal order (all but `static`).
+    pub shuffled_top1: f64,
+    pub shuffled_top1_ordered_classes: f64,
+    pub chance: f64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// The MoNE model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A labelled dataset folder (labels.csv, or one sub-folder per class).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub dataset: Option<PathBuf>,
+    /// Evaluate on the procedural dataset rendered in memory.
+    #[arg(long)]
+    pub synthetic: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 2004)]
+    pub count: u64,
+    /// A dense baseline model folder, evaluated at full width.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// A single-frame baseline model folder (it sees the middle frame repeated).
+    #[arg(long)]
+    pub single_frame: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to write the accuracy-vs-GMACs plot (default: eval.png in the model folder).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn dense_routing(cfg: &Config) -> Routing {
+    Routing::Width(cfg.num_experts - 1)
+}
+
+/// `mone eval`.
+#[cfg(feature = "gst")]
+pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
+    let device = crate::device::open(&a.device)?;
+    let lm = model::load_model_dir(&a.model, &device)?;
+    let cfg = &lm.config;
+    let set = match (&a.dataset, a.synthetic) {
+        (Some(d), _) => ClipSet::folder(d, cfg, &lm.labels)?,
+        (None, true) => {
+            anyhow::ensure!(
+                lm.labels
+                    .iter()
+                    .map(String::as_str)
+                    .eq(CLASSES.iter().copied()),
+                "--synthetic needs a model trained on the motion dataset's classes"
+            );
+            ClipSet::synthetic(cfg, a.seed, a.count)
+        }
+        (None, false) => anyhow::bail!("give --dataset DIR or --synthetic"),
+    };
+    eprintln!("evaluating {} on {}", a.model.display(), set.source);
+    let progress = |what: &str| eprintln!("  {what}");
+    let mut rows = Vec::new();
+    for &e_c in &CAPACITIES {
+        let learned = score(
+            &lm.model,
+            cfg,
+            &set,
+            e_c,
+            Routing::Learned,
+            Input::AsIs,
+            a.batch,
+            &device,
+        )?;
+        let random = score(
+            &lm.model,
+            cfg,
+            &set,
+            e_c,
+            Routing::Random { seed: 7 },
+            Input::AsIs,
+            a.batch,
+            &device,
+        )?;
+        let row = Row {
+            capacity: e_c,
+            gmacs: flops::macs(cfg, Some(e_c))?.gmacs(),
+            top1_learned: learned.top1(),
+            top1_random: random.top1(),
+        };
+        progress(&format!(
+            "e_c {e_c:.2}: learned {:.1}%, random {:.1}%",
+            row.top1_learned * 100.0,
+            row.top1_random * 100.0
+        ));
+        rows.push(row);
+    }
+    let shuffled = score(
+        &lm.model,
+        cfg,
+        &set,
+        1.0,
+        Routing::Learned,
+        Input::Shuffled,
+        a.batch,
+        &device,
+    )?;
+    let static_idx = lm.labels.iter().position(|l| l == "static");
+    let mut baselines = Vec::new();
+    for (dir, input, name) in [
+        (&a.baseline, Input::AsIs, "dense"),
+        (&a.single_frame, Input::SingleFrame, "single-frame"),
+    ] {
+        let Some(dir) = dir else { continue };
+        let b = model::load_model_dir(dir, &device)?;
+        anyhow::ensure!(
+            b.labels == lm.labels && b.config.image_size == cfg.image_size,
+            "{} has other classes or input size than {}",
+            dir.display(),
+            a.model.display()
+        );
+        let s = score(
+            &b.model,
+            &b.config,
+            &set,
+            1.0,
+            dense_routing(&b.config),
+            input,
+            a.batch,
+            &device,
+        )?;
+        progress(&format!("{name} baseline: {:.1}%", s.top1() * 100.0));
+        baselines.push(Baseline {
+            name: name.to_string(),
+            gmacs: flops::macs(&b.config, None)?.gmacs(),
+            top1: s.top1(),
+        });
+    }
+    let report = Report {
+        model: a.model.display().to_string(),
+        data: set.source.clone(),
+        clips: set.len(),
+        dense_gmacs: flops::macs(cfg, None)?.gmacs(),
+        mone: rows,
+        baselines,
+        shuffled_top1: shuffled.top1(),
+        shuffled_top1_ordered_classes: shuffled.top1_of(|k| Some(k) != static_idx),
+        chance: 1.0 / cfg.num_classes as f64,
+    };
+    let plot = a.plot.clone().unwrap_or_else(|| a.model.join("eval.png"));
+    match crate::plot::accuracy_vs_gmacs(&report, &plot) {
+        Ok(()) => eprintln!("plot written to {}", plot.display()),
+        Err(e) => eprintln!("warning: no plot: {e:#}"),
+    }
+    Ok(report)
+}
+
+/// The report as a Markdown table.
+pub fn table(r: &Report) -> String {
+    let mut s = format!(
+        "{} on {} ({} clips); dense ViViT {:.3} GMACs/clip\n\n| e_c | GMACs | top-1 MoNE | top-1 random router |\n|---|---|---|---|\n",
+        r.model, r.data, r.clips, r.dense_gmacs
+    );
+    for row in &r.mone {
+        s += &format!(
+            "| {:.2} | {:.3} | {:.1}% | {:.1}% |\n",
+            row.capacity,
+            row.gmacs,
+            row.top1_learned * 100.0,
+            row.top1_random * 100.0
+        );
+    }
+    for b in &r.baselines {
+        s += &format!(
+            "\n{} baseline: {:.1}% at {:.3} GMACs",
+            b.name,
+            b.top1 * 100.0,
+            b.gmacs
+        );
+    }
+    s += &format!(
+        "\ntime-shuffled frames (e_c 1): {:.1}% over all classes, {:.1}% over the order-dependent classes (chance {:.1}%)\n",
+        r.shuffled_top1 * 100.0,
+        r.shuffled_top1_ordered_classes * 100.0,
+        r.chance * 100.0
+    );
+    s
+}

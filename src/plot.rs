@@ -1,0 +1,185 @@
+//! PNG plots (plotters, pure Rust): accuracy against compute for `mone eval`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+
+use crate::eval::Report;
+
+const FONTS: [&str; 4] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+];
+
+/// plotters draws text with a font registered at run time: use the first system TTF found.
+fn ensure_font() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let bytes = FONTS
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .ok_or_else(|| "no TTF font found (install fonts-dejavu-core)".to_string())?;
+        let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        register_font("sans-serif", FontStyle::Normal, leaked)
+            .map_err(|_| "cannot load the font".to_string())
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Top-1 (%) against GMACs per clip: MoNE (learned router), random router, baselines.
+pub fn accuracy_vs_gmacs(r: &Report, path: &Path) -> anyhow::Result<()> {
+    ensure_font()?;
+    let xs = r
+        .mone
+        .iter()
+        .map(|p| p.gmacs)
+        .chain(r.baselines.iter().map(|b| b.gmacs));
+    let x_max = xs.fold(r.dense_gmacs, f64::max) * 1.1;
+    let root = BitMapBackend::new(path, (800, 560)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Top-1 accuracy vs compute", ("sans-serif", 24))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..x_max, 0f64..100f64)?;
+        chart
+            .configure_mesh()
+            .x_desc("GMACs per clip")
+            .y_desc("top-1 (%)")
+            .draw()?;
+        let mone: Vec<(f64, f64)> = r
+            .mone
+            .iter()
+            .map(|p| (p.gmacs, p.top1_learned * 100.0))
+            .collect();
+        let rand: Vec<(f64, f64)> = r
+            .mone
+            .iter()
+            .map(|p| (p.gmacs, p.top1_random * 100.0))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(mone.clone(), BLUE.stroke_width(2)))?
+            .label("MoNE, learned router")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        chart.draw_series(mone.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
+        chart
+            .draw_series(LineSeries::new(rand.clone(), RED.stroke_width(2)))?
+            .label("MoNE, random router")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        chart.draw_series(
+            rand.iter()
+                .map(|&p| TriangleMarker::new(p, 5, RED.filled())),
+        )?;
+        for (b, colour) in r.baselines.iter().zip([BLACK, GREEN]) {
+            let p = (b.gmacs, b.top1 * 100.0);
+            chart
+                .draw_series(std::iter::once(Cross::new(p, 7, colour.stroke_width(3))))?
+                .label(format!("{} baseline", b.name))
+                .legend(move |(x, y)| Cross::new((x + 10, y), 5, colour.stroke_width(2)));
+        }
+        let chance = r.chance * 100.0;
+        chart
+            .draw_series(LineSeries::new(
+                vec![(0.0, chance), (x_max, chance)],
+                BLACK.mix(0.3),
+            ))?
+            .label("chance")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.3)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Expert colours, narrowest first (the widest is drawn clear).
+const EXPERT_RGB: [(u8, u8, u8); 4] = [(40, 90, 255), (0, 200, 200), (255, 190, 0), (255, 40, 40)];
+
+/// One panel per tubelet time step: its first frame, each tubelet tinted by the expert it was
+/// routed to (blue = narrowest ... red = widest), with a legend.
+pub fn expert_map(
+    frames: &[&[u8]],
+    size: usize,
+    tubelet: [usize; 3],
+    experts: usize,
+    assignment: &[u8],
+    title: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
+    ensure_font()?;
+    let [t, p, _] = tubelet;
+    let nt = frames.len() / t;
+    let g = size / p;
+    let zoom = (256 / size).max(1);
+    let panel = size * zoom;
+    let cols = nt.min(4);
+    let rows = nt.div_ceil(cols);
+    let (w, h) = (cols * (panel + 8) + 8, rows * (panel + 8) + 90);
+    let root = BitMapBackend::new(path, (w as u32, h as u32)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        root.draw_text(title, &("sans-serif", 18).into_text_style(&root), (8, 6))?;
+        for ti in 0..nt {
+            let (ox, oy) = (
+                8 + (ti % cols) * (panel + 8),
+                56 + (ti / cols) * (panel + 8),
+            );
+            let f = frames[ti * t];
+            for y in 0..size {
+                for x in 0..size {
+                    let e = assignment[ti * g * g + (y / p) * g + x / p] as usize;
+                    let px = &f[(y * size + x) * 3..(y * size + x) * 3 + 3];
+                    let (r, gg, b) = EXPERT_RGB[(e + 4 - experts.min(4)).min(3)];
+                    // Blend 35% of the expert colour over the frame.
+                    let mix = |a: u8, c: u8| ((a as u32 * 65 + c as u32 * 35) / 100) as u8;
+                    let colour = RGBColor(mix(px[0], r), mix(px[1], gg), mix(px[2], b));
+                    let (x0, y0) = ((ox + x * zoom) as i32, (oy + y * zoom) as i32);
+                    root.draw(&Rectangle::new(
+                        [(x0, y0), (x0 + zoom as i32, y0 + zoom as i32)],
+                        colour.filled(),
+                    ))?;
+                }
+            }
+            root.draw_text(
+                &format!("t={}", ti * t),
+                &("sans-serif", 14).into_text_style(&root).color(&WHITE),
+                (ox as i32 + 4, oy as i32 + 4),
+            )?;
+        }
+        let ly = (h - 26) as i32;
+        let mut lx = 8;
+        for e in 0..experts {
+            let (r, gg, b) = EXPERT_RGB[(e + 4 - experts.min(4)).min(3)];
+            root.draw(&Rectangle::new(
+                [(lx, ly), (lx + 16, ly + 16)],
+                RGBColor(r, gg, b).filled(),
+            ))?;
+            let label = format!("expert {} (D/{})", e + 1, 1 << (experts - 1 - e));
+            root.draw_text(
+                &label,
+                &("sans-serif", 14).into_text_style(&root),
+                (lx + 22, ly + 1),
+            )?;
+            lx += 150;
+        }
+        root.present()?;
+        Ok(())
+    };
+    draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,137 @@
+//! `mone eval` end to end on a rendered dataset folder, and the folder formats it reads.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use mone::dataset::CLASSES;
+use mone::eval::{self, EvalArgs};
+use mone::model::{self, Config};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mone-eval-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn motion_model(dir: &std::path::Path) -> Config {
+    let mut cfg = Config::preset("vivit-fe-tiny").unwrap();
+    cfg.num_classes = CLASSES.len();
+    let m = model::random_model(&cfg, &Device::Cpu).unwrap();
+    let labels: Vec<String> = CLASSES.iter().map(|s| s.to_string()).collect();
+    model::save_model_dir(dir, &cfg, &labels, &m.named_tensors()).unwrap();
+    cfg
+}
+
+#[test]
+fn eval_reads_a_rendered_folder_and_reports_every_capacity() {
+    let root = tmp("folder");
+    let data = root.join("data");
+    mone::cli::render_dataset(&mone::cli::DatasetRenderArgs {
+        out: data.clone(),
+        count: 12,
+        seed: 4,
+        format: "mp4".into(),
+        frames: 8,
+        size: 32,
+        fps: 12,
+    })
+    .unwrap();
+    let mdir = root.join("model");
+    let cfg = motion_model(&mdir);
+    let args = EvalArgs {
+        model: mdir.clone(),
+        dataset: Some(data.clone()),
+        synthetic: false,
+        seed: 1,
+        count: 12,
+        baseline: Some(mdir.clone()),
+        single_frame: None,
+        json: true,
+        plot: Some(root.join("plot.png")),
+        batch: 5,
+        device: "cpu".into(),
+    };
+    let r = eval::run(&args).unwrap();
+    assert_eq!(r.clips, 12);
+    assert_eq!(r.mone.len(), eval::CAPACITIES.len());
+    // Compute falls with capacity; e_c 1 costs the dense model plus the router.
+    assert!(r.mone[0].gmacs >= r.dense_gmacs && r.mone[0].gmacs < r.dense_gmacs * 1.01);
+    assert!(r.mone.windows(2).all(|w| w[1].gmacs < w[0].gmacs));
+    // The same weights evaluated as a dense baseline score what MoNE scores at e_c 1 (alpha 0).
+    assert_eq!(r.baselines[0].top1, r.mone[0].top1_learned);
+    // The decoded folder scores what the in-memory render scores (same frames, up to H.264).
+    let set = eval::ClipSet::synthetic(&cfg, 4, 12);
+    assert_eq!(
+        set.labels,
+        eval::ClipSet::folder(&data, &cfg, &labels())
+            .unwrap()
+            .labels
+    );
+    let png = std::fs::read(root.join("plot.png")).expect("plot written");
+    assert_eq!(&png[1..4], b"PNG");
+    std::fs::remove_dir_all(&root).ok();
+}
+
+fn labels() -> Vec<String> {
+    CLASSES.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn folders_by_class_and_bad_csvs() {
+    let root = tmp("layout");
+    for (class, n) in [("waving", 2), ("clapping", 1)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..n {
+            std::fs::write(root.join(class).join(format!("v{i}.mp4")), b"x").unwrap();
+        }
+    }
+    let list = eval::list_folder(&root).unwrap();
+    let names: Vec<&str> = list.iter().map(|(_, l)| l.as_str()).collect();
+    assert_eq!(names, ["clapping", "waving", "waving"]);
+
+    std::fs::write(
+        root.join("labels.csv"),
+        "path,label\nwaving/v0.mp4,waving\nmissing.mp4,x\n",
+    )
+    .unwrap();
+    let e = eval::list_folder(&root).unwrap_err().to_string();
+    assert!(
+        e.contains("labels.csv:3") && e.contains("does not exist"),
+        "{e}"
+    );
+    std::fs::write(root.join("labels.csv"), "path,label\nno-comma-here\n").unwrap();
+    let e = eval::list_folder(&root).unwrap_err().to_string();
+    assert!(e.contains("path,label"), "{e}");
+
+    // A label the model does not know is named, not silently dropped.
+    std::fs::write(root.join("labels.csv"), "waving/v0.mp4,waving\n").unwrap();
+    let cfg = Config::preset("vivit-fe-tiny").unwrap();
+    let e = eval::ClipSet::folder(&root, &cfg, &labels())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("`waving` is not one of the model's classes"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn explain_draws_the_routing_of_one_clip() {
+    let root = tmp("explain");
+    let mdir = root.join("model");
+    motion_model(&mdir);
+    let out = root.join("explain.png");
+    mone::cli::explain(&mone::cli::ExplainArgs {
+        model: mdir,
+        input: "test:pattern=ball,width=64,height=48,fps=12,frames=20,live=false".into(),
+        capacity: 0.3,
+        out: out.clone(),
+        device: "cpu".into(),
+    })
+    .unwrap();
+    assert_eq!(&std::fs::read(&out).unwrap()[1..4], b"PNG");
+    std::fs::remove_dir_all(&root).ok();
+}
