@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
       gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
-      gstreamer1.0-tools libgstrtspserver-1.0-dev gstreamer1.0-rtsp libfontconfig1-dev)
+      gstreamer1.0-tools libgstrtspserver-1.0-dev gstreamer1.0-rtsp fonts-dejavu-core)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -15,7 +15,7 @@ use crate::runtime::{self, Progress, RuntimeOptions, StreamSpec, Summary};
 use crate::source::Resize;
 
 /// Where `--model` points by default.
-pub const DEFAULT_MODEL: &str = "models/default";
+pub const DEFAULT_MODEL: &str = "models/mone-vivit-tiny-motion";
 
 #[derive(clap::Args, Debug)]
 pub struct ClassifyArgs {

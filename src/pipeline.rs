@@ -188,7 +188,7 @@ mod tests {
         let c = PipelineConfig::parse(
             r#"
             [model]
-            dir = "models/default"
+            dir = "models/mone-vivit-tiny-motion"
             capacity = 0.5
             [clips]
             stride = 8

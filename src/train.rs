@@ -34,14 +34,19 @@ pub struct TrainConfig {
     /// Train the dense baseline: every token at full width, no router.
     #[serde(default)]
     pub dense: bool,
+    /// Train on the middle frame repeated (the single-frame baseline; implies dense).
+    #[serde(default)]
+    pub single_frame: bool,
 }
 
-/// Normalised (B, 3, T, S, S) clips and their labels for dataset indices `idx`.
+/// Normalised (B, 3, T, S, S) clips and their labels for dataset indices `idx`; with
+/// `single_frame`, every clip is its middle frame repeated (the single-frame baseline).
 pub fn synthetic_batch(
     cfg: &Config,
     seed: u64,
     idx: &[u64],
     device: &Device,
+    single_frame: bool,
 ) -> Result<(Tensor, Tensor)> {
     let (t, s) = (cfg.frames, cfg.image_size);
     let mut data = Vec::with_capacity(idx.len() * 3 * t * s * s);
@@ -50,7 +55,11 @@ pub fn synthetic_batch(
         let plan = dataset::plan(seed, i, t);
         labels.push(plan.label as u32);
         let frames = dataset::render(&plan, s);
-        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[u8]> = if single_frame {
+            vec![frames[t / 2].as_slice(); t]
+        } else {
+            frames.iter().map(Vec::as_slice).collect()
+        };
         crate::tokenizer::frames_to_chw_into(&refs, s * s, cfg.mean, cfg.std, &mut data);
     }
     Ok((
@@ -196,7 +205,13 @@ impl Trainer {
         let idx: Vec<u64> = (0..self.cfg.batch as u64)
             .map(|k| s * self.cfg.batch as u64 + k)
             .collect();
-        let (x, y) = synthetic_batch(&self.cfg.model, self.cfg.seed, &idx, &self.device)?;
+        let (x, y) = synthetic_batch(
+            &self.cfg.model,
+            self.cfg.seed,
+            &idx,
+            &self.device,
+            self.cfg.single_frame,
+        )?;
         let opts = |routing| ForwardOptions {
             routing,
             train: true,
@@ -255,6 +270,7 @@ impl Trainer {
             e_c,
             routing,
             self.cfg.batch,
+            self.cfg.single_frame,
             &self.device,
         )
     }
@@ -276,13 +292,14 @@ pub fn accuracy(
     e_c: f64,
     routing: Routing,
     batch: usize,
+    single_frame: bool,
     device: &Device,
 ) -> anyhow::Result<f64> {
     let mut correct = 0u64;
     let mut i = 0u64;
     while i < count {
         let idx: Vec<u64> = (i..(i + batch as u64).min(count)).collect();
-        let (x, y) = synthetic_batch(cfg, seed, &idx, device)?;
+        let (x, y) = synthetic_batch(cfg, seed, &idx, device, single_frame)?;
         let out = m.forward(
             &x,
             &[e_c],
@@ -336,7 +353,7 @@ pub struct TrainArgs {
     /// before they find the moving object; 1e-3 broke out later than 2e-4 here.
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub warmup: u64,
     #[arg(long, default_value_t = 0.05)]
     pub weight_decay: f64,
@@ -355,6 +372,9 @@ pub struct TrainArgs {
     /// Train the dense baseline (every token at full width) instead of MoNE.
     #[arg(long)]
     pub dense: bool,
+    /// Train the single-frame baseline: dense, on each clip's middle frame repeated.
+    #[arg(long)]
+    pub single_frame: bool,
     /// Only write the model folder from the checkpoint in --out (e.g. of a stopped run).
     #[arg(long)]
     pub export: bool,
@@ -387,7 +407,8 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         nested_steps: a.nested_steps,
         seed: a.seed,
         checkpoint_every: a.checkpoint_every.max(1),
-        dense: a.dense,
+        dense: a.dense || a.single_frame,
+        single_frame: a.single_frame,
     };
     let mut tr = Trainer::new(cfg, &device)?;
     if tr.resume(&a.out)? {
@@ -409,23 +430,44 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     }
     let t0 = Instant::now();
     let start = tr.step;
+    // A bar on a terminal; a line every 10 steps in a log file.
+    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let b = indicatif::ProgressBar::new(tr.cfg.steps).with_position(start);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut smooth: Option<f32> = None;
     while tr.step < tr.cfg.steps {
         let info = tr.step()?;
         let done = tr.step - start;
-        if info.step % 10 == 0 || tr.step == tr.cfg.steps {
-            eprintln!(
-                "step {}/{}  loss {:.4}  lr {:.2e}  e_c {}  {:.1} clips/s",
-                tr.step,
-                tr.cfg.steps,
-                info.loss,
-                info.lr,
-                info.capacity.map_or("nested".into(), |c| format!("{c:.2}")),
-                (done * tr.cfg.batch as u64) as f64 / t0.elapsed().as_secs_f64()
-            );
+        smooth = Some(smooth.map_or(info.loss, |s| 0.95 * s + 0.05 * info.loss));
+        let msg = format!(
+            "loss {:.4} (avg {:.4})  lr {:.2e}  e_c {}  {:.1} clips/s",
+            info.loss,
+            smooth.unwrap_or(info.loss),
+            info.lr,
+            info.capacity.map_or("nested".into(), |c| format!("{c:.2}")),
+            (done * tr.cfg.batch as u64) as f64 / t0.elapsed().as_secs_f64()
+        );
+        match &bar {
+            Some(b) => {
+                b.set_position(tr.step);
+                b.set_message(msg);
+            }
+            None if info.step % 10 == 0 || tr.step == tr.cfg.steps => {
+                eprintln!("step {}/{}  {msg}", tr.step, tr.cfg.steps)
+            }
+            None => {}
         }
         if tr.step % tr.cfg.checkpoint_every == 0 || tr.step == tr.cfg.steps {
             tr.save_checkpoint(&a.out)?;
         }
+    }
+    if let Some(b) = bar {
+        b.finish();
     }
     tr.export(&a.out)?;
     for e_c in [1.0, 0.5, 0.3, 0.15] {
@@ -454,6 +496,7 @@ mod tests {
             seed: 3,
             checkpoint_every: 3,
             dense: false,
+            single_frame: false,
         }
     }
 

@@ -21,14 +21,59 @@ pub struct Embedding {
     cfg: Config,
 }
 
+/// A learned position embedding that starts as a fixed sin-cos table. With ViT's usual
+/// N(0, 0.02) start, a model trained from scratch on the motion data sat at chance for 600 to
+/// 1400+ steps: position then carries about 2% of a token, and the one moving object is one
+/// token of 16 in the spatial mean. Starting from unit-amplitude sin-cos it left chance after
+/// about 300 steps (docs/training.md). Loaded weights replace it.
+fn position(vb: &VarBuilder, name: &str, table: &[f32], n: usize, d: usize) -> Result<Tensor> {
+    if vb.contains_tensor(name) {
+        return vb.get((1, n, d), name);
+    }
+    let init = Tensor::from_vec(table.to_vec(), (1, n, d), vb.device())?.to_dtype(vb.dtype())?;
+    // get_with_hints creates the variable; then it takes the table's values.
+    let t = vb.get_with_hints((1, n, d), name, Init::Const(0.0))?;
+    // Variables created by a VarMap share storage with what `get` returns: write through it.
+    t.slice_set(&init, 0, 0)?;
+    Ok(t)
+}
+
+/// (g*g, d): for patch (row, col), sin/cos of col then sin/cos of row at d/4 frequencies each.
+pub fn sincos_2d(g: usize, d: usize) -> Vec<f32> {
+    let q = (d / 4).max(1);
+    let mut pe = vec![0f32; g * g * d];
+    for i in 0..g * g {
+        let (col, row) = ((i % g) as f32, (i / g) as f32);
+        for k in 0..q.min(d / 4) {
+            let om = 1.0 / 10000f32.powf(k as f32 / q as f32);
+            let r = &mut pe[i * d..(i + 1) * d];
+            r[k] = (col * om).sin();
+            r[q + k] = (col * om).cos();
+            r[2 * q + k] = (row * om).sin();
+            r[3 * q + k] = (row * om).cos();
+        }
+    }
+    pe
+}
+
+/// (n, d): sin/cos of the position at d/2 frequencies.
+pub fn sincos_1d(n: usize, d: usize) -> Vec<f32> {
+    let q = (d / 2).max(1);
+    let mut pe = vec![0f32; n * d];
+    for i in 0..n {
+        for k in 0..q.min(d / 2) {
+            let om = 1.0 / 10000f32.powf(k as f32 / q as f32);
+            pe[i * d + k] = (i as f32 * om).sin();
+            pe[i * d + q + k] = (i as f32 * om).cos();
+        }
+    }
+    pe
+}
+
 impl Embedding {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let [t, p, _] = cfg.tubelet;
-        let pos = Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
         let pvb = vb.pp("projection");
         Ok(Self {
             projection_weight: pvb.get_with_hints(
@@ -40,15 +85,19 @@ impl Embedding {
                 },
             )?,
             projection_bias: pvb.get_with_hints(d, "bias", Init::Const(0.0))?,
-            spatial_position: vb.get_with_hints(
-                (1, cfg.spatial_tokens(), d),
+            spatial_position: position(
+                &vb,
                 "spatial_position",
-                pos,
+                &sincos_2d(cfg.image_size / p, d),
+                cfg.spatial_tokens(),
+                d,
             )?,
-            temporal_position: vb.get_with_hints(
-                (1, cfg.temporal_seq_len(), d),
+            temporal_position: position(
+                &vb,
                 "temporal_position",
-                pos,
+                &sincos_1d(cfg.temporal_seq_len(), d),
+                cfg.temporal_seq_len(),
+                d,
             )?,
             temporal_cls: if cfg.pooling == super::Pooling::Cls {
                 Some(vb.get_with_hints((1, 1, d), "temporal_cls", Init::Const(0.0))?)
@@ -112,5 +161,31 @@ impl Embedding {
         tokens
             .reshape((rows / n, n, c.hidden_size))?
             .broadcast_add(&self.spatial_position)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn new_variables_start_as_the_sincos_tables() {
+        let cfg = Config::preset("vivit-fe-tiny").unwrap();
+        let vm = VarMap::new();
+        let e =
+            Embedding::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        let want = sincos_2d(cfg.image_size / cfg.tubelet[1], cfg.hidden_size);
+        let var = vm.data().lock().unwrap()["spatial_position"]
+            .as_tensor()
+            .clone();
+        for t in [var, e.spatial_position] {
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        }
+        // Patch (0, 1) and (1, 0) differ; the table is bounded by 1.
+        let d = cfg.hidden_size;
+        assert_ne!(want[d..2 * d], want[4 * d..5 * d]);
+        assert!(want.iter().all(|v| v.abs() <= 1.0));
     }
 }
