@@ -37,6 +37,9 @@ pub struct TrainConfig {
     /// Train on the middle frame repeated (the single-frame baseline; implies dense).
     #[serde(default)]
     pub single_frame: bool,
+    /// The model folder the weights started from (None: random initialisation).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 /// Normalised (B, 3, T, S, S) clips and their labels for dataset indices `idx`; with
@@ -173,6 +176,32 @@ impl Trainer {
         self.opt.load_state(&tensors)?;
         self.step = state.step;
         Ok(true)
+    }
+
+    /// Copy the weights of a model folder with the same architecture into this trainer.
+    pub fn init_from(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let lm = model::load_model_dir(dir, &self.device)?;
+        let mut want = lm.config.clone();
+        want.num_classes = self.cfg.model.num_classes;
+        anyhow::ensure!(
+            want == self.cfg.model && lm.config.num_classes == self.cfg.model.num_classes,
+            "{} has another architecture than the one being trained",
+            dir.display()
+        );
+        let tensors = lm.model.named_tensors();
+        for (name, var) in self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+        {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("{} lacks `{name}`", dir.display()))?;
+            var.set(t)?;
+        }
+        Ok(())
     }
 
     pub fn save_checkpoint(&self, dir: &Path) -> anyhow::Result<()> {
@@ -382,6 +411,10 @@ pub struct TrainArgs {
     /// Train the single-frame baseline: dense, on each clip's middle frame repeated.
     #[arg(long)]
     pub single_frame: bool,
+    /// Start from this model folder's weights (same architecture), e.g. MoNE from a trained
+    /// dense model, or fine-tuning on new data.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Only write the model folder from the checkpoint in --out (e.g. of a stopped run).
     #[arg(long)]
     pub export: bool,
@@ -416,10 +449,14 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         checkpoint_every: a.checkpoint_every.max(1),
         dense: a.dense || a.single_frame,
         single_frame: a.single_frame,
+        init: a.init.clone(),
     };
     let mut tr = Trainer::new(cfg, &device)?;
     if tr.resume(&a.out)? {
         eprintln!("resumed from {} at step {}", a.out.display(), tr.step);
+    } else if let Some(dir) = &a.init {
+        tr.init_from(dir)?;
+        eprintln!("weights initialised from {}", dir.display());
     }
     if a.export {
         anyhow::ensure!(
@@ -510,6 +547,7 @@ mod tests {
             checkpoint_every: 3,
             dense: false,
             single_frame: false,
+            init: None,
         }
     }
 
