@@ -11,6 +11,7 @@ MODEL="${MONE_MODEL:-models/mone-vivit-tiny-motion}"
 CLIPS=target/demo/clips
 # Seed 1 is held out: the model was trained on seed 0.
 [ -f "$CLIPS/labels.csv" ] || "$MONE" dataset render --out "$CLIPS" --count 12 --seed 1 --size 32 --frames 16
+rm -f target/demo/events.jsonl
 "$MONE" classify "$CLIPS"/clip_*.mp4 --model "$MODEL" --topk 3 --out target/demo/events.jsonl "$@"
 cat target/demo/events.jsonl
 echo "--- true label vs. top-1 (the video events above) ---" >&2
