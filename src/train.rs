@@ -40,6 +40,12 @@ pub struct TrainConfig {
     /// The model folder the weights started from (None: random initialisation).
     #[serde(default)]
     pub init: Option<PathBuf>,
+    /// A labelled video folder to train on instead of the procedural dataset.
+    #[serde(default)]
+    pub dataset: Option<PathBuf>,
+    /// The class names of `dataset` (empty: the motion dataset's).
+    #[serde(default)]
+    pub classes: Vec<String>,
 }
 
 /// Normalised (B, 3, T, S, S) clips and their labels for dataset indices `idx`; with
@@ -71,6 +77,48 @@ pub fn synthetic_batch(
     ))
 }
 
+/// The class names a training config's model predicts.
+pub fn labels_of(cfg: &TrainConfig) -> Vec<String> {
+    if cfg.classes.is_empty() {
+        CLASSES.iter().map(|s| s.to_string()).collect()
+    } else {
+        cfg.classes.clone()
+    }
+}
+
+/// A batch from decoded clips: a fresh seeded permutation of the set every epoch.
+pub fn folder_batch(
+    cfg: &Config,
+    set: &crate::eval::ClipSet,
+    seed: u64,
+    idx: &[u64],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let n = set.len().max(1) as u64;
+    let plane = cfg.image_size * cfg.image_size;
+    let (mut data, mut labels) = (Vec::new(), Vec::new());
+    for &i in idx {
+        let (epoch, pos) = (i / n, (i % n) as usize);
+        let mut order: Vec<usize> = (0..n as usize).collect();
+        let mut rng = Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for k in (1..order.len()).rev() {
+            order.swap(k, rng.below(k + 1));
+        }
+        let c = order[pos];
+        let refs: Vec<&[u8]> = set.frames[c].iter().map(Vec::as_slice).collect();
+        crate::tokenizer::frames_to_chw_into(&refs, plane, cfg.mean, cfg.std, &mut data);
+        labels.push(set.labels[c] as u32);
+    }
+    Ok((
+        Tensor::from_vec(
+            data,
+            (idx.len(), 3, cfg.frames, cfg.image_size, cfg.image_size),
+            device,
+        )?,
+        Tensor::from_vec(labels, idx.len(), device)?,
+    ))
+}
+
 /// Learning rate at `step`: linear warm-up, then cosine to zero.
 pub fn lr_at(cfg: &TrainConfig, step: u64) -> f64 {
     if step < cfg.warmup {
@@ -89,6 +137,8 @@ struct State {
 
 pub struct Trainer {
     pub cfg: TrainConfig,
+    /// Decoded clips of `cfg.dataset`, when training on a folder.
+    pub clips: Option<crate::eval::ClipSet>,
     pub varmap: VarMap,
     pub model: MoneVivit,
     opt: AdamW,
@@ -107,10 +157,11 @@ pub struct StepInfo {
 
 impl Trainer {
     pub fn new(cfg: TrainConfig, device: &Device) -> anyhow::Result<Self> {
+        let classes = labels_of(&cfg);
         anyhow::ensure!(
-            cfg.model.num_classes == CLASSES.len(),
-            "the motion dataset has {} classes; the model has {}",
-            CLASSES.len(),
+            cfg.model.num_classes == classes.len(),
+            "the data has {} classes; the model has {}",
+            classes.len(),
             cfg.model.num_classes
         );
         anyhow::ensure!(
@@ -140,6 +191,7 @@ impl Trainer {
         )?;
         Ok(Self {
             cfg,
+            clips: None,
             varmap,
             model,
             opt,
@@ -184,10 +236,12 @@ impl Trainer {
         let mut want = lm.config.clone();
         want.num_classes = self.cfg.model.num_classes;
         anyhow::ensure!(
-            want == self.cfg.model && lm.config.num_classes == self.cfg.model.num_classes,
+            want == self.cfg.model,
             "{} has another architecture than the one being trained",
             dir.display()
         );
+        // Other classes: everything but the head (which keeps its fresh initialisation).
+        let new_head = lm.config.num_classes != self.cfg.model.num_classes;
         let tensors = lm.model.named_tensors();
         for (name, var) in self
             .varmap
@@ -196,6 +250,9 @@ impl Trainer {
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .iter()
         {
+            if new_head && name.starts_with("head.") {
+                continue;
+            }
             let t = tensors
                 .get(name)
                 .ok_or_else(|| anyhow::anyhow!("{} lacks `{name}`", dir.display()))?;
@@ -234,6 +291,10 @@ impl Trainer {
         let idx: Vec<u64> = (0..self.cfg.batch as u64)
             .map(|k| s * self.cfg.batch as u64 + k)
             .collect();
+        if let Some(set) = &self.clips {
+            let (x, y) = folder_batch(&self.cfg.model, set, self.cfg.seed, &idx, &self.device)?;
+            return self.step_on(&x, &y);
+        }
         let (x, y) = synthetic_batch(
             &self.cfg.model,
             self.cfg.seed,
@@ -313,7 +374,7 @@ impl Trainer {
 
     /// Write the trained model as a model folder.
     pub fn export(&self, dir: &Path) -> anyhow::Result<()> {
-        let labels: Vec<String> = CLASSES.iter().map(|s| s.to_string()).collect();
+        let labels = labels_of(&self.cfg);
         model::save_model_dir(dir, &self.cfg.model, &labels, &self.model.named_tensors())?;
         Ok(())
     }
@@ -415,6 +476,10 @@ pub struct TrainArgs {
     /// dense model, or fine-tuning on new data.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Train on a labelled folder of your own videos (labels.csv, or one sub-folder per
+    /// class) instead of the procedural dataset; usually with --init (fine-tuning).
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
     /// Only write the model folder from the checkpoint in --out (e.g. of a stopped run).
     #[arg(long)]
     pub export: bool,
@@ -436,7 +501,28 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     over(a.heads, &mut mcfg.num_heads);
     over(a.spatial_layers, &mut mcfg.spatial_layers);
     over(a.temporal_layers, &mut mcfg.temporal_layers);
+    if let Some(dir) = &a.init {
+        // The architecture is the init model's (its classes may change below).
+        mcfg = model::io::read_config(&dir.join("config.json"))?;
+        mcfg.num_classes = CLASSES.len();
+    }
     mcfg.validate()?;
+    let mut classes = Vec::new();
+    if let Some(dir) = &a.dataset {
+        let mut names: Vec<String> = crate::eval::list_folder(dir)?
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect();
+        names.sort();
+        names.dedup();
+        anyhow::ensure!(
+            names.len() >= 2,
+            "{} needs at least two classes",
+            dir.display()
+        );
+        mcfg.num_classes = names.len();
+        classes = names;
+    }
     let cfg = TrainConfig {
         model: mcfg,
         steps: a.steps,
@@ -450,8 +536,21 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         dense: a.dense || a.single_frame,
         single_frame: a.single_frame,
         init: a.init.clone(),
+        dataset: a.dataset.clone(),
+        classes: Vec::new(),
     };
+    let cfg = TrainConfig { classes, ..cfg };
     let mut tr = Trainer::new(cfg, &device)?;
+    if let Some(dir) = &a.dataset {
+        #[cfg(feature = "gst")]
+        {
+            let set = crate::eval::ClipSet::folder(dir, &tr.cfg.model, &tr.cfg.classes)?;
+            eprintln!("training on {}", set.source);
+            tr.clips = Some(set);
+        }
+        #[cfg(not(feature = "gst"))]
+        anyhow::bail!("--dataset {} needs the `gst` feature", dir.display());
+    }
     if tr.resume(&a.out)? {
         eprintln!("resumed from {} at step {}", a.out.display(), tr.step);
     } else if let Some(dir) = &a.init {
@@ -514,6 +613,14 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         b.finish();
     }
     tr.export(&a.out)?;
+    if tr.clips.is_some() {
+        tr.export(&a.out)?;
+        eprintln!(
+            "model folder written to {}; evaluate it on held-out videos with `mone eval --dataset`",
+            a.out.display()
+        );
+        return Ok(());
+    }
     // A dense or single-frame model has no trained router: only full width means anything.
     let caps: &[f64] = if tr.cfg.dense {
         &[1.0]
@@ -548,6 +655,8 @@ mod tests {
             dense: false,
             single_frame: false,
             init: None,
+            dataset: None,
+            classes: Vec::new(),
         }
     }
 

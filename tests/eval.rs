@@ -204,3 +204,69 @@ fn shipped_model_keeps_its_accuracy_through_h264_and_mone_classify() {
     assert!(h264 >= mem - 0.05, "in memory {mem}, through H.264 {h264}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// Fine-tuning on a user's folder: another set of classes, the shipped model's body, the
+/// project's GStreamer decode (48 px, 20-frame videos into a 32 px, 16-frame model).
+#[test]
+fn fine_tunes_the_shipped_model_on_a_class_folder() {
+    let root = tmp("finetune");
+    let all = root.join("all");
+    mone::cli::render_dataset(&mone::cli::DatasetRenderArgs {
+        out: all.clone(),
+        count: 14,
+        seed: 5,
+        format: "mp4".into(),
+        frames: 20,
+        size: 48,
+        fps: 12,
+    })
+    .unwrap();
+    let data = root.join("data");
+    for (class, clips) in [("left", [0, 12]), ("right", [1, 13])] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for i in clips {
+            let name = format!("clip_{i:06}.mp4");
+            std::fs::copy(all.join(&name), data.join(class).join(&name)).unwrap();
+        }
+    }
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/mone-vivit-tiny-motion");
+    let out = root.join("out");
+    let run = |dataset: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mone"))
+            .args([
+                "train", "--steps", "4", "--batch", "4", "--warmup", "1", "--init",
+            ])
+            .arg(&shipped)
+            .arg("--dataset")
+            .arg(dataset)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = run(&data);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tuned = model::load_model_dir(&out, &Device::Cpu).unwrap();
+    assert_eq!(tuned.labels, ["left", "right"]);
+    // The body started from the shipped model: the embedding moved only by 4 small steps.
+    let a = model::load_model_dir(&shipped, &Device::Cpu)
+        .unwrap()
+        .model
+        .named_tensors();
+    let b = tuned.model.named_tensors();
+    let diff = (&a["embedding.projection.weight"] - &b["embedding.projection.weight"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 0.01, "embedding moved by {diff}");
+    // One class is not a classification task.
+    std::fs::remove_dir_all(data.join("right")).unwrap();
+    let o = run(&data);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("at least two classes"));
+    std::fs::remove_dir_all(&root).ok();
+}
