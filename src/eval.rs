@@ -8,8 +8,8 @@ use anyhow::Context;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::dataset::{self, Rng, CLASSES};
-use crate::model::{self, flops, Config, ForwardOptions, MoneVivit, Routing};
+use crate::dataset::{self, Rng};
+use crate::model::{Config, ForwardOptions, MoneVivit, Routing};
 
 pub const CAPACITIES: [f64; 7] = [1.0, 0.75, 0.5, 0.4, 0.3, 0.2, 0.15];
 
@@ -318,6 +318,7 @@ pub struct EvalArgs {
     pub device: String,
 }
 
+#[cfg(feature = "gst")]
 fn dense_routing(cfg: &Config) -> Routing {
     Routing::Width(cfg.num_experts - 1)
 }
@@ -325,6 +326,8 @@ fn dense_routing(cfg: &Config) -> Routing {
 /// `mone eval`.
 #[cfg(feature = "gst")]
 pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
+    use crate::dataset::CLASSES;
+    use crate::model::{self, flops};
     let device = crate::device::open(&a.device)?;
     let lm = model::load_model_dir(&a.model, &device)?;
     let cfg = &lm.config;
