@@ -395,17 +395,11 @@ pub fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
     let refs: Vec<&[u8]> = (0..cfg.frames)
         .map(|i| frames[i.min(frames.len() - 1)].rgb.as_slice())
         .collect();
-    let mut data = Vec::new();
-    crate::tokenizer::frames_to_chw_into(
-        &refs,
-        cfg.image_size * cfg.image_size,
+    let x = crate::tokenizer::frames_batch(
+        std::slice::from_ref(&refs),
+        cfg.image_size,
         cfg.mean,
         cfg.std,
-        &mut data,
-    );
-    let x = candle_core::Tensor::from_vec(
-        data,
-        (1, 3, cfg.frames, cfg.image_size, cfg.image_size),
         &device,
     )?;
     let out = lm.model.forward(

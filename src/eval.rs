@@ -199,35 +199,25 @@ pub fn score(
         correct: vec![0; cfg.num_classes],
         total: vec![0; cfg.num_classes],
     };
-    let plane = cfg.image_size * cfg.image_size;
     for (chunk_i, idx) in (0..set.len())
         .collect::<Vec<_>>()
         .chunks(batch.max(1))
         .enumerate()
     {
-        let mut data = Vec::new();
-        for &i in idx {
-            let f = &set.frames[i];
-            let order: Vec<usize> = match input {
-                Input::AsIs => (0..f.len()).collect(),
-                Input::SingleFrame => vec![f.len() / 2; f.len()],
-                Input::Shuffled => {
-                    let mut o: Vec<usize> = (0..f.len()).collect();
-                    let mut rng = Rng::new(0x5EED ^ i as u64);
-                    for k in (1..o.len()).rev() {
-                        o.swap(k, rng.below(k + 1));
-                    }
-                    o
+        let clips: Vec<Vec<&[u8]>> = idx
+            .iter()
+            .map(|&i| {
+                let f = &set.frames[i];
+                let mut order: Vec<usize> = (0..f.len()).collect();
+                match input {
+                    Input::AsIs => {}
+                    Input::SingleFrame => order.fill(f.len() / 2),
+                    Input::Shuffled => Rng::new(0x5EED ^ i as u64).shuffle(&mut order),
                 }
-            };
-            let refs: Vec<&[u8]> = order.iter().map(|&k| f[k].as_slice()).collect();
-            crate::tokenizer::frames_to_chw_into(&refs, plane, cfg.mean, cfg.std, &mut data);
-        }
-        let x = candle_core::Tensor::from_vec(
-            data,
-            (idx.len(), 3, cfg.frames, cfg.image_size, cfg.image_size),
-            device,
-        )?;
+                order.iter().map(|&k| f[k].as_slice()).collect()
+            })
+            .collect();
+        let x = crate::tokenizer::frames_batch(&clips, cfg.image_size, cfg.mean, cfg.std, device)?;
         let routing = match routing {
             // A different random assignment for every batch.
             Routing::Random { seed } => Routing::Random {

@@ -586,7 +586,6 @@ pub fn decode_file(path: &Path, size: u32, max_frames: usize) -> Result<Vec<Fram
 
 /// [`decode_file`] for any input spec [`Input::parse`] takes (file, URI, `test:`...).
 pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Frame>, SourceError> {
-    let path = spec;
     let input = Input::parse(spec)?;
     let opts = SourceOptions {
         width: size,
@@ -609,11 +608,11 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
                 }
             }
             Pulled::Eos => break Ok(()),
-            Pulled::Error(e) => break Err(SourceError::Gst(format!("{path}: {e}"))),
+            Pulled::Error(e) => break Err(SourceError::Gst(format!("{spec}: {e}"))),
             Pulled::Idle => {
                 idle += 1;
                 if idle > 150 {
-                    break Err(SourceError::Gst(format!("{path}: no frame for 30 s")));
+                    break Err(SourceError::Gst(format!("{spec}: no frame for 30 s")));
                 }
             }
         }

@@ -36,6 +36,26 @@ pub fn frames_to_chw_into(
     }
 }
 
+/// Clips given as packed RGB frames of `size` x `size` (same T for all) as one normalised
+/// (B, C, T, size, size) tensor.
+pub fn frames_batch(
+    clips: &[Vec<&[u8]>],
+    size: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+    device: &Device,
+) -> Result<Tensor> {
+    let t = clips.first().map_or(0, Vec::len);
+    let mut data = Vec::with_capacity(clips.len() * 3 * t * size * size);
+    for c in clips {
+        if c.len() != t {
+            candle_core::bail!("clips of {} and {t} frames in one batch", c.len());
+        }
+        frames_to_chw_into(c, size * size, mean, std, &mut data);
+    }
+    Tensor::from_vec(data, (clips.len(), 3, t, size, size), device)
+}
+
 /// Stack tokenised clips of shape (C, T, H, W) into one (B, C, T, H, W) tensor.
 pub fn batch(clips: &[&[f32]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
     let per = 3 * t * h * w;

@@ -14,7 +14,7 @@ use mone::clip::{clips_of, ClipAssembler, ClipSpec, Tail};
 use mone::events::{Event, JsonLinesSink};
 use mone::model::{self, Config, ForwardOptions};
 use mone::runtime::{self, RuntimeOptions, StreamSpec, Summary};
-use mone::source::{self, Input, Pulled, SourceOptions, SourcePipeline};
+use mone::source;
 
 /// The real-time tests share two cores with candle: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -60,28 +60,12 @@ fn run_files(model: &Path, inputs: &[String], opts: &RuntimeOptions, out: &Path)
     .unwrap()
 }
 
-/// Decode a file to `size` x `size` RGB frames through the project's source, frame by frame.
-fn decode_each(path: &Path, size: u32, mut on_frame: impl FnMut(mone::clip::Frame)) {
-    let input = Input::parse(&path.display().to_string()).unwrap();
-    let sopts = SourceOptions {
-        width: size,
-        height: size,
-        fps: None,
-        resize: Default::default(),
-        rtsp_transport: Default::default(),
-    };
-    let mut p = SourcePipeline::new(&input, &sopts).unwrap();
-    p.start().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match p.pull(Duration::from_millis(200)) {
-            Pulled::Frame(f) => on_frame(f),
-            Pulled::Eos => break,
-            Pulled::Error(e) => panic!("{}: {e}", path.display()),
-            Pulled::Idle => assert!(Instant::now() < deadline, "{}: timed out", path.display()),
-        }
-    }
-    p.stop(Duration::from_secs(1));
+/// Decode a file to `size` x `size` RGB frames through the project's source.
+fn decode_each(path: &Path, size: u32, on_frame: impl FnMut(mone::clip::Frame)) {
+    source::decode_file(path, size, usize::MAX)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .for_each(on_frame);
 }
 
 fn clips_of_stream<'a>(events: &'a [Event], stream: &str) -> Vec<&'a Event> {

@@ -952,6 +952,16 @@ mod tests {
         assert!(worst <= tol, "off by {worst}");
     }
 
+    /// Gradients of sum(out * probe).
+    fn grads(out: &Tensor, probe: &Tensor) -> candle_core::backprop::GradStore {
+        out.mul(probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     #[test]
     fn layer_norm_and_bias_gradients_match_candles() {
         use candle_core::{Device, Var};
@@ -967,40 +977,14 @@ mod tests {
             .unwrap();
         let theirs = candle_nn::ops::layer_norm_slow(&x, &w, &b, 1e-6).unwrap();
         close(&ours, &theirs, 1e-5);
-        let go = ours
-            .mul(&probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gt = theirs
-            .mul(&probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (go, gt) = (grads(&ours, &probe), grads(&theirs, &probe));
         for v in [&x, &w, &b] {
             close(go.get(v).unwrap(), gt.get(v).unwrap(), 1e-4);
         }
         let ours = x.apply_op2(b.as_tensor(), BiasAdd).unwrap();
         let theirs = x.broadcast_add(&b).unwrap();
         close(&ours, &theirs, 0.0);
-        let go = ours
-            .mul(&probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gt = theirs
-            .mul(&probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let (go, gt) = (grads(&ours, &probe), grads(&theirs, &probe));
         for v in [&x, &b] {
             close(go.get(v).unwrap(), gt.get(v).unwrap(), 1e-5);
         }
