@@ -24,8 +24,7 @@ fn main() -> anyhow::Result<()> {
         &[StreamSpec::from_input(&video)],
         &RuntimeOptions::default(),
         &mut sink,
-        Arc::new(AtomicBool::new(false)),
-        &mut |_| {},
+        runtime::Hooks::new(Arc::new(AtomicBool::new(false))),
     )?;
     drop(sink);
     for line in std::fs::read_to_string(&events)?.lines() {

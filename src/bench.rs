@@ -514,7 +514,7 @@ mod pipeline_bench {
             capacity: a.capacity,
             ..RuntimeOptions::default()
         };
-        let mut sink = JsonLinesSink::file(std::path::Path::new("/dev/null"))?;
+        let mut sink = JsonLinesSink::null();
         let s = runtime::run(
             &loaded,
             "bench",
@@ -522,8 +522,7 @@ mod pipeline_bench {
             &[StreamSpec::from_input(&input_str)],
             &ropts,
             &mut sink,
-            Arc::new(AtomicBool::new(false)),
-            &mut |_| {},
+            runtime::Hooks::new(Arc::new(AtomicBool::new(false))),
         )?;
         anyhow::ensure!(s.failed.is_empty(), "pipeline failed: {:?}", s.failed);
         let full = s.frames as f64 / s.elapsed.as_secs_f64();

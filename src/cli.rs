@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::clip::Tail;
+use crate::controller::{ControllerSettings, LatencyProfile};
 use crate::events::JsonLinesSink;
 use crate::model::{self, Config};
 use crate::pipeline::PipelineConfig;
@@ -143,15 +144,124 @@ fn print_summary(s: &Summary) {
     }
 }
 
+/// What `mone run` adds to a plain classify run.
+#[derive(Default)]
+struct Extras {
+    controller: Option<ControllerSettings>,
+    reprofile: bool,
+    http: Option<String>,
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("mone").join("profiles"))
+}
+
+/// The latency profile for this model, device, thread count and batch size: from the cache
+/// when it was measured for exactly these, else measured now (a few seconds) and cached.
+pub fn latency_profile(
+    loaded: &model::LoadedModel,
+    device: &candle_core::Device,
+    levels: &[f64],
+    batch: usize,
+    refresh: bool,
+) -> anyhow::Result<(LatencyProfile, &'static str)> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |b: &[u8]| {
+        for x in b {
+            h = (h ^ *x as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    feed(&std::fs::read(loaded.dir.join(model::io::CONFIG_FILE)).unwrap_or_default());
+    if let Ok(m) = std::fs::metadata(loaded.dir.join(model::io::WEIGHTS_FILE)) {
+        feed(&m.len().to_le_bytes());
+        if let Ok(t) = m.modified() {
+            feed(format!("{t:?}").as_bytes());
+        }
+    }
+    feed(format!("{levels:?}").as_bytes());
+    let key = format!(
+        "{}-{:016x}-{}-t{}-b{batch}",
+        model_name(&loaded.dir),
+        h,
+        crate::device::describe(device),
+        candle_core::utils::get_num_threads()
+    );
+    let path = cache_dir().map(|d| d.join(format!("{key}.json")));
+    if !refresh {
+        if let Some(p) = &path {
+            if let Ok(text) = std::fs::read_to_string(p) {
+                if let Ok(prof) = serde_json::from_str::<LatencyProfile>(&text) {
+                    if prof.key == key && prof.capacities == levels && prof.validate().is_ok() {
+                        return Ok((prof, "cached"));
+                    }
+                }
+            }
+        }
+    }
+    let prof = runtime::measure_profile(loaded, device, levels, batch, 3, &key)?;
+    if let Some(p) = &path {
+        // A cache that cannot be written only costs a new measurement next time.
+        if let Some(d) = p.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let _ = std::fs::write(p, serde_json::to_string_pretty(&prof)?);
+    }
+    Ok((prof, "measured"))
+}
+
 fn run_streams(
     model_dir: &Path,
     device: &str,
     streams: &[StreamSpec],
     opts: &RuntimeOptions,
     out: Option<&Path>,
+    extras: Extras,
 ) -> anyhow::Result<Summary> {
     let device = crate::device::open(device)?;
     let loaded = load_model(model_dir, &device)?;
+    let mut opts = opts.clone();
+    if let Some(settings) = extras.controller {
+        let levels = settings.effective_levels();
+        let (profile, how) =
+            latency_profile(&loaded, &device, &levels, opts.batch, extras.reprofile)?;
+        eprintln!(
+            "mone: latency target {} ms at p{}, capacity {} in [{}, {}]; latency profile {how} ({:.1} ms per batch of {} at e_c {}, {:.1} ms at e_c {})",
+            settings.latency_target_ms,
+            settings.percentile,
+            if settings.adaptive { "adaptive" } else { "fixed" },
+            settings.min_capacity,
+            settings.max_capacity,
+            profile.predict(settings.max_capacity, opts.batch),
+            opts.batch,
+            settings.max_capacity,
+            profile.predict(settings.min_capacity, opts.batch),
+            settings.min_capacity,
+        );
+        opts.controller = Some(runtime::ControlOptions { settings, profile });
+    }
+    let target = opts
+        .controller
+        .as_ref()
+        .map(|c| c.settings.latency_target_ms);
+    let telemetry = Arc::new(crate::metrics::Telemetry::new(target));
+    let mut control_rx = None;
+    let _server = match &extras.http {
+        None => None,
+        Some(listen) => {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            control_rx = Some(rx);
+            let s = crate::http::serve(listen, telemetry.clone(), tx)?;
+            eprintln!(
+                "mone: HTTP API on http://{} (/healthz, /metrics, /streams)",
+                s.addr
+            );
+            Some(s)
+        }
+    };
+    let opts = &opts;
     let mut sink = match out {
         Some(p) => {
             JsonLinesSink::file(p).with_context(|| format!("cannot open {}", p.display()))?
@@ -191,6 +301,10 @@ fn run_streams(
             b.tick();
         }
     };
+    let mut hooks = runtime::Hooks::new(stop);
+    hooks.progress = Some(&mut progress);
+    hooks.telemetry = Some(telemetry);
+    hooks.control = control_rx;
     let summary = runtime::run(
         &loaded,
         &model_name(model_dir),
@@ -198,8 +312,7 @@ fn run_streams(
         streams,
         opts,
         &mut sink,
-        stop,
-        &mut progress,
+        hooks,
     )?;
     if let Some(b) = bar {
         b.finish_and_clear();
@@ -229,7 +342,14 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
         ..RuntimeOptions::default()
     };
     let streams: Vec<StreamSpec> = a.inputs.iter().map(|i| StreamSpec::from_input(i)).collect();
-    let s = run_streams(&a.model, &a.device, &streams, &opts, a.out.as_deref())?;
+    let s = run_streams(
+        &a.model,
+        &a.device,
+        &streams,
+        &opts,
+        a.out.as_deref(),
+        Extras::default(),
+    )?;
     Ok(if s.failed.is_empty() { 0 } else { 1 })
 }
 
@@ -237,12 +357,18 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
 pub fn run_pipeline(path: &Path) -> anyhow::Result<i32> {
     let cfg = PipelineConfig::load(path)?;
     let opts = cfg.options().map_err(anyhow::Error::msg)?;
+    let extras = Extras {
+        controller: cfg.controller_settings().map_err(anyhow::Error::msg)?,
+        reprofile: cfg.controller.as_ref().is_some_and(|c| c.reprofile),
+        http: cfg.http.as_ref().map(|h| h.listen.clone()),
+    };
     let s = run_streams(
         &cfg.model.dir,
         &cfg.model.device,
         &cfg.streams(),
         &opts,
         cfg.output.path.as_deref(),
+        extras,
     )?;
     Ok(if s.failed.is_empty() { 0 } else { 1 })
 }

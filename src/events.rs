@@ -23,6 +23,35 @@ pub struct Latency {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LatencyPercentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+/// One stream's figures over a stats interval (or all streams', named `*`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StreamStats {
+    pub stream: String,
+    /// Decoded frames per second.
+    pub fps: f64,
+    /// Clips classified.
+    pub clips: u64,
+    /// Clips waiting for the model at the end of the interval.
+    pub queue_depth: usize,
+    /// Clips dropped from a full queue.
+    pub dropped_clips: u64,
+    /// Clips shed by the controller because their deadline was out of reach.
+    pub shed_clips: u64,
+    pub mean_capacity: Option<f64>,
+    /// End-to-end latency of the classified clips (last frame in to event out).
+    pub latency_ms: Option<LatencyPercentiles>,
+    /// Share of clips within the latency target, dropped and shed clips counting as misses;
+    /// null without a target or without clips.
+    pub slo_attainment: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     StreamStarted {
@@ -80,6 +109,36 @@ pub enum Event {
         offline_ms: u64,
         time: String,
     },
+    /// Every `stats_interval_s`: per-stream and overall figures for the interval just ended.
+    Stats {
+        interval_s: f64,
+        latency_target_ms: Option<f64>,
+        /// The controller's capacity at the end of the interval.
+        capacity: f64,
+        /// The controller's estimate of measured over profiled forward time.
+        slowdown: Option<f64>,
+        streams: Vec<StreamStats>,
+        total: StreamStats,
+        time: String,
+    },
+}
+
+/// Where events go.
+pub trait EventSink {
+    fn write(&mut self, e: &Event) -> std::io::Result<()>;
+    /// Events written so far.
+    fn written(&self) -> u64;
+}
+
+/// Events kept in memory (benchmarks, tests).
+impl EventSink for Vec<Event> {
+    fn write(&mut self, e: &Event) -> std::io::Result<()> {
+        self.push(e.clone());
+        Ok(())
+    }
+    fn written(&self) -> u64 {
+        self.len() as u64
+    }
 }
 
 /// Wall-clock time as RFC 3339 (UTC, milliseconds).
@@ -135,10 +194,27 @@ impl JsonLinesSink {
         self.written += 1;
         Ok(())
     }
+    /// Discard events (benchmarks).
+    pub fn null() -> Self {
+        Self {
+            out: Box::new(std::io::sink()),
+            path: None,
+            written: 0,
+        }
+    }
     pub fn describe(&self) -> String {
         self.path
             .as_ref()
             .map_or("stdout".into(), |p| p.display().to_string())
+    }
+}
+
+impl EventSink for JsonLinesSink {
+    fn write(&mut self, e: &Event) -> std::io::Result<()> {
+        JsonLinesSink::write(self, e)
+    }
+    fn written(&self) -> u64 {
+        self.written
     }
 }
 
@@ -218,6 +294,29 @@ mod tests {
                 stream: "s".into(),
                 attempt: 1,
                 offline_ms: 5,
+                time: t.clone(),
+            },
+            Event::Stats {
+                interval_s: 10.0,
+                latency_target_ms: Some(100.0),
+                capacity: 0.5,
+                slowdown: Some(1.1),
+                streams: vec![],
+                total: StreamStats {
+                    stream: "*".into(),
+                    fps: 25.0,
+                    clips: 3,
+                    queue_depth: 0,
+                    dropped_clips: 0,
+                    shed_clips: 0,
+                    mean_capacity: Some(0.5),
+                    latency_ms: Some(LatencyPercentiles {
+                        p50: 1.0,
+                        p95: 2.0,
+                        p99: 3.0,
+                    }),
+                    slo_attainment: Some(1.0),
+                },
                 time: t,
             },
         ]

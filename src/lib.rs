@@ -7,17 +7,26 @@
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
 //!   [`train`] (the MoNE training loop with exact-resume checkpoints): training.
 //! - [`eval`] and [`plot`]: `mone eval`, accuracy against compute, and its PNG plot.
-//! - [`bench`]: the `mone bench` measurements.
+//! - [`controller`] (pure: latency profile, slow-down estimate, per-batch capacity, size and
+//!   shedding), [`metrics`] (telemetry, Prometheus text) and `http` (the HTTP API): holding a
+//!   latency target on live streams.
+//! - [`bench`] and `bench_adaptive`: the `mone bench` measurements.
 //! - [`device`]: choosing the compute device.
 
 pub mod bench;
 #[cfg(feature = "gst")]
+pub mod bench_adaptive;
+#[cfg(feature = "gst")]
 pub mod cli;
 pub mod clip;
+pub mod controller;
 pub mod dataset;
 pub mod device;
 pub mod eval;
 pub mod events;
+#[cfg(feature = "gst")]
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 #[cfg(feature = "gst")]

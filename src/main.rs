@@ -83,6 +83,9 @@ enum BenchCommand {
     /// Frames/s of decode, model and the full pipeline on one long input, in one run.
     #[cfg(feature = "gst")]
     Pipeline(mone::bench::PipelineBenchArgs),
+    /// Live streams under a latency target with a load step: adaptive vs fixed capacities.
+    #[cfg(feature = "gst")]
+    Adaptive(mone::bench_adaptive::AdaptiveBenchArgs),
 }
 
 fn main() {
@@ -117,6 +120,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Pipeline(a)) => {
             mone::bench::run_pipeline_bench(&a).map(|_| 0)?
+        }
+        #[cfg(feature = "gst")]
+        Command::Bench(BenchCommand::Adaptive(a)) => {
+            mone::bench_adaptive::run_adaptive_bench(&a).map(|_| 0)?
         }
         Command::Config { preset } => mone::bench::print_config(&preset).map(|_| 0)?,
     })

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::clip::Tail;
+use crate::controller::ControllerSettings;
 use crate::runtime::{RuntimeOptions, StreamSpec};
 use crate::source::{Resize, RtspTransport};
 
@@ -60,6 +61,33 @@ pub struct OutputSection {
     /// JSON Lines file (appended); stdout when absent.
     pub path: Option<PathBuf>,
     pub topk: Option<usize>,
+    /// Seconds between `stats` events (default 10; 0 turns them off).
+    pub stats_interval_s: Option<f64>,
+}
+
+/// A latency target and how capacity follows it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerSection {
+    pub latency_target_ms: f64,
+    /// Default: the model's smallest capacity.
+    pub min_capacity: Option<f64>,
+    pub max_capacity: Option<f64>,
+    /// Latency percentile to hold (default 99).
+    pub percentile: Option<f64>,
+    /// false: stay at `[model] capacity` (shedding nothing) but report against the target.
+    pub adaptive: Option<bool>,
+    /// Measure the latency profile anew instead of using the cached one.
+    #[serde(default)]
+    pub reprofile: bool,
+}
+
+/// The HTTP API (health, Prometheus metrics, stream control). Off unless configured.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address to bind, e.g. "127.0.0.1:9464".
+    pub listen: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -94,6 +122,10 @@ pub struct PipelineConfig {
     pub output: OutputSection,
     #[serde(default)]
     pub sources: SourcesSection,
+    pub controller: Option<ControllerSection>,
+    pub http: Option<HttpSection>,
+    /// May be empty when the HTTP API is on: streams are then added through it.
+    #[serde(default)]
     pub streams: Vec<StreamEntry>,
 }
 
@@ -122,9 +154,17 @@ impl PipelineConfig {
 
     pub fn parse(text: &str) -> Result<Self, String> {
         let cfg: PipelineConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        if cfg.streams.is_empty() {
-            return Err("no [[streams]] given".into());
+        if cfg.streams.is_empty() && cfg.http.is_none() {
+            return Err(
+                "no [[streams]] given (and no [http] listen address to add them through)".into(),
+            );
         }
+        if let Some(h) = &cfg.http {
+            h.listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("[http] listen `{}`: {e} (want IP:PORT)", h.listen))?;
+        }
+        cfg.controller_settings()?;
         let mut names = std::collections::HashSet::new();
         for s in cfg.streams() {
             if !names.insert(s.name.clone()) {
@@ -175,7 +215,40 @@ impl PipelineConfig {
             backoff_max: secs(s.backoff_max_s, d.backoff_max, "backoff_max_s")?,
             max_reconnects: s.max_reconnects,
             eos_timeout: d.eos_timeout,
+            controller: None,
+            stats_interval: match self.output.stats_interval_s {
+                Some(0.0) => None,
+                v => Some(secs(v, Duration::from_secs(10), "stats_interval_s")?),
+            },
         })
+    }
+
+    /// The controller's settings when a latency target is configured. `min_capacity` defaults
+    /// to 0.125, the smallest for 4 experts; the runtime checks it against the model.
+    pub fn controller_settings(&self) -> Result<Option<ControllerSettings>, String> {
+        let Some(c) = &self.controller else {
+            return Ok(None);
+        };
+        let d = ControllerSettings::default();
+        let adaptive = c.adaptive.unwrap_or(true);
+        let (min, max) = if adaptive {
+            (
+                c.min_capacity.unwrap_or(d.min_capacity),
+                c.max_capacity.unwrap_or(d.max_capacity),
+            )
+        } else {
+            (self.model.capacity, self.model.capacity)
+        };
+        let s = ControllerSettings {
+            latency_target_ms: c.latency_target_ms,
+            min_capacity: min,
+            max_capacity: max,
+            percentile: c.percentile.unwrap_or(d.percentile),
+            adaptive,
+            ..d
+        };
+        s.validate().map_err(|e| format!("[controller] {e}"))?;
+        Ok(Some(s))
     }
 }
 
@@ -246,11 +319,55 @@ mod tests {
                 "test-pattern",
                 include_str!("../pipelines/test-pattern.toml"),
             ),
+            ("adaptive", include_str!("../pipelines/adaptive.toml")),
         ] {
             let c = PipelineConfig::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!c.streams().is_empty());
         }
         let c = PipelineConfig::parse(include_str!("../pipelines/cameras.toml")).unwrap();
         assert_eq!(c.options().unwrap().fps, Some(12.5));
+        let s = c.controller_settings().unwrap().unwrap();
+        assert_eq!((s.latency_target_ms, s.min_capacity), (1000.0, 0.25));
+        assert_eq!(c.http.unwrap().listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn controller_and_http_sections() {
+        let base = "[model]\ndir='m'\ncapacity=0.5\n";
+        let c = PipelineConfig::parse(&format!(
+            "{base}[controller]\nlatency_target_ms=200\nadaptive=false\n[http]\nlisten='127.0.0.1:0'\n"
+        ))
+        .unwrap();
+        // Not adaptive: pinned at the model's capacity.
+        let s = c.controller_settings().unwrap().unwrap();
+        assert_eq!(
+            (s.min_capacity, s.max_capacity, s.adaptive),
+            (0.5, 0.5, false)
+        );
+        assert!(c.streams.is_empty(), "streams may come from the API");
+        assert_eq!(
+            c.options().unwrap().stats_interval,
+            Some(Duration::from_secs(10))
+        );
+        let bad = |extra: &str| {
+            PipelineConfig::parse(&format!("{base}{extra}\n[[streams]]\nuri='x'")).unwrap_err()
+        };
+        assert!(bad("[controller]\nlatency_target_ms=-5").contains("latency_target_ms"));
+        assert!(
+            bad("[controller]\nlatency_target_ms=100\nmin_capacity=0.9\nmax_capacity=0.5")
+                .contains("min_capacity")
+        );
+        assert!(bad("[controller]\nlatency_target_ms=100\npercentile=100").contains("percentile"));
+        assert!(bad("[controller]\nlatency_target_ms=100\ntarget=1").contains("target"));
+        assert!(bad("[http]\nlisten='localhost'").contains("listen"));
+        assert!(PipelineConfig::parse(&format!(
+            "{base}[output]\nstats_interval_s=0\n[[streams]]\nuri='x'"
+        ))
+        .unwrap()
+        .options()
+        .unwrap()
+        .stats_interval
+        .is_none());
+        assert!(PipelineConfig::parse(base).unwrap_err().contains("[http]"));
     }
 }

@@ -183,3 +183,149 @@ pub fn expert_map(
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot write {}", path.display()))
 }
+
+/// One policy's run for [`timeline`]: (seconds, latency ms, capacity) per classified clip and
+/// (seconds, count) per drop.
+pub struct TimelineRun {
+    pub name: String,
+    pub done: Vec<(f64, f64, f64)>,
+    pub dropped: Vec<(f64, u64)>,
+}
+
+/// `mone bench adaptive`'s timeline: offered and served load, p99 latency per second against
+/// the target, and capacity per second, for each run; the load step marked.
+pub fn timeline(
+    runs: &[TimelineRun],
+    target_ms: f64,
+    step_s: f64,
+    total_s: f64,
+    offered: (f64, f64),
+    path: &Path,
+) -> anyhow::Result<()> {
+    ensure_font()?;
+    let secs = total_s.ceil() as usize;
+    let colours = [BLUE, RED, GREEN, MAGENTA];
+    // Per-second bins: served clips/s, p99 latency, mean capacity.
+    let bins: Vec<Vec<(f64, f64, f64)>> = runs
+        .iter()
+        .map(|r| {
+            let mut lat: Vec<Vec<f64>> = vec![Vec::new(); secs];
+            let mut cap = vec![0.0; secs];
+            for (t, l, c) in &r.done {
+                let i = (*t as usize).min(secs - 1);
+                lat[i].push(*l);
+                cap[i] += c;
+            }
+            lat.into_iter()
+                .zip(cap)
+                .map(|(mut l, c)| {
+                    let n = l.len() as f64;
+                    let p99 = crate::metrics::percentile(&mut l, 99.0).unwrap_or(f64::NAN);
+                    (n, p99, if n > 0.0 { c / n } else { f64::NAN })
+                })
+                .collect()
+        })
+        .collect();
+    let lat_max = (target_ms * 4.0).max(1.0);
+    let load_max = offered.1 * 1.3;
+    let root = BitMapBackend::new(path, (1000, 900)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let panels = root.split_evenly((3, 1));
+        let x = 0f64..total_s;
+        let step_line =
+            |ymax: f64| LineSeries::new(vec![(step_s, 0.0), (step_s, ymax)], BLACK.mix(0.4));
+        // Load.
+        let mut c = ChartBuilder::on(&panels[0])
+            .caption("Load: clips/s offered and served", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x.clone(), 0f64..load_max)?;
+        c.configure_mesh().y_desc("clips/s").draw()?;
+        c.draw_series(LineSeries::new(
+            vec![
+                (0.0, offered.0),
+                (step_s, offered.0),
+                (step_s, offered.1),
+                (total_s, offered.1),
+            ],
+            BLACK.stroke_width(2),
+        ))?
+        .label("offered")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+        for ((r, b), col) in runs.iter().zip(&bins).zip(colours) {
+            c.draw_series(LineSeries::new(
+                b.iter().enumerate().map(|(i, v)| (i as f64 + 0.5, v.0)),
+                col.stroke_width(2),
+            ))?
+            .label(format!("served, {}", r.name))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+        }
+        c.draw_series(step_line(load_max))?;
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        // Latency.
+        let mut c = ChartBuilder::on(&panels[1])
+            .caption("p99 end-to-end latency per second (ms)", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x.clone(), 0f64..lat_max)?;
+        c.configure_mesh().y_desc("ms").draw()?;
+        c.draw_series(LineSeries::new(
+            vec![(0.0, target_ms), (total_s, target_ms)],
+            BLACK.stroke_width(1),
+        ))?
+        .label("target")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        for ((r, b), col) in runs.iter().zip(&bins).zip(colours) {
+            c.draw_series(LineSeries::new(
+                b.iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.1.is_finite())
+                    .map(|(i, v)| (i as f64 + 0.5, v.1.min(lat_max))),
+                col.stroke_width(2),
+            ))?
+            .label(r.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+        }
+        c.draw_series(step_line(lat_max))?;
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        // Capacity.
+        let mut c = ChartBuilder::on(&panels[2])
+            .caption("mean capacity e_c per second", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x, 0f64..1.05f64)?;
+        c.configure_mesh().x_desc("seconds").y_desc("e_c").draw()?;
+        for ((r, b), col) in runs.iter().zip(&bins).zip(colours) {
+            c.draw_series(LineSeries::new(
+                b.iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.2.is_finite())
+                    .map(|(i, v)| (i as f64 + 0.5, v.2)),
+                col.stroke_width(2),
+            ))?
+            .label(r.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+        }
+        c.draw_series(step_line(1.05))?;
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+}

@@ -1,18 +1,27 @@
 //! The runtime: one thread per stream (source -> clip windows -> tokenizer) feeding a bounded
-//! per-stream queue, and an inference worker that batches clips across streams and writes
-//! events. Files apply backpressure and lose nothing; live streams drop their oldest clips
-//! (never encoded packets) and count every drop.
+//! per-stream queue, and an inference worker that batches clips across streams, oldest first,
+//! and writes events. Files apply backpressure and lose nothing; live streams drop their oldest
+//! clips (never encoded packets) and count every drop. With a latency target the
+//! [`Controller`] picks each batch's capacity and size and flushes on the oldest clip's
+//! deadline; streams can be added and removed while running ([`Control`]); [`Telemetry`] and
+//! periodic `stats` events report what happened.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, D};
+use candle_core::{Device, Tensor, D};
 use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender, TryRecvError, TrySendError};
 
 use crate::clip::{Clip, ClipAssembler, ClipSpec, Tail};
-use crate::events::{now, redact, Event, JsonLinesSink, LabelScore, Latency};
-use crate::model::{ForwardOptions, LoadedModel};
+use crate::controller::{Controller, ControllerSettings, LatencyProfile};
+use crate::events::{
+    now, redact, Event, EventSink, LabelScore, Latency, LatencyPercentiles, StreamStats,
+};
+use crate::metrics::{percentile, Stage, StreamInfo, Telemetry};
+use crate::model::{Config, ForwardOptions, LoadedModel};
 use crate::source::{Input, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline};
 use crate::tokenizer;
 
@@ -24,6 +33,80 @@ pub enum RuntimeError {
     Sink(#[from] std::io::Error),
     #[error("{0}")]
     Config(String),
+}
+
+/// What the runtime needs of a model: its config, labels and a batched forward. Implemented by
+/// [`LoadedModel`]; tests wrap it (e.g. to make it deliberately slow).
+pub trait Classifier: Send + Sync {
+    fn config(&self) -> &Config;
+    fn labels(&self) -> &[String];
+    /// Class probabilities per clip of `x` (B, C, T, H, W), and the e_c each clip ran at.
+    fn classify(&self, x: &Tensor, capacity: f64)
+        -> candle_core::Result<(Vec<Vec<f32>>, Vec<f64>)>;
+}
+
+impl Classifier for LoadedModel {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn labels(&self) -> &[String] {
+        &self.labels
+    }
+    fn classify(
+        &self,
+        x: &Tensor,
+        capacity: f64,
+    ) -> candle_core::Result<(Vec<Vec<f32>>, Vec<f64>)> {
+        let out = self
+            .model
+            .forward(x, &[capacity], &ForwardOptions::default())?;
+        let probs = candle_nn::ops::softmax(&out.logits, D::Minus1)?.to_vec2::<f32>()?;
+        Ok((probs, out.capacity))
+    }
+}
+
+/// Adaptive (or fixed, as a baseline) capacity under a latency target.
+#[derive(Clone, Debug)]
+pub struct ControlOptions {
+    pub settings: ControllerSettings,
+    pub profile: LatencyProfile,
+}
+
+/// Measure the latency profile of `model` on `device`: every capacity in `capacities` at batch
+/// sizes 1, 2, 4, ... up to `max_batch`, median of `iters` forwards each.
+pub fn measure_profile(
+    model: &dyn Classifier,
+    device: &Device,
+    capacities: &[f64],
+    max_batch: usize,
+    iters: usize,
+    key: &str,
+) -> Result<LatencyProfile, RuntimeError> {
+    let cfg = model.config();
+    let mut batches: Vec<usize> = std::iter::successors(Some(1usize), |b| Some(b * 2))
+        .take_while(|b| *b < max_batch)
+        .collect();
+    batches.push(max_batch.max(1));
+    let per_clip = 3 * cfg.frames * cfg.image_size * cfg.image_size;
+    let mut seed = 0x9E37_79B9u32;
+    let data: Vec<f32> = (0..per_clip * max_batch.max(1))
+        .map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect();
+    LatencyProfile::measure(capacities, &batches, iters, key, |c, n| {
+        let x = Tensor::from_slice(
+            &data[..n * per_clip],
+            (n, 3, cfg.frames, cfg.image_size, cfg.image_size),
+            device,
+        )
+        .map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        model.classify(&x, c).map_err(|e| e.to_string())?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    })
+    .map_err(|e| RuntimeError::Config(e.to_string()))
 }
 
 /// Everything about how streams are read, cut and batched.
@@ -55,6 +138,10 @@ pub struct RuntimeOptions {
     pub max_reconnects: Option<u32>,
     /// How long to wait for a source's EOS when stopping it.
     pub eos_timeout: Duration,
+    /// A latency target with adaptive (or fixed) capacity; None: `capacity` and `max_wait`.
+    pub controller: Option<ControlOptions>,
+    /// Emit a `stats` event this often.
+    pub stats_interval: Option<Duration>,
 }
 
 impl Default for RuntimeOptions {
@@ -77,6 +164,8 @@ impl Default for RuntimeOptions {
             backoff_max: Duration::from_secs(30),
             max_reconnects: None,
             eos_timeout: Duration::from_secs(2),
+            controller: None,
+            stats_interval: None,
         }
     }
 }
@@ -124,7 +213,8 @@ struct ClipMsg {
     padded: usize,
     pts: [u64; 2],
     data: Vec<f32>,
-    ready: Instant,
+    /// When the clip's last frame was pulled from the source: latency runs from here.
+    arrived: Instant,
 }
 
 enum StreamMsg {
@@ -150,7 +240,10 @@ struct StreamCtx {
     /// A second handle on the stream's own queue, to drop its oldest clip in live mode.
     oldest: Receiver<StreamMsg>,
     events: Sender<Event>,
+    /// This stream's own stop flag (removal, or the run stopping).
     stop: Arc<AtomicBool>,
+    frames_seen: Arc<AtomicU64>,
+    dropped_live: Arc<AtomicU64>,
     model: String,
     device: String,
 }
@@ -199,14 +292,14 @@ impl StreamCtx {
 
     /// Queue a clip: files block (backpressure), live streams drop their oldest queued clip.
     /// Returns false when the worker is gone.
-    fn send_clip(&self, clip: Clip, dropped: &mut u64) -> bool {
+    fn send_clip(&self, clip: Clip, arrived: Instant, dropped: &mut u64) -> bool {
         let msg = StreamMsg::Clip(ClipMsg {
             clip_index: clip.index,
             frames: [clip.first_frame(), clip.last_frame()],
             padded: clip.padded,
             pts: [clip.pts_start_ns(), clip.pts_end_ns()],
             data: tokenizer::clip_to_chw(&clip, self.mean, self.std),
-            ready: Instant::now(),
+            arrived,
         });
         if !self.live {
             return self.tx.send(msg).is_ok();
@@ -217,11 +310,13 @@ impl StreamCtx {
             Err(TrySendError::Full(msg)) => {
                 if let Ok(StreamMsg::Clip(_)) = self.oldest.try_recv() {
                     *dropped += 1;
+                    self.dropped_live.fetch_add(1, Ordering::Relaxed);
                 }
                 match self.tx.try_send(msg) {
                     Ok(()) => true,
                     Err(TrySendError::Full(_)) => {
                         *dropped += 1;
+                        self.dropped_live.fetch_add(1, Ordering::Relaxed);
                         true
                     }
                     Err(TrySendError::Disconnected(_)) => false,
@@ -274,6 +369,7 @@ impl StreamCtx {
                         match p.pull(Duration::from_millis(100)) {
                             Pulled::Frame(mut f) => {
                                 last_frame_at = Instant::now();
+                                self.frames_seen.fetch_add(1, Ordering::Relaxed);
                                 if let Some(t0) = offline_since.take() {
                                     self.emit(Event::Reconnected {
                                         stream: self.name.clone(),
@@ -302,7 +398,7 @@ impl StreamCtx {
                                 f.index = frames;
                                 frames += 1;
                                 if let Some(clip) = asm.push(f) {
-                                    if !self.send_clip(clip, &mut dropped) {
+                                    if !self.send_clip(clip, last_frame_at, &mut dropped) {
                                         stop_bounded(p, self.opts.eos_timeout);
                                         break 'outer;
                                     }
@@ -382,7 +478,7 @@ impl StreamCtx {
             }
         }
         if let Some(clip) = asm.finish() {
-            self.send_clip(clip, &mut dropped);
+            self.send_clip(clip, Instant::now(), &mut dropped);
         }
         let _ = self.tx.send(StreamMsg::End {
             frames,
@@ -392,12 +488,106 @@ impl StreamCtx {
     }
 }
 
+/// Add or remove a stream while [`run`] is running (the HTTP API sends these).
+pub enum Control {
+    Add {
+        stream: StreamSpec,
+        reply: Sender<Result<(), ControlError>>,
+    },
+    Remove {
+        id: String,
+        reply: Sender<Result<(), ControlError>>,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ControlError {
+    #[error("a stream named `{0}` is already running")]
+    Duplicate(String),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("no stream named `{0}`")]
+    NotFound(String),
+    #[error("the pipeline is stopping")]
+    Stopping,
+}
+
+/// What became of a clip, for callers that watch every clip (benchmarks).
+pub enum ClipOutcome<'a> {
+    Classified {
+        stream: &'a str,
+        clip_index: u64,
+        /// The normalised (C, T, H, W) clip the model saw.
+        data: &'a [f32],
+        probs: &'a [f32],
+        capacity: f64,
+        /// Last frame in to event written.
+        latency_ms: f64,
+        arrived: Instant,
+    },
+    /// `count` clips dropped (full queue) or shed (controller) at about `at`.
+    Dropped {
+        stream: &'a str,
+        count: u64,
+        shed: bool,
+        at: Instant,
+    },
+}
+
+/// The run's inputs besides the model and the streams.
+pub struct Hooks<'a> {
+    /// Set to stop: sources stop, queued clips drain, then [`run`] returns.
+    pub stop: Arc<AtomicBool>,
+    /// Add/remove streams while running. With it, the run lasts until `stop`, even when every
+    /// stream has ended; without it, until every stream has ended.
+    pub control: Option<Receiver<Control>>,
+    pub telemetry: Option<Arc<Telemetry>>,
+    pub progress: Option<&'a mut dyn FnMut(&Progress)>,
+    pub on_clip: Option<&'a mut dyn FnMut(&ClipOutcome)>,
+}
+
+impl Hooks<'_> {
+    pub fn new(stop: Arc<AtomicBool>) -> Self {
+        Self {
+            stop,
+            control: None,
+            telemetry: None,
+            progress: None,
+            on_clip: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Interval {
+    latencies: Vec<f64>,
+    capacity_sum: f64,
+    clips: u64,
+    within: u64,
+    dropped: u64,
+    shed: u64,
+    frames_at_start: u64,
+}
+
 struct StreamState {
     name: String,
     live: bool,
-    ended: bool,
+    rx: Receiver<StreamMsg>,
+    queue: VecDeque<ClipMsg>,
+    /// The End message, once received.
+    end: Option<(u64, u64, Option<String>)>,
+    stop: Arc<AtomicBool>,
+    frames_seen: Arc<AtomicU64>,
+    dropped_live: Arc<AtomicU64>,
+    /// Drops (producer side) already accounted.
+    dropped_seen: u64,
+    /// Drops in the worker's queue and sheds.
+    dropped_here: u64,
+    shed: u64,
+    handle: Option<JoinHandle<()>>,
     clips: u64,
     prob_sum: Vec<f64>,
+    interval: Interval,
 }
 
 fn topk(probs: &[f32], labels: &[String], k: usize) -> Vec<LabelScore> {
@@ -419,19 +609,686 @@ fn topk(probs: &[f32], labels: &[String], k: usize) -> Vec<LabelScore> {
         .collect()
 }
 
-/// Classify `streams` until they all end (files) or `stop` is set, writing events to `sink`.
-#[allow(clippy::too_many_arguments)]
+struct Worker<'a, 'h> {
+    model: &'a dyn Classifier,
+    model_name: &'a str,
+    device: &'a Device,
+    dev_name: String,
+    opts: &'a RuntimeOptions,
+    spec: ClipSpec,
+    sopts: SourceOptions,
+    sink: &'a mut dyn EventSink,
+    hooks: Hooks<'h>,
+    ev_tx: Sender<Event>,
+    ev_rx: Receiver<Event>,
+    streams: Vec<StreamState>,
+    controller: Option<Controller>,
+    summary: Summary,
+    t_start: Instant,
+    spawned: usize,
+    done: usize,
+    last_stats: Instant,
+    /// The current stats interval's figures of streams that have ended.
+    retired: Interval,
+    /// When recent clips arrived (dropped ones included), for the arrival rate.
+    arrivals: VecDeque<Instant>,
+}
+
+/// Clips per millisecond over the last two seconds of `arrivals` (pruned here).
+fn arrival_rate(arrivals: &mut VecDeque<Instant>, now: Instant) -> Option<f64> {
+    const WINDOW: Duration = Duration::from_secs(2);
+    while arrivals
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) > WINDOW)
+    {
+        arrivals.pop_front();
+    }
+    let first = *arrivals.front()?;
+    // A short history (a stream just started) is measured over at least 250 ms.
+    let span = now
+        .saturating_duration_since(first)
+        .max(Duration::from_millis(250));
+    Some(arrivals.len() as f64 / (span.as_secs_f64() * 1e3))
+}
+
+impl Interval {
+    fn merge(&mut self, o: &Interval) {
+        self.latencies.extend_from_slice(&o.latencies);
+        self.capacity_sum += o.capacity_sum;
+        self.clips += o.clips;
+        self.within += o.within;
+        self.dropped += o.dropped;
+        self.shed += o.shed;
+    }
+}
+
+impl Worker<'_, '_> {
+    fn target_ms(&self) -> Option<f64> {
+        self.controller
+            .as_ref()
+            .map(|c| c.settings.latency_target_ms)
+    }
+
+    fn capacity(&self) -> f64 {
+        self.controller
+            .as_ref()
+            .map_or(self.opts.capacity, |c| c.capacity())
+    }
+
+    fn progress(&mut self) {
+        let p = Progress {
+            clips: self.summary.clips,
+            streams_done: self.done,
+            streams: self.spawned,
+            elapsed: self.t_start.elapsed(),
+        };
+        if let Some(f) = self.hooks.progress.as_mut() {
+            f(&p);
+        }
+    }
+
+    /// Start a stream; errors (a bad input spec, a duplicate id) are returned and also written
+    /// as `stream_error` + `stream_ended` for streams given at start-up.
+    fn add(&mut self, s: &StreamSpec) -> Result<(), ControlError> {
+        if self.streams.iter().any(|st| st.name == s.name) {
+            return Err(ControlError::Duplicate(s.name.clone()));
+        }
+        let input = Input::parse(&s.input)
+            .map_err(|e| ControlError::BadInput(e.to_string().replace(&s.input, &s.name)))?;
+        let cfg = self.model.config();
+        let live = input.is_live();
+        let (tx, rx) = bounded(self.opts.queue);
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames_seen = Arc::new(AtomicU64::new(0));
+        let dropped_live = Arc::new(AtomicU64::new(0));
+        let ctx = StreamCtx {
+            idx: self.spawned,
+            name: s.name.clone(),
+            input,
+            live,
+            sopts: self.sopts.clone(),
+            spec: self.spec,
+            mean: cfg.mean,
+            std: cfg.std,
+            opts: self.opts.clone(),
+            tx,
+            oldest: rx.clone(),
+            events: self.ev_tx.clone(),
+            stop: stop.clone(),
+            frames_seen: frames_seen.clone(),
+            dropped_live: dropped_live.clone(),
+            model: self.model_name.to_string(),
+            device: self.dev_name.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("source-{}", self.spawned))
+            .spawn(move || ctx.run())
+            .map_err(|e| {
+                ControlError::BadInput(format!("cannot start the stream's thread: {e}"))
+            })?;
+        self.spawned += 1;
+        self.summary.inputs += 1;
+        if let Some(t) = &self.hooks.telemetry {
+            t.set_stream(StreamInfo {
+                id: s.name.clone(),
+                uri: redact(&s.input),
+                live,
+                state: "starting".into(),
+                ..Default::default()
+            });
+        }
+        self.streams.push(StreamState {
+            name: s.name.clone(),
+            live,
+            rx,
+            queue: VecDeque::new(),
+            end: None,
+            stop,
+            frames_seen,
+            dropped_live,
+            dropped_seen: 0,
+            dropped_here: 0,
+            shed: 0,
+            handle: Some(handle),
+            clips: 0,
+            prob_sum: vec![0.0; cfg.num_classes],
+            interval: Interval::default(),
+        });
+        Ok(())
+    }
+
+    fn remove(&mut self, id: &str) -> Result<(), ControlError> {
+        match self.streams.iter().find(|s| s.name == id) {
+            Some(s) => {
+                s.stop.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(ControlError::NotFound(id.to_string())),
+        }
+    }
+
+    fn write(&mut self, e: &Event) -> Result<(), RuntimeError> {
+        if let Some(t) = &self.hooks.telemetry {
+            let state = match e {
+                Event::StreamStarted { stream, .. } | Event::Reconnected { stream, .. } => {
+                    Some((stream, "running"))
+                }
+                Event::Offline { stream, .. } => Some((stream, "offline")),
+                _ => None,
+            };
+            if let Some((stream, st)) = state {
+                t.update_stream(stream, |i| i.state = st.into());
+            }
+        }
+        self.sink.write(e)?;
+        Ok(())
+    }
+
+    fn drain_events(&mut self) -> Result<(), RuntimeError> {
+        while let Ok(e) = self.ev_rx.try_recv() {
+            self.write(&e)?;
+        }
+        Ok(())
+    }
+
+    fn dropped(&mut self, i: usize, count: u64, shed: bool) {
+        if count == 0 {
+            return;
+        }
+        let st = &mut self.streams[i];
+        if shed {
+            st.shed += count;
+            st.interval.shed += count;
+        } else {
+            st.interval.dropped += count;
+        }
+        if let Some(t) = &self.hooks.telemetry {
+            if self.controller.is_some() {
+                for _ in 0..count {
+                    t.slo(false);
+                }
+            }
+        }
+        if let Some(f) = self.hooks.on_clip.as_mut() {
+            f(&ClipOutcome::Dropped {
+                stream: &st.name,
+                count,
+                shed,
+                at: Instant::now(),
+            });
+        }
+    }
+
+    /// Move clips from the streams' channels into their queues. Files: only while their queue
+    /// has room (backpressure reaches the source). Live: everything, the oldest dropped beyond
+    /// the queue size.
+    fn pull(&mut self) -> bool {
+        let mut took = false;
+        for i in 0..self.streams.len() {
+            let cap = self.opts.queue;
+            loop {
+                let st = &mut self.streams[i];
+                if st.end.is_some() || (!st.live && st.queue.len() >= cap) {
+                    break;
+                }
+                match st.rx.try_recv() {
+                    Ok(StreamMsg::Clip(c)) => {
+                        took = true;
+                        self.arrivals.push_back(c.arrived);
+                        st.queue.push_back(c);
+                        if st.live && st.queue.len() > cap {
+                            st.queue.pop_front();
+                            st.dropped_here += 1;
+                            self.dropped(i, 1, false);
+                        }
+                    }
+                    Ok(StreamMsg::End {
+                        frames,
+                        dropped,
+                        error,
+                    }) => {
+                        took = true;
+                        st.end = Some((frames, dropped, error));
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        st.end = Some((
+                            st.frames_seen.load(Ordering::Relaxed),
+                            st.dropped_live.load(Ordering::Relaxed),
+                            Some("source thread stopped unexpectedly".into()),
+                        ));
+                    }
+                }
+            }
+            let st = &mut self.streams[i];
+            let d = st.dropped_live.load(Ordering::Relaxed);
+            let new = d.saturating_sub(st.dropped_seen);
+            st.dropped_seen = d;
+            let now = Instant::now();
+            self.arrivals.extend(std::iter::repeat_n(now, new as usize));
+            self.dropped(i, new, false);
+        }
+        took
+    }
+
+    /// (stream, position in its queue) of every queued clip, oldest first, with its wait.
+    fn queued(&self, now: Instant) -> Vec<(usize, f64)> {
+        let mut all: Vec<(usize, Instant)> = self
+            .streams
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.queue.iter().map(move |c| (i, c.arrived)))
+            .collect();
+        all.sort_by_key(|(_, a)| *a);
+        all.into_iter()
+            .map(|(i, a)| (i, now.saturating_duration_since(a).as_secs_f64() * 1e3))
+            .collect()
+    }
+
+    /// Milliseconds until the queued clips must be flushed (0: now; None: nothing queued).
+    fn flush_in_ms(&self, queued: &[(usize, f64)]) -> Option<f64> {
+        let oldest = queued.first()?.1;
+        let ending = self
+            .streams
+            .iter()
+            .any(|s| (s.end.is_some() || s.stop.load(Ordering::Relaxed)) && !s.queue.is_empty());
+        if ending || self.hooks.stop.load(Ordering::Relaxed) {
+            return Some(0.0);
+        }
+        let max_wait = self.opts.max_wait.as_secs_f64() * 1e3 - oldest;
+        let by_size = match &self.controller {
+            Some(c) => {
+                let waits: Vec<f64> = queued.iter().map(|q| q.1).collect();
+                c.flush_in_ms(&waits)
+            }
+            None if queued.len() >= self.opts.batch => 0.0,
+            None => f64::INFINITY,
+        };
+        Some(by_size.min(max_wait).max(0.0))
+    }
+
+    fn run_batch(&mut self, queued: &[(usize, f64)]) -> Result<(), RuntimeError> {
+        let rate = arrival_rate(&mut self.arrivals, Instant::now());
+        let (shed, n, capacity) = match self.controller.as_mut() {
+            Some(c) => {
+                if let Some(r) = rate {
+                    c.set_arrival_rate(r);
+                }
+                let waits: Vec<f64> = queued.iter().map(|q| q.1).collect();
+                let p = c.plan(&waits);
+                (p.shed, p.batch, p.capacity)
+            }
+            None => (0, queued.len().min(self.opts.batch), self.opts.capacity),
+        };
+        // Shed the oldest live clips the controller gave up on; a file's clip is never shed.
+        let mut order: Vec<usize> = Vec::with_capacity(queued.len());
+        let mut shed_left = shed;
+        let mut shed_per_stream = vec![0u64; self.streams.len()];
+        for (i, _) in queued {
+            if shed_left > 0 && self.streams[*i].live {
+                shed_left -= 1;
+                shed_per_stream[*i] += 1;
+            } else {
+                order.push(*i);
+            }
+        }
+        for (i, k) in shed_per_stream.iter().enumerate() {
+            for _ in 0..*k {
+                self.streams[i].queue.pop_front();
+            }
+            self.streams[i].dropped_here += k;
+            self.dropped(i, *k, true);
+        }
+        let n = n.min(order.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let batch: Vec<(usize, ClipMsg)> = order[..n]
+            .iter()
+            .filter_map(|i| self.streams[*i].queue.pop_front().map(|c| (*i, c)))
+            .collect();
+        let started = Instant::now();
+        let cfg = self.model.config();
+        let (t, hw) = (cfg.frames, cfg.image_size);
+        let refs: Vec<&[f32]> = batch.iter().map(|(_, c)| c.data.as_slice()).collect();
+        let x = tokenizer::batch(&refs, t, hw, hw, self.device)?;
+        let (probs, caps) = self.model.classify(&x, capacity)?;
+        let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+        let target = self.target_ms();
+        for (k, (i, c)) in batch.iter().enumerate() {
+            let labels = topk(&probs[k], self.model.labels(), self.opts.topk);
+            let ran_at = caps.get(k).copied().unwrap_or(capacity);
+            let st = &mut self.streams[*i];
+            st.clips += 1;
+            st.prob_sum
+                .iter_mut()
+                .zip(&probs[k])
+                .for_each(|(a, p)| *a += *p as f64);
+            self.summary.clips += 1;
+            let queue_ms = started.duration_since(c.arrived).as_secs_f64() * 1e3;
+            let mut e = Event::Clip {
+                event_id: format!("{}#{}", st.name, c.clip_index),
+                stream: st.name.clone(),
+                clip_index: c.clip_index,
+                pts_start_ns: c.pts[0],
+                pts_end_ns: c.pts[1],
+                frames: c.frames,
+                padded_frames: c.padded,
+                labels,
+                capacity: ran_at,
+                model: self.model_name.to_string(),
+                latency_ms: Latency {
+                    queue_ms,
+                    inference_ms,
+                    end_to_end_ms: 0.0,
+                },
+                time: now(),
+            };
+            let e2e = c.arrived.elapsed().as_secs_f64() * 1e3;
+            if let Event::Clip { latency_ms, .. } = &mut e {
+                latency_ms.end_to_end_ms = e2e;
+            }
+            self.sink.write(&e)?;
+            let st = &mut self.streams[*i];
+            st.interval.latencies.push(e2e);
+            st.interval.capacity_sum += ran_at;
+            st.interval.clips += 1;
+            let within = target.is_none_or(|t| e2e <= t);
+            st.interval.within += within as u64;
+            if let Some(tel) = &self.hooks.telemetry {
+                tel.observe(Stage::Queue, queue_ms);
+                tel.observe(Stage::Inference, inference_ms);
+                tel.observe(Stage::EndToEnd, e2e);
+                if target.is_some() {
+                    tel.slo(within);
+                }
+            }
+            if let Some(f) = self.hooks.on_clip.as_mut() {
+                f(&ClipOutcome::Classified {
+                    stream: &st.name,
+                    clip_index: c.clip_index,
+                    data: &c.data,
+                    probs: &probs[k],
+                    capacity: ran_at,
+                    latency_ms: e2e,
+                    arrived: c.arrived,
+                });
+            }
+        }
+        let service_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut slowdown = 1.0;
+        if let Some(c) = self.controller.as_mut() {
+            c.observe(capacity, batch.len(), service_ms);
+            slowdown = c.slowdown.factor();
+        }
+        if let Some(tel) = &self.hooks.telemetry {
+            tel.batch(capacity, slowdown);
+        }
+        self.progress();
+        Ok(())
+    }
+
+    /// Streams whose source has ended and whose queue is empty: final events, thread joined,
+    /// resources released.
+    fn finish_streams(&mut self) -> Result<(), RuntimeError> {
+        let mut i = 0;
+        while i < self.streams.len() {
+            let st = &self.streams[i];
+            if st.end.is_none() || !st.queue.is_empty() {
+                i += 1;
+                continue;
+            }
+            let mut st = self.streams.remove(i);
+            let (frames, dropped, error) = st.end.take().unwrap_or((0, 0, None));
+            if let Some(h) = st.handle.take() {
+                let _ = h.join();
+            }
+            let dropped_total = dropped.max(st.dropped_seen) + st.dropped_here;
+            self.summary.frames += frames;
+            self.summary.dropped_clips += dropped_total;
+            if let Some(reason) = &error {
+                self.write(&Event::StreamError {
+                    stream: st.name.clone(),
+                    reason: reason.clone(),
+                    time: now(),
+                })?;
+                self.summary.failed.push((st.name.clone(), reason.clone()));
+            }
+            if !st.live && st.clips > 0 {
+                let avg: Vec<f32> = st
+                    .prob_sum
+                    .iter()
+                    .map(|p| (*p / st.clips as f64) as f32)
+                    .collect();
+                self.write(&Event::Video {
+                    event_id: format!("{}#video", st.name),
+                    stream: st.name.clone(),
+                    clips: st.clips,
+                    labels: topk(&avg, self.model.labels(), self.opts.topk),
+                    model: self.model_name.to_string(),
+                    time: now(),
+                })?;
+            }
+            self.write(&Event::StreamEnded {
+                stream: st.name.clone(),
+                clips: st.clips,
+                frames,
+                dropped_clips: dropped_total,
+                time: now(),
+            })?;
+            if let Some(t) = &self.hooks.telemetry {
+                t.remove_stream(&st.name);
+            }
+            self.retired.merge(&st.interval);
+            self.done += 1;
+            self.progress();
+        }
+        Ok(())
+    }
+
+    fn stream_stats(&self, st: &StreamState, secs: f64) -> StreamStats {
+        let iv = &st.interval;
+        let frames = st.frames_seen.load(Ordering::Relaxed);
+        summarize(
+            st.name.clone(),
+            &mut iv.latencies.clone(),
+            (frames.saturating_sub(iv.frames_at_start)) as f64 / secs,
+            st.queue.len(),
+            iv,
+            self.target_ms(),
+        )
+    }
+
+    fn stats(&mut self) -> Result<(), RuntimeError> {
+        let secs = self.last_stats.elapsed().as_secs_f64().max(1e-9);
+        self.last_stats = Instant::now();
+        let streams: Vec<StreamStats> = self
+            .streams
+            .iter()
+            .map(|s| self.stream_stats(s, secs))
+            .collect();
+        let mut all = std::mem::take(&mut self.retired);
+        for s in &self.streams {
+            all.merge(&s.interval);
+        }
+        let mut lat = std::mem::take(&mut all.latencies);
+        let total = summarize(
+            "*".into(),
+            &mut lat,
+            streams.iter().fold(0.0, |a, s| a + s.fps),
+            streams.iter().map(|s| s.queue_depth).sum(),
+            &all,
+            self.target_ms(),
+        );
+        if let Some(t) = &self.hooks.telemetry {
+            for s in &streams {
+                let st = self.streams.iter().find(|x| x.name == s.stream);
+                t.update_stream(&s.stream, |i| {
+                    i.fps = s.fps;
+                    if let Some(st) = st {
+                        i.clips = st.clips;
+                        i.frames = st.frames_seen.load(Ordering::Relaxed);
+                        i.dropped_clips = st.dropped_seen + st.dropped_here - st.shed;
+                        i.shed_clips = st.shed;
+                        i.queue_depth = st.queue.len();
+                    }
+                });
+            }
+        }
+        for s in &mut self.streams {
+            s.interval = Interval {
+                frames_at_start: s.frames_seen.load(Ordering::Relaxed),
+                ..Default::default()
+            };
+        }
+        let e = Event::Stats {
+            interval_s: secs,
+            latency_target_ms: self.target_ms(),
+            capacity: self.capacity(),
+            slowdown: self.controller.as_ref().map(|c| c.slowdown.factor()),
+            streams,
+            total,
+            time: now(),
+        };
+        self.write(&e)
+    }
+
+    /// Refresh the per-stream gauges (between stats events).
+    fn update_gauges(&self) {
+        if let Some(t) = &self.hooks.telemetry {
+            for st in &self.streams {
+                t.update_stream(&st.name, |i| {
+                    i.clips = st.clips;
+                    i.frames = st.frames_seen.load(Ordering::Relaxed);
+                    i.dropped_clips = st.dropped_seen + st.dropped_here - st.shed;
+                    i.shed_clips = st.shed;
+                    i.queue_depth = st.queue.len();
+                });
+            }
+        }
+    }
+
+    fn handle_control(&mut self) -> bool {
+        let Some(rx) = self.hooks.control.clone() else {
+            return false;
+        };
+        let mut any = false;
+        while let Ok(cmd) = rx.try_recv() {
+            any = true;
+            match cmd {
+                Control::Add { stream, reply } => {
+                    let r = if self.hooks.stop.load(Ordering::Relaxed) {
+                        Err(ControlError::Stopping)
+                    } else {
+                        self.add(&stream)
+                    };
+                    let _ = reply.send(r);
+                }
+                Control::Remove { id, reply } => {
+                    let _ = reply.send(self.remove(&id));
+                }
+            }
+        }
+        any
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let mut sel = Select::new();
+        for st in &self.streams {
+            if st.end.is_none() && (st.live || st.queue.len() < self.opts.queue) {
+                sel.recv(&st.rx);
+            }
+        }
+        sel.recv(&self.ev_rx);
+        if let Some(c) = &self.hooks.control {
+            sel.recv(c);
+        }
+        let _ = sel.ready_timeout(timeout);
+    }
+
+    fn main_loop(&mut self) -> Result<(), RuntimeError> {
+        loop {
+            self.drain_events()?;
+            let controlled = self.handle_control();
+            if self.hooks.stop.load(Ordering::Relaxed) {
+                for s in &self.streams {
+                    s.stop.store(true, Ordering::Relaxed);
+                }
+            }
+            let took = self.pull();
+            let now = Instant::now();
+            let queued = self.queued(now);
+            let flush_in = self.flush_in_ms(&queued);
+            let flushed = flush_in == Some(0.0);
+            if flushed {
+                self.run_batch(&queued)?;
+            }
+            self.drain_events()?;
+            self.finish_streams()?;
+            if let Some(iv) = self.opts.stats_interval {
+                if self.last_stats.elapsed() >= iv {
+                    self.stats()?;
+                }
+            }
+            let stopping = self.hooks.stop.load(Ordering::Relaxed);
+            if self.streams.is_empty() && (self.hooks.control.is_none() || stopping) {
+                return Ok(());
+            }
+            if !took && !flushed && !controlled {
+                self.update_gauges();
+                let mut wait = flush_in.unwrap_or(100.0).min(100.0);
+                if let Some(iv) = self.opts.stats_interval {
+                    wait =
+                        wait.min(iv.saturating_sub(self.last_stats.elapsed()).as_secs_f64() * 1e3);
+                }
+                self.wait(Duration::from_secs_f64(wait.max(0.5) / 1e3));
+            }
+        }
+    }
+}
+
+fn summarize(
+    stream: String,
+    latencies: &mut [f64],
+    fps: f64,
+    queue_depth: usize,
+    iv: &Interval,
+    target: Option<f64>,
+) -> StreamStats {
+    let judged = iv.clips + iv.dropped + iv.shed;
+    let pct = |l: &mut [f64], p| percentile(l, p).unwrap_or(0.0);
+    StreamStats {
+        stream,
+        fps,
+        clips: iv.clips,
+        queue_depth,
+        dropped_clips: iv.dropped,
+        shed_clips: iv.shed,
+        mean_capacity: (iv.clips > 0).then(|| iv.capacity_sum / iv.clips as f64),
+        latency_ms: (!latencies.is_empty()).then(|| LatencyPercentiles {
+            p50: pct(latencies, 50.0),
+            p95: pct(latencies, 95.0),
+            p99: pct(latencies, 99.0),
+        }),
+        slo_attainment: match target {
+            Some(_) if judged > 0 => Some(iv.within as f64 / judged as f64),
+            _ => None,
+        },
+    }
+}
+
+/// Classify `streams` until they all end (files), or until `hooks.stop` is set when
+/// `hooks.control` is given or a stream is live, writing events to `sink`.
 pub fn run(
-    model: &LoadedModel,
+    model: &dyn Classifier,
     model_name: &str,
     device: &Device,
     streams: &[StreamSpec],
     opts: &RuntimeOptions,
-    sink: &mut JsonLinesSink,
-    stop: Arc<AtomicBool>,
-    progress: &mut dyn FnMut(&Progress),
+    sink: &mut dyn EventSink,
+    hooks: Hooks,
 ) -> Result<Summary, RuntimeError> {
-    let cfg = &model.config;
+    let cfg = model.config();
     crate::model::capacity::solve(opts.capacity, cfg.num_experts)
         .map_err(|e| RuntimeError::Config(e.to_string()))?;
     if opts.batch == 0 || opts.queue == 0 || opts.topk == 0 {
@@ -446,267 +1303,93 @@ pub fn run(
         tail: opts.tail,
     };
     spec.validate().map_err(RuntimeError::Config)?;
-    let t_start = Instant::now();
-    let mut summary = Summary {
-        inputs: streams.len(),
-        ..Default::default()
+    let controller = match &opts.controller {
+        None => None,
+        Some(c) => {
+            let min = crate::model::capacity::min_capacity(cfg.num_experts);
+            if c.settings.min_capacity < min - 1e-9 {
+                return Err(RuntimeError::Config(format!(
+                    "min_capacity {} is below this model's smallest capacity {min}",
+                    c.settings.min_capacity
+                )));
+            }
+            let mut settings = c.settings.clone();
+            settings.max_batch = opts.batch;
+            // The runtime itself never sheds a file's clips.
+            settings.live = true;
+            Some(
+                Controller::new(settings, c.profile.clone())
+                    .map_err(|e| RuntimeError::Config(e.to_string()))?,
+            )
+        }
     };
     let (ev_tx, ev_rx) = unbounded::<Event>();
-    let sopts = SourceOptions {
-        width: cfg.image_size as u32,
-        height: cfg.image_size as u32,
-        fps: opts.fps,
-        resize: opts.resize,
-        rtsp_transport: opts.rtsp_transport,
+    let mut w = Worker {
+        model,
+        model_name,
+        device,
+        dev_name: crate::device::describe(device),
+        opts,
+        spec,
+        sopts: SourceOptions {
+            width: cfg.image_size as u32,
+            height: cfg.image_size as u32,
+            fps: opts.fps,
+            resize: opts.resize,
+            rtsp_transport: opts.rtsp_transport,
+        },
+        sink,
+        hooks,
+        ev_tx,
+        ev_rx,
+        streams: Vec::new(),
+        controller,
+        summary: Summary::default(),
+        t_start: Instant::now(),
+        spawned: 0,
+        done: 0,
+        last_stats: Instant::now(),
+        retired: Interval::default(),
+        arrivals: VecDeque::new(),
     };
-    let dev_name = crate::device::describe(device);
-    let mut states: Vec<StreamState> = Vec::new();
-    let mut rxs: Vec<Receiver<StreamMsg>> = Vec::new();
-    let mut handles = Vec::new();
     for s in streams {
-        match Input::parse(&s.input) {
-            Err(e) => {
-                let reason = e.to_string().replace(&s.input, &s.name);
-                sink.write(&Event::StreamError {
-                    stream: s.name.clone(),
-                    reason: reason.clone(),
-                    time: now(),
-                })?;
-                // Every stream's last event is stream_ended, even one that never started.
-                sink.write(&Event::StreamEnded {
-                    stream: s.name.clone(),
-                    clips: 0,
-                    frames: 0,
-                    dropped_clips: 0,
-                    time: now(),
-                })?;
-                summary.failed.push((s.name.clone(), reason));
-            }
-            Ok(input) => {
-                let live = input.is_live();
-                let (tx, rx) = bounded(opts.queue);
-                let ctx = StreamCtx {
-                    idx: states.len(),
-                    name: s.name.clone(),
-                    input,
-                    live,
-                    sopts: sopts.clone(),
-                    spec,
-                    mean: cfg.mean,
-                    std: cfg.std,
-                    opts: opts.clone(),
-                    tx,
-                    oldest: rx.clone(),
-                    events: ev_tx.clone(),
-                    stop: stop.clone(),
-                    model: model_name.to_string(),
-                    device: dev_name.clone(),
-                };
-                handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("source-{}", states.len()))
-                        .spawn(move || ctx.run())
-                        .map_err(RuntimeError::Sink)?,
-                );
-                states.push(StreamState {
-                    name: s.name.clone(),
-                    live,
-                    ended: false,
-                    clips: 0,
-                    prob_sum: vec![0.0; cfg.num_classes],
-                });
-                rxs.push(rx);
-            }
-        }
-    }
-    drop(ev_tx);
-
-    let (t, hw) = (cfg.frames, cfg.image_size);
-    let mut pending: Vec<(usize, ClipMsg)> = Vec::new();
-    let mut next = 0usize;
-    let mut done = 0usize;
-    loop {
-        while let Ok(e) = ev_rx.try_recv() {
-            sink.write(&e)?;
-        }
-        // Take clips round-robin across streams so no stream starves another.
-        let mut took = false;
-        let mut ended_now: Vec<(usize, u64, u64, Option<String>)> = Vec::new();
-        for k in 0..rxs.len() {
-            let i = (next + k) % rxs.len();
-            if states[i].ended || pending.len() >= opts.batch {
-                continue;
-            }
-            match rxs[i].try_recv() {
-                Ok(StreamMsg::Clip(c)) => {
-                    pending.push((i, c));
-                    took = true;
-                }
-                Ok(StreamMsg::End {
-                    frames,
-                    dropped,
-                    error,
-                }) => {
-                    states[i].ended = true;
-                    ended_now.push((i, frames, dropped, error));
-                    took = true;
-                }
-                Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => {
-                    states[i].ended = true;
-                    ended_now.push((i, 0, 0, Some("source thread stopped unexpectedly".into())));
-                }
-            }
-        }
-        next = (next + 1) % rxs.len().max(1);
-        let all_ended = states.iter().all(|s| s.ended);
-        let oldest_wait = pending.first().map(|(_, c)| c.ready.elapsed());
-        let flush = pending.len() >= opts.batch
-            || oldest_wait.is_some_and(|w| w >= opts.max_wait)
-            || (!pending.is_empty() && (all_ended || !ended_now.is_empty()));
-        if flush {
-            infer(
-                model,
-                device,
-                opts,
-                &mut pending,
-                &mut states,
-                sink,
-                model_name,
-                (t, hw),
-                &mut summary,
-            )?;
-            progress(&Progress {
-                clips: summary.clips,
-                streams_done: done,
-                streams: states.len(),
-                elapsed: t_start.elapsed(),
-            });
-        }
-        for (i, frames, dropped, error) in ended_now {
-            let st = &states[i];
-            summary.frames += frames;
-            summary.dropped_clips += dropped;
-            if let Some(reason) = &error {
-                sink.write(&Event::StreamError {
-                    stream: st.name.clone(),
-                    reason: reason.clone(),
-                    time: now(),
-                })?;
-                summary.failed.push((st.name.clone(), reason.clone()));
-            }
-            if !st.live && st.clips > 0 {
-                let avg: Vec<f32> = st
-                    .prob_sum
-                    .iter()
-                    .map(|p| (*p / st.clips as f64) as f32)
-                    .collect();
-                sink.write(&Event::Video {
-                    event_id: format!("{}#video", st.name),
-                    stream: st.name.clone(),
-                    clips: st.clips,
-                    labels: topk(&avg, &model.labels, opts.topk),
-                    model: model_name.to_string(),
-                    time: now(),
-                })?;
-            }
-            sink.write(&Event::StreamEnded {
-                stream: st.name.clone(),
-                clips: st.clips,
-                frames,
-                dropped_clips: dropped,
+        if let Err(e) = w.add(s) {
+            let reason = e.to_string();
+            w.write(&Event::StreamError {
+                stream: s.name.clone(),
+                reason: reason.clone(),
                 time: now(),
             })?;
-            done += 1;
-            progress(&Progress {
-                clips: summary.clips,
-                streams_done: done,
-                streams: states.len(),
-                elapsed: t_start.elapsed(),
-            });
+            // Every stream's last event is stream_ended, even one that never started.
+            w.write(&Event::StreamEnded {
+                stream: s.name.clone(),
+                clips: 0,
+                frames: 0,
+                dropped_clips: 0,
+                time: now(),
+            })?;
+            w.summary.inputs += 1;
+            w.summary.failed.push((s.name.clone(), reason));
         }
-        if all_ended && pending.is_empty() {
-            break;
+    }
+    let result = w.main_loop();
+    if result.is_err() {
+        // Do not leave source threads running behind an error.
+        for s in &w.streams {
+            s.stop.store(true, Ordering::Relaxed);
         }
-        if !took && !flush {
-            // Nothing ready: block until a queue or an event has something, or the oldest
-            // pending clip's wait runs out.
-            let wait = match pending.first() {
-                Some((_, c)) => opts
-                    .max_wait
-                    .saturating_sub(c.ready.elapsed())
-                    .max(Duration::from_millis(1)),
-                None => Duration::from_millis(100),
-            };
-            let mut sel = Select::new();
-            for (i, rx) in rxs.iter().enumerate() {
-                if !states[i].ended {
-                    sel.recv(rx);
-                }
+        for s in &mut w.streams {
+            if let Some(h) = s.handle.take() {
+                let _ = h.join();
             }
-            sel.recv(&ev_rx);
-            let _ = sel.ready_timeout(wait);
         }
     }
-    while let Ok(e) = ev_rx.try_recv() {
-        sink.write(&e)?;
+    result?;
+    if w.opts.stats_interval.is_some() {
+        w.stats()?;
     }
-    for h in handles {
-        let _ = h.join();
-    }
-    summary.events = sink.written;
-    summary.elapsed = t_start.elapsed();
-    Ok(summary)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn infer(
-    model: &LoadedModel,
-    device: &Device,
-    opts: &RuntimeOptions,
-    pending: &mut Vec<(usize, ClipMsg)>,
-    states: &mut [StreamState],
-    sink: &mut JsonLinesSink,
-    model_name: &str,
-    (t, hw): (usize, usize),
-    summary: &mut Summary,
-) -> Result<(), RuntimeError> {
-    let batch: Vec<(usize, ClipMsg)> = std::mem::take(pending);
-    let started = Instant::now();
-    let refs: Vec<&[f32]> = batch.iter().map(|(_, c)| c.data.as_slice()).collect();
-    let x = tokenizer::batch(&refs, t, hw, hw, device)?;
-    let out = model
-        .model
-        .forward(&x, &[opts.capacity], &ForwardOptions::default())?;
-    let probs = candle_nn::ops::softmax(&out.logits, D::Minus1)?.to_vec2::<f32>()?;
-    let inference_ms = started.elapsed().as_secs_f64() * 1e3;
-    for (k, (i, c)) in batch.iter().enumerate() {
-        let st = &mut states[*i];
-        st.clips += 1;
-        st.prob_sum
-            .iter_mut()
-            .zip(&probs[k])
-            .for_each(|(a, p)| *a += *p as f64);
-        summary.clips += 1;
-        let e = Event::Clip {
-            event_id: format!("{}#{}", st.name, c.clip_index),
-            stream: st.name.clone(),
-            clip_index: c.clip_index,
-            pts_start_ns: c.pts[0],
-            pts_end_ns: c.pts[1],
-            frames: c.frames,
-            padded_frames: c.padded,
-            labels: topk(&probs[k], &model.labels, opts.topk),
-            capacity: out.capacity[k],
-            model: model_name.to_string(),
-            latency_ms: Latency {
-                queue_ms: started.duration_since(c.ready).as_secs_f64() * 1e3,
-                inference_ms,
-                end_to_end_ms: c.ready.elapsed().as_secs_f64() * 1e3,
-            },
-            time: now(),
-        };
-        sink.write(&e)?;
-    }
-    Ok(())
+    w.drain_events()?;
+    w.summary.events = w.sink.written();
+    w.summary.elapsed = w.t_start.elapsed();
+    Ok(w.summary)
 }

@@ -54,8 +54,7 @@ fn run_files(model: &Path, inputs: &[String], opts: &RuntimeOptions, out: &Path)
         &streams,
         opts,
         &mut sink,
-        Arc::new(AtomicBool::new(false)),
-        &mut |_| {},
+        runtime::Hooks::new(Arc::new(AtomicBool::new(false))),
     )
     .unwrap()
 }
@@ -359,8 +358,7 @@ fn spawn_live(
             &streams,
             &opts,
             &mut sink,
-            stop,
-            &mut |_| {},
+            runtime::Hooks::new(stop),
         )
         .unwrap()
     })
