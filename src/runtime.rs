@@ -567,6 +567,8 @@ struct Interval {
     dropped: u64,
     shed: u64,
     frames_at_start: u64,
+    /// Frames decoded in the interval by streams that have ended since it began.
+    retired_frames: u64,
 }
 
 struct StreamState {
@@ -659,6 +661,7 @@ impl Interval {
         self.within += o.within;
         self.dropped += o.dropped;
         self.shed += o.shed;
+        self.retired_frames += o.retired_frames;
     }
 }
 
@@ -1079,6 +1082,10 @@ impl Worker<'_, '_> {
             if let Some(t) = &self.hooks.telemetry {
                 t.remove_stream(&st.name);
             }
+            st.interval.retired_frames = st
+                .frames_seen
+                .load(Ordering::Relaxed)
+                .saturating_sub(st.interval.frames_at_start);
             self.retired.merge(&st.interval);
             self.done += 1;
             self.progress();
@@ -1115,7 +1122,9 @@ impl Worker<'_, '_> {
         let total = summarize(
             "*".into(),
             &mut lat,
-            streams.iter().fold(0.0, |a, s| a + s.fps),
+            streams
+                .iter()
+                .fold(all.retired_frames as f64 / secs, |a, s| a + s.fps),
             streams.iter().map(|s| s.queue_depth).sum(),
             &all,
             self.target_ms(),
