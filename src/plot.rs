@@ -184,6 +184,44 @@ pub fn expert_map(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// One line per run through its per-second bins (served, p99, capacity), skipping empty bins.
+fn run_lines(
+    c: &mut Chart,
+    runs: &[TimelineRun],
+    bins: &[Vec<(f64, f64, f64)>],
+    prefix: &str,
+    pick: impl Fn(&(f64, f64, f64)) -> f64,
+) -> DrawResult {
+    for ((r, b), col) in runs.iter().zip(bins).zip([BLUE, RED, GREEN, MAGENTA]) {
+        c.draw_series(LineSeries::new(
+            b.iter()
+                .enumerate()
+                .map(|(i, v)| (i as f64 + 0.5, pick(v)))
+                .filter(|(_, y)| y.is_finite()),
+            col.stroke_width(2),
+        ))?
+        .label(format!("{prefix}{}", r.name))
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+    }
+    Ok(())
+}
+
+fn legend<'a, 'b: 'a>(c: &mut Chart<'a, 'b>, pos: SeriesLabelPosition) -> DrawResult {
+    c.configure_series_labels()
+        .position(pos)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
 /// One policy's run for [`timeline`]: (seconds, latency ms, capacity) per classified clip and
 /// (seconds, count) per drop.
 pub struct TimelineRun {
@@ -204,7 +242,6 @@ pub fn timeline(
 ) -> anyhow::Result<()> {
     ensure_font()?;
     let secs = total_s.ceil() as usize;
-    let colours = [BLUE, RED, GREEN, MAGENTA];
     // Per-second bins: served clips/s, p99 latency, mean capacity.
     let bins: Vec<Vec<(f64, f64, f64)>> = runs
         .iter()
@@ -229,7 +266,7 @@ pub fn timeline(
     let lat_max = (target_ms * 4.0).max(1.0);
     let load_max = offered.1 * 1.3;
     let root = BitMapBackend::new(path, (1000, 900)).into_drawing_area();
-    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+    let draw = || -> DrawResult {
         root.fill(&WHITE)?;
         let panels = root.split_evenly((3, 1));
         let x = 0f64..total_s;
@@ -254,20 +291,9 @@ pub fn timeline(
         ))?
         .label("offered")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
-        for ((r, b), col) in runs.iter().zip(&bins).zip(colours) {
-            c.draw_series(LineSeries::new(
-                b.iter().enumerate().map(|(i, v)| (i as f64 + 0.5, v.0)),
-                col.stroke_width(2),
-            ))?
-            .label(format!("served, {}", r.name))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
-        }
+        run_lines(&mut c, runs, &bins, "served, ", |v| v.0)?;
         c.draw_series(step_line(load_max))?;
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::UpperLeft)?;
         // Latency.
         let mut c = ChartBuilder::on(&panels[1])
             .caption("p99 end-to-end latency per second (ms)", ("sans-serif", 20))
@@ -282,23 +308,9 @@ pub fn timeline(
         ))?
         .label("target")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-        for ((r, b), col) in runs.iter().zip(&bins).zip(colours) {
-            c.draw_series(LineSeries::new(
-                b.iter()
-                    .enumerate()
-                    .filter(|(_, v)| v.1.is_finite())
-                    .map(|(i, v)| (i as f64 + 0.5, v.1.min(lat_max))),
-                col.stroke_width(2),
-            ))?
-            .label(r.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
-        }
+        run_lines(&mut c, runs, &bins, "", |v| v.1.min(lat_max))?;
         c.draw_series(step_line(lat_max))?;
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::UpperLeft)?;
         // Capacity.
         let mut c = ChartBuilder::on(&panels[2])
             .caption("mean capacity e_c per second", ("sans-serif", 20))
@@ -307,23 +319,9 @@ pub fn timeline(
             .y_label_area_size(60)
             .build_cartesian_2d(x, 0f64..1.05f64)?;
         c.configure_mesh().x_desc("seconds").y_desc("e_c").draw()?;
-        for ((r, b), col) in runs.iter().zip(&bins).zip(colours) {
-            c.draw_series(LineSeries::new(
-                b.iter()
-                    .enumerate()
-                    .filter(|(_, v)| v.2.is_finite())
-                    .map(|(i, v)| (i as f64 + 0.5, v.2)),
-                col.stroke_width(2),
-            ))?
-            .label(r.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
-        }
+        run_lines(&mut c, runs, &bins, "", |v| v.2)?;
         c.draw_series(step_line(1.05))?;
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::LowerLeft)?;
         root.present()?;
         Ok(())
     };

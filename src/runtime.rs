@@ -1129,19 +1129,10 @@ impl Worker<'_, '_> {
             &all,
             self.target_ms(),
         );
+        self.update_gauges();
         if let Some(t) = &self.hooks.telemetry {
             for s in &streams {
-                let st = self.streams.iter().find(|x| x.name == s.stream);
-                t.update_stream(&s.stream, |i| {
-                    i.fps = s.fps;
-                    if let Some(st) = st {
-                        i.clips = st.clips;
-                        i.frames = st.frames_seen.load(Ordering::Relaxed);
-                        i.dropped_clips = st.dropped_seen + st.dropped_here - st.shed;
-                        i.shed_clips = st.shed;
-                        i.queue_depth = st.queue.len();
-                    }
-                });
+                t.update_stream(&s.stream, |i| i.fps = s.fps);
             }
         }
         for s in &mut self.streams {
