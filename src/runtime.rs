@@ -634,6 +634,7 @@ struct Worker<'a, 'h> {
     retired: Interval,
     /// When recent clips arrived (dropped ones included), for the arrival rate.
     arrivals: VecDeque<Instant>,
+    control_closed: bool,
 }
 
 /// Clips per millisecond over the last two seconds of `arrivals` (pruned here).
@@ -1173,7 +1174,16 @@ impl Worker<'_, '_> {
             return false;
         };
         let mut any = false;
-        while let Ok(cmd) = rx.try_recv() {
+        loop {
+            let cmd = match rx.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    // Nobody can send any more; stop selecting on it (it would always be ready).
+                    self.control_closed = true;
+                    break;
+                }
+            };
             any = true;
             match cmd {
                 Control::Add { stream, reply } => {
@@ -1200,7 +1210,7 @@ impl Worker<'_, '_> {
             }
         }
         sel.recv(&self.ev_rx);
-        if let Some(c) = &self.hooks.control {
+        if let Some(c) = self.hooks.control.as_ref().filter(|_| !self.control_closed) {
             sel.recv(c);
         }
         let _ = sel.ready_timeout(timeout);
@@ -1351,6 +1361,7 @@ pub fn run(
         last_stats: Instant::now(),
         retired: Interval::default(),
         arrivals: VecDeque::new(),
+        control_closed: false,
     };
     for s in streams {
         if let Err(e) = w.add(s) {
