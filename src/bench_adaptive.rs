@@ -196,7 +196,7 @@ impl Run<'_> {
             })
         };
         let mut trace = Trace::default();
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut rng = crate::dataset::Rng::new(0x2545_F491_4F6C_DD1D);
         let cap = self.a.agreement_clips;
         let mut on_clip = |o: &ClipOutcome| match o {
             ClipOutcome::Classified {
@@ -223,10 +223,7 @@ impl Run<'_> {
                 if s.len() < cap {
                     s.push((data.to_vec(), argmax(probs)));
                 } else {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    let j = (rng % trace.seen[ph]) as usize;
+                    let j = rng.below(trace.seen[ph] as usize);
                     if j < cap {
                         s[j] = (data.to_vec(), argmax(probs));
                     }
@@ -464,13 +461,14 @@ fn checks(r: &[PolicyResult]) -> Vec<Check> {
     let Some(ad) = r.iter().find(|p| p.policy == "adaptive") else {
         return out;
     };
-    for (name, get) in [
-        (
-            "before",
-            (|p: &PolicyResult| p.before.clone()) as fn(&PolicyResult) -> PhaseResult,
-        ),
-        ("after", |p: &PolicyResult| p.after.clone()),
-    ] {
+    for (k, name) in ["before", "after"].into_iter().enumerate() {
+        let get = |p: &PolicyResult| {
+            if k == 0 {
+                p.before.clone()
+            } else {
+                p.after.clone()
+            }
+        };
         let a = get(ad);
         out.push(Check {
             what: format!(

@@ -630,16 +630,6 @@ mod tests {
         }
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn uniform(&mut self) -> f64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
-
     struct SimResult {
         /// (arrival ms, latency ms or None if shed) per clip, in arrival order.
         clips: Vec<(f64, Option<f64>)>,
@@ -657,7 +647,7 @@ mod tests {
         step: f64,
     ) -> SimResult {
         let (a, b) = (2.0, 1.0);
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = crate::dataset::Rng::new(7);
         let arrivals: Vec<f64> = (0..)
             .map(|i| i as f64 * gap_ms)
             .take_while(|t| *t < total_ms)
@@ -689,7 +679,7 @@ mod tests {
             }
             let ids: Vec<usize> = queue.drain(..p.batch).collect();
             let slow = if now >= step_at_ms { step } else { 1.0 };
-            let noise = 1.0 + 0.1 * (rng.uniform() - 0.5);
+            let noise = 1.0 + 0.1 * (rng.f() as f64 - 0.5);
             let took = (a + b * p.capacity * p.batch as f64) * slow * noise;
             batches.push((now, p.capacity));
             now += took;

@@ -27,27 +27,11 @@ impl Histogram {
         self.sum += v;
         self.count += 1;
     }
-    pub fn count(&self) -> u64 {
-        self.count
-    }
 }
 
-/// The pipeline stages whose latency is recorded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage {
-    /// Last frame in to the start of the batch's forward.
-    Queue,
-    /// The batch's forward.
-    Inference,
-    /// Last frame in to the event written.
-    EndToEnd,
-}
-
-const STAGES: [(Stage, &str); 3] = [
-    (Stage::Queue, "queue"),
-    (Stage::Inference, "inference"),
-    (Stage::EndToEnd, "end_to_end"),
-];
+/// The stages whose latency is recorded per clip: last frame in to the start of the batch's
+/// forward, the batch's forward, last frame in to the event written.
+const STAGES: [&str; 3] = ["queue", "inference", "end_to_end"];
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StreamInfo {
@@ -121,16 +105,22 @@ impl Telemetry {
     pub fn streams(&self) -> Vec<StreamInfo> {
         self.with(|s| s.streams.values().cloned().collect())
     }
-    pub fn observe(&self, stage: Stage, ms: f64) {
-        let i = STAGES.iter().position(|(s, _)| *s == stage).unwrap_or(0);
-        self.with(|s| s.stages[i].observe(ms));
-    }
-    /// A clip's outcome against the latency target (a dropped clip is a miss).
-    pub fn slo(&self, within: bool) {
+    /// A classified clip: its latency per stage (in [`STAGES`] order) and, with a target,
+    /// whether it was within it.
+    pub fn clip(&self, stage_ms: [f64; 3], within: Option<bool>) {
         self.with(|s| {
-            s.slo_total += 1;
-            s.slo_within += within as u64;
+            for (h, ms) in s.stages.iter_mut().zip(stage_ms) {
+                h.observe(ms);
+            }
+            if let Some(w) = within {
+                s.slo_total += 1;
+                s.slo_within += w as u64;
+            }
         });
+    }
+    /// Dropped or shed clips: misses against the target.
+    pub fn slo_misses(&self, count: u64) {
+        self.with(|s| s.slo_total += count);
     }
     pub fn batch(&self, capacity: f64, slowdown: f64) {
         self.with(|s| {
@@ -158,7 +148,7 @@ impl Telemetry {
                     .replace('\n', "\\n")
             };
             o.push_str("# HELP mone_stage_latency_ms Latency of a pipeline stage per clip, in milliseconds.\n# TYPE mone_stage_latency_ms histogram\n");
-            for ((_, name), h) in STAGES.iter().zip(&s.stages) {
+            for (name, h) in STAGES.iter().zip(&s.stages) {
                 let mut cum = 0;
                 for (b, c) in BUCKETS_MS.iter().zip(&h.counts) {
                     cum += c;
@@ -345,10 +335,10 @@ mod tests {
             ..Default::default()
         });
         for v in [0.5, 3.0, 40.0, 40.0, 1e6] {
-            t.observe(Stage::EndToEnd, v);
+            t.clip([1.0, 1.0, v], None);
         }
-        t.slo(true);
-        t.slo(false);
+        t.clip([1.0, 1.0, 1.0], Some(true));
+        t.slo_misses(1);
         t.batch(0.5, 1.2);
         let text = t.render();
         let samples = parse_prometheus(&text).unwrap();
@@ -373,11 +363,12 @@ mod tests {
             .map(|s| s.2)
             .collect();
         assert!(buckets.windows(2).all(|w| w[0] <= w[1]));
-        assert_eq!(*buckets.last().unwrap(), 5.0);
-        assert_eq!(
-            get("mone_stage_latency_ms_bucket", Some(("le", "50"))),
-            Some(0.0)
-        );
+        assert_eq!(*buckets.last().unwrap(), 6.0);
+        // 0.5, 3, 40, 40 and the 1 ms clip are at most 50 ms; 1e6 only in +Inf.
+        let le50 = samples.iter().find(|(n, l, _)| {
+            n == "mone_stage_latency_ms_bucket" && l["stage"] == "end_to_end" && l["le"] == "50"
+        });
+        assert_eq!(le50.map(|s| s.2), Some(5.0));
         assert!(parse_prometheus("bad name{} 1").is_err());
         assert!(parse_prometheus("x{a=1} 1").is_err());
         assert!(parse_prometheus("x one").is_err());

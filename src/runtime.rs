@@ -20,7 +20,7 @@ use crate::controller::{Controller, ControllerSettings, LatencyProfile};
 use crate::events::{
     now, redact, Event, EventSink, LabelScore, Latency, LatencyPercentiles, StreamStats,
 };
-use crate::metrics::{percentile, Stage, StreamInfo, Telemetry};
+use crate::metrics::{percentile, StreamInfo, Telemetry};
 use crate::model::{Config, ForwardOptions, LoadedModel};
 use crate::source::{Input, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline};
 use crate::tokenizer;
@@ -808,9 +808,7 @@ impl Worker<'_, '_> {
         }
         if let Some(t) = &self.hooks.telemetry {
             if self.controller.is_some() {
-                for _ in 0..count {
-                    t.slo(false);
-                }
+                t.slo_misses(count);
             }
         }
         if let Some(f) = self.hooks.on_clip.as_mut() {
@@ -970,7 +968,8 @@ impl Worker<'_, '_> {
                 .for_each(|(a, p)| *a += *p as f64);
             self.summary.clips += 1;
             let queue_ms = started.duration_since(c.arrived).as_secs_f64() * 1e3;
-            let mut e = Event::Clip {
+            let e2e = c.arrived.elapsed().as_secs_f64() * 1e3;
+            let e = Event::Clip {
                 event_id: format!("{}#{}", st.name, c.clip_index),
                 stream: st.name.clone(),
                 clip_index: c.clip_index,
@@ -984,14 +983,10 @@ impl Worker<'_, '_> {
                 latency_ms: Latency {
                     queue_ms,
                     inference_ms,
-                    end_to_end_ms: 0.0,
+                    end_to_end_ms: e2e,
                 },
                 time: now(),
             };
-            let e2e = c.arrived.elapsed().as_secs_f64() * 1e3;
-            if let Event::Clip { latency_ms, .. } = &mut e {
-                latency_ms.end_to_end_ms = e2e;
-            }
             self.sink.write(&e)?;
             let st = &mut self.streams[*i];
             st.interval.latencies.push(e2e);
@@ -1000,12 +995,10 @@ impl Worker<'_, '_> {
             let within = target.is_none_or(|t| e2e <= t);
             st.interval.within += within as u64;
             if let Some(tel) = &self.hooks.telemetry {
-                tel.observe(Stage::Queue, queue_ms);
-                tel.observe(Stage::Inference, inference_ms);
-                tel.observe(Stage::EndToEnd, e2e);
-                if target.is_some() {
-                    tel.slo(within);
-                }
+                tel.clip(
+                    [queue_ms, inference_ms, e2e],
+                    target.is_some().then_some(within),
+                );
             }
             if let Some(f) = self.hooks.on_clip.as_mut() {
                 f(&ClipOutcome::Classified {
