@@ -30,6 +30,14 @@ pub struct ModelBenchArgs {
     /// Capacities to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_CAPACITIES.to_vec())]
     pub capacities: Vec<f64>,
+    /// Weights and activations: f32, bf16 or f16 (reduced precision is for GPUs). With bf16 or
+    /// f16 the table adds each row's logit difference from f32 (same weights, same input).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// On a GPU, also measure where the time goes (a separate pass that synchronizes the
+    /// device around every part of the forward).
+    #[arg(long)]
+    pub gpu_profile: bool,
     /// Also time the dense model built from plain candle layers.
     #[arg(long)]
     pub plain: bool,
@@ -58,6 +66,11 @@ pub struct BenchRow {
     pub profile_ms: Vec<(String, f64)>,
     /// Share of the time outside the nested linear layers.
     pub non_linear_share: f64,
+    /// ||logits - logits_f32|| / ||logits_f32|| over the batch, same weights and input (only
+    /// for a reduced precision).
+    pub logit_rel_diff: Option<f64>,
+    /// % of clips whose top-1 equals the f32 top-1 (only for a reduced precision).
+    pub top1_agreement_f32: Option<f64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -65,6 +78,7 @@ pub struct BenchReport {
     pub model: String,
     pub batch: usize,
     pub device: String,
+    pub dtype: String,
     pub threads: usize,
     pub iters: usize,
     pub dense: BenchRow,
@@ -111,7 +125,8 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     anyhow::ensure!(args.iters >= 1, "--iters must be at least 1");
     let dev = crate::device::open(&args.device)?;
-    let (cfg, m, name): (Config, MoneVivit, String) = match &args.model {
+    let dtype = crate::device::parse_dtype(&args.dtype)?;
+    let (cfg, m32, name): (Config, MoneVivit, String) = match &args.model {
         Some(dir) => {
             let l = model::load_model_dir(dir, &dev)?;
             (l.config, l.model, dir.display().to_string())
@@ -125,6 +140,12 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
     for &c in &args.capacities {
         model::capacity::solve(c, cfg.num_experts)?;
     }
+    let reduced = dtype != DType::F32;
+    let m = if reduced {
+        model::convert_model(&m32, &dev, dtype)?
+    } else {
+        m32.clone()
+    };
     let x = Tensor::randn(
         0f32,
         1f32,
@@ -162,6 +183,38 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
     profile::enable(false);
     if !args.json {
         eprintln!();
+    }
+    if args.gpu_profile && !dev.is_cpu() {
+        profile::enable_on(&dev);
+        for (i, w) in configs.iter().enumerate() {
+            parts[i].iter_mut().for_each(Vec::clear);
+            for _ in 0..args.iters.min(3) {
+                run_once(&m, &x, w, &dev)?;
+                for (k, (_, s)) in profile::snapshot().into_iter().enumerate() {
+                    parts[i][k].push(s);
+                }
+            }
+        }
+        profile::enable(false);
+    }
+
+    // Precision: every configuration against the f32 model on the same input.
+    let mut diffs: Vec<Option<(f64, f64)>> = vec![None; configs.len()];
+    if reduced {
+        for (i, w) in configs.iter().enumerate() {
+            let (a, b) = match w {
+                Which::Dense => (m.forward_dense(&x)?, m32.forward_dense(&x)?),
+                Which::Plain => (m.forward_plain(&x)?, m32.forward_plain(&x)?),
+                Which::Mone(c) => {
+                    let o = ForwardOptions::default();
+                    (
+                        m.forward(&x, &[*c], &o)?.logits,
+                        m32.forward(&x, &[*c], &o)?.logits,
+                    )
+                }
+            };
+            diffs[i] = Some(logit_diff(&a, &b)?);
+        }
     }
 
     let dense_lat = median(&mut times[0].clone());
@@ -214,6 +267,8 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
             } else {
                 f64::NAN
             },
+            logit_rel_diff: diffs[i].map(|d| d.0),
+            top1_agreement_f32: diffs[i].map(|d| d.1),
         });
     }
     let dense = rows.remove(0);
@@ -226,6 +281,7 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
         model: name,
         batch: args.batch,
         device: crate::device::describe(&dev),
+        dtype: format!("{dtype:?}").to_lowercase(),
         threads: candle_core::utils::get_num_threads(),
         iters: args.iters,
         dense,
@@ -234,15 +290,35 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
     })
 }
 
+/// (relative L2 difference, % top-1 agreement) of `a` against the reference `b`.
+fn logit_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<(f64, f64)> {
+    let a = a.to_dtype(DType::F64)?;
+    let b = b.to_dtype(DType::F64)?;
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let ta = a.argmax(1)?.to_vec1::<u32>()?;
+    let tb = b.argmax(1)?.to_vec1::<u32>()?;
+    let same = ta.iter().zip(&tb).filter(|(x, y)| x == y).count();
+    Ok((
+        (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+        100.0 * same as f64 / ta.len().max(1) as f64,
+    ))
+}
+
 pub fn format_table(r: &BenchReport) -> String {
     let mut s = format!(
-        "mone bench model: {}, batch {}, {} ({} threads), median of {}\n",
-        r.model, r.batch, r.device, r.threads, r.iters
+        "mone bench model: {}, batch {}, {} {} ({} threads), median of {}\n",
+        r.model, r.batch, r.device, r.dtype, r.threads, r.iters
     );
-    s += "config          GMACs/clip  FLOP ratio  latency ms   clips/s  speed-up  outside linear\n";
+    let precision = r.dense.logit_rel_diff.is_some();
+    s += "config          GMACs/clip  FLOP ratio  latency ms   clips/s  speed-up  outside linear";
+    if precision {
+        s += "  logit diff vs f32  top-1 = f32";
+    }
+    s += "\n";
     let line = |name: String, row: &BenchRow| {
-        format!(
-            "{:<14} {:>11.2} {:>11.2} {:>11.1} {:>9.2} {:>9.2} {:>14}\n",
+        let mut l = format!(
+            "{:<14} {:>11.2} {:>11.2} {:>11.1} {:>9.2} {:>9.2} {:>14}",
             name,
             row.gmacs,
             row.flop_ratio,
@@ -254,7 +330,11 @@ pub fn format_table(r: &BenchReport) -> String {
             } else {
                 "-".into()
             }
-        )
+        );
+        if let (Some(d), Some(a)) = (row.logit_rel_diff, row.top1_agreement_f32) {
+            l += &format!(" {d:>18.2e} {a:>11.1}%");
+        }
+        l + "\n"
     };
     s += &line("dense".into(), &r.dense);
     if let Some(p) = &r.plain {
@@ -265,6 +345,10 @@ pub fn format_table(r: &BenchReport) -> String {
             format!("mone e_c {:.2}", row.capacity.unwrap_or(f64::NAN)),
             row,
         );
+    }
+    if r.dense.profile_ms.iter().all(|(_, v)| *v == 0.0) {
+        // Not profiled (GPU work is asynchronous).
+        return s;
     }
     s += "\nwhere the time goes (ms, median):\n";
     s += &format!("{:<14}", "config");

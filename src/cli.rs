@@ -39,6 +39,9 @@ pub struct ClassifyArgs {
     /// auto, cpu or cuda[:N].
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Model precision: f32, or bf16/f16 on a GPU.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Sampled frames between clip starts (default: the clip length, no overlap).
     #[arg(long)]
     pub stride: Option<usize>,
@@ -110,14 +113,18 @@ pub fn install_signal_handlers() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-fn load_model(dir: &Path, device: &candle_core::Device) -> anyhow::Result<model::LoadedModel> {
+fn load_model(
+    dir: &Path,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> anyhow::Result<model::LoadedModel> {
     if !dir.exists() {
         anyhow::bail!(
             "no model folder at {} (pass --model DIR; `mone model init --out DIR` makes a random-weight one for trying the pipeline)",
             dir.display()
         );
     }
-    Ok(model::load_model_dir(dir, device)?)
+    Ok(model::load_model_dir_as(dir, device, dtype)?)
 }
 
 fn model_name(dir: &Path) -> String {
@@ -147,6 +154,8 @@ fn print_summary(s: &Summary) {
 /// What `mone run` adds to a plain classify run.
 #[derive(Default)]
 struct Extras {
+    /// f32 when None.
+    dtype: Option<String>,
     controller: Option<ControllerSettings>,
     reprofile: bool,
     http: Option<String>,
@@ -183,10 +192,11 @@ pub fn latency_profile(
     }
     feed(format!("{levels:?}").as_bytes());
     let key = format!(
-        "{}-{:016x}-{}-t{}-b{batch}",
+        "{}-{:016x}-{}-{:?}-t{}-b{batch}",
         model_name(&loaded.dir),
         h,
         crate::device::describe(device),
+        loaded.model.dtype(),
         candle_core::utils::get_num_threads()
     );
     let path = cache_dir().map(|d| d.join(format!("{key}.json")));
@@ -221,7 +231,8 @@ fn run_streams(
     extras: Extras,
 ) -> anyhow::Result<Summary> {
     let device = crate::device::open(device)?;
-    let loaded = load_model(model_dir, &device)?;
+    let dtype = crate::device::parse_dtype(extras.dtype.as_deref().unwrap_or("f32"))?;
+    let loaded = load_model(model_dir, &device, dtype)?;
     let mut opts = opts.clone();
     if let Some(settings) = extras.controller {
         let levels = settings.effective_levels();
@@ -348,7 +359,10 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
         &streams,
         &opts,
         a.out.as_deref(),
-        Extras::default(),
+        Extras {
+            dtype: Some(a.dtype.clone()),
+            ..Extras::default()
+        },
     )?;
     Ok(if s.failed.is_empty() { 0 } else { 1 })
 }
@@ -358,6 +372,7 @@ pub fn run_pipeline(path: &Path) -> anyhow::Result<i32> {
     let cfg = PipelineConfig::load(path)?;
     let opts = cfg.options().map_err(anyhow::Error::msg)?;
     let extras = Extras {
+        dtype: Some(cfg.model.dtype.clone()),
         controller: cfg.controller_settings().map_err(anyhow::Error::msg)?,
         reprofile: cfg.controller.as_ref().is_some_and(|c| c.reprofile),
         http: cfg.http.as_ref().map(|h| h.listen.clone()),

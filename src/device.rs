@@ -1,6 +1,6 @@
 //! Choosing the compute device from `auto`, `cpu` or `cuda[:N]`.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -8,6 +8,8 @@ pub enum DeviceError {
     Unknown(String),
     #[error("device `{0}` needs CUDA, but this mone was built without the `cuda` feature")]
     NoCuda(String),
+    #[error("unknown dtype `{0}`: use f32, bf16 or f16")]
+    UnknownDtype(String),
     #[error("could not open {0}: {1}")]
     Open(String, candle_core::Error),
 }
@@ -42,6 +44,17 @@ pub fn open(spec: &str) -> Result<Device, DeviceError> {
     }
 }
 
+/// Parse a weight and activation precision: f32, bf16 or f16. Reduced precision is for GPUs;
+/// the CPU's fused kernels are f32 only.
+pub fn parse_dtype(spec: &str) -> Result<DType, DeviceError> {
+    match spec.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        _ => Err(DeviceError::UnknownDtype(spec.to_string())),
+    }
+}
+
 /// A short name for logs and events.
 pub fn describe(d: &Device) -> String {
     match d {
@@ -61,6 +74,12 @@ mod tests {
         assert!(matches!(open("CPU"), Ok(Device::Cpu)));
         assert!(open("auto").is_ok());
         assert!(matches!(open("tpu"), Err(DeviceError::Unknown(_))));
+        assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("f32").unwrap(), DType::F32);
+        assert!(matches!(
+            parse_dtype("int8"),
+            Err(DeviceError::UnknownDtype(_))
+        ));
         if !candle_core::utils::cuda_is_available() {
             assert!(matches!(open("cuda:0"), Err(DeviceError::NoCuda(_))));
         }

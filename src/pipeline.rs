@@ -27,6 +27,9 @@ fn one() -> f64 {
 fn auto() -> String {
     "auto".into()
 }
+fn f32() -> String {
+    "f32".into()
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +39,9 @@ pub struct ModelSection {
     pub capacity: f64,
     #[serde(default = "auto")]
     pub device: String,
+    /// f32, or bf16/f16 on a GPU.
+    #[serde(default = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Deserialize, Default)]

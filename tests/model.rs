@@ -522,6 +522,44 @@ fn fused_and_generic_paths_agree_for_every_routing() {
     assert_ne!(l.assignment, r.assignment);
 }
 
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap();
+    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap()).sqrt()
+}
+
+#[test]
+fn tensor_routing_and_other_precisions_agree_with_host_routing_in_f32() {
+    // Off the CPU-f32 path (here: f64 and bf16 on the CPU, as on a GPU) EPR runs as tensor
+    // ops with no copy to the host; it must route exactly as the host version does.
+    let cfg = tiny();
+    let m = build(&cfg, &weights(&cfg, 5, 0.3));
+    let x = input(&cfg, 3, 4);
+    let m64 = model::convert_model(&m, &Device::Cpu, DType::F64).unwrap();
+    let m16 = model::convert_model(&m, &Device::Cpu, DType::BF16).unwrap();
+    assert_eq!(m64.dtype(), DType::F64);
+    for caps in [vec![0.4], vec![0.9], vec![0.3, 1.0, 0.5]] {
+        let want = m.forward(&x, &caps, &ForwardOptions::default()).unwrap();
+        let got = m64.forward(&x, &caps, &ForwardOptions::default()).unwrap();
+        assert_eq!(got.capacity, want.capacity);
+        let d = rel_l2(&got.logits, &want.logits);
+        assert!(
+            d < 1e-5,
+            "{caps:?}: f64 tensor routing differs from f32 host routing by {d}"
+        );
+        let low = m16.forward(&x, &caps, &ForwardOptions::default()).unwrap();
+        assert_eq!(low.logits.dtype(), DType::F32);
+        let d = rel_l2(&low.logits, &want.logits);
+        assert!(d < 5e-2, "{caps:?}: bf16 differs from f32 by {d}");
+    }
+    // A routing bug shows: the low capacity is not the full one.
+    let full = m64.forward(&x, &[1.0], &ForwardOptions::default()).unwrap();
+    let low = m64.forward(&x, &[0.4], &ForwardOptions::default()).unwrap();
+    assert!(rel_l2(&low.logits, &full.logits) > 1e-3);
+}
+
 #[test]
 fn per_clip_capacities_equal_each_clip_alone() {
     let cfg = tiny();

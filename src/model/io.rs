@@ -98,15 +98,21 @@ pub fn check_weights(path: &Path, cfg: &Config) -> Result<(), ModelError> {
 }
 
 /// Build the model from a weights file after checking it against the config.
-pub fn load_weights(path: &Path, cfg: &Config, device: &Device) -> Result<MoneVivit, ModelError> {
+pub fn load_weights(
+    path: &Path,
+    cfg: &Config,
+    device: &Device,
+    dtype: DType,
+) -> Result<MoneVivit, ModelError> {
     check_weights(path, cfg)?;
     // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }.map_err(
-        |e| ModelError::Weights {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        },
-    )?;
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.map_err(|e| {
+            ModelError::Weights {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
     MoneVivit::new(cfg, vb).map_err(|e| ModelError::Weights {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -114,6 +120,15 @@ pub fn load_weights(path: &Path, cfg: &Config, device: &Device) -> Result<MoneVi
 }
 
 pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    load_model_dir_as(dir, device, DType::F32)
+}
+
+/// Load a model folder with weights and activations in `dtype` (bf16/f16 for GPUs).
+pub fn load_model_dir_as(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, ModelError> {
     if !dir.is_dir() {
         return Err(ModelError::Io {
             path: dir.to_path_buf(),
@@ -122,7 +137,7 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelE
     }
     let config = read_config(&dir.join(CONFIG_FILE))?;
     let labels = read_labels(&dir.join(LABELS_FILE), config.num_classes)?;
-    let model = load_weights(&dir.join(WEIGHTS_FILE), &config, device)?;
+    let model = load_weights(&dir.join(WEIGHTS_FILE), &config, device, dtype)?;
     Ok(LoadedModel {
         dir: dir.to_path_buf(),
         config,
@@ -179,4 +194,19 @@ pub fn random_model(cfg: &Config, device: &Device) -> Result<MoneVivit, ModelErr
         .collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     Ok(MoneVivit::new(cfg, vb)?)
+}
+
+/// The same weights in another precision (and on another device).
+pub fn convert_model(
+    m: &MoneVivit,
+    device: &Device,
+    dtype: DType,
+) -> Result<MoneVivit, ModelError> {
+    let tensors = m
+        .named_tensors()
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_device(device)?.to_dtype(dtype)?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    Ok(MoneVivit::new(m.config(), vb)?)
 }

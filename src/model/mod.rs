@@ -17,7 +17,9 @@ pub mod vivit;
 use std::path::PathBuf;
 
 pub use config::{Activation, Config, Pooling};
-pub use io::{load_model_dir, random_model, save_model_dir, LoadedModel};
+pub use io::{
+    convert_model, load_model_dir, load_model_dir_as, random_model, save_model_dir, LoadedModel,
+};
 pub use vivit::{ForwardOptions, ForwardOutput, MoneVivit, Routing};
 
 #[derive(Debug, thiserror::Error)]

@@ -67,8 +67,9 @@ pub fn fused_ok(t: &Tensor, train: bool) -> bool {
 }
 
 fn gpu_ready(t: Tensor) -> Result<Tensor> {
-    // cuBLAS wants each operand contiguous or transposed; the CPU GEMM takes any strides.
-    if t.device().is_cpu() {
+    // cuBLAS wants each operand contiguous or transposed (a weight's `.t()` is, at no copy);
+    // the CPU GEMM takes any strides.
+    if t.device().is_cpu() || t.is_contiguous() || (t.rank() == 2 && t.t()?.is_contiguous()) {
         Ok(t)
     } else {
         t.contiguous()
@@ -85,9 +86,50 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Columns appended to an input so that its matmul adds the bias: a one and zeros up to a
+/// multiple of 8 (tensor cores want aligned K).
+const BIAS_COLS: usize = 8;
+
+/// x @ w^T + b in one GEMM on a GPU: [x | 1 0..0] @ [w | b 0..0]^T. candle adds a bias with a
+/// broadcasting kernel that, measured on an H100 (docs/benchmarks.md), cost more than the
+/// matmul itself; the extra columns cost one contiguous copy of x (which a width slice needs
+/// anyway) and K + 8 in the GEMM.
+pub(crate) fn gpu_affine(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (rows, n) = (x.dim(0)?, w.dim(0)?);
+    let (dt, dev) = (x.dtype(), x.device());
+    let xa = Tensor::cat(
+        &[
+            &x.contiguous()?,
+            &Tensor::ones((rows, 1), dt, dev)?,
+            &Tensor::zeros((rows, BIAS_COLS - 1), dt, dev)?,
+        ],
+        1,
+    )?;
+    let wa = Tensor::cat(
+        &[
+            &w.contiguous()?,
+            &b.reshape((n, 1))?,
+            &Tensor::zeros((n, BIAS_COLS - 1), dt, dev)?,
+        ],
+        1,
+    )?;
+    xa.matmul(&wa.t()?)
+}
+
 /// y[rows_g] = x[rows_g, :d_g] @ W[:, :d_g]^T + b: partial in-projection to the full output.
 pub fn in_proj(x: &Tensor, w: &Tensor, b: &Tensor, layout: &TokenLayout) -> Result<Tensor> {
     let d = x.dim(1)?;
+    if !x.device().is_cpu() {
+        let parts = layout
+            .groups
+            .iter()
+            .map(|g| {
+                let xs = x.narrow(0, g.row0, g.rows)?.narrow(1, 0, g.width)?;
+                gpu_affine(&xs, &w.narrow(1, 0, g.width)?, b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return Tensor::cat(&parts, 0);
+    }
     let mut parts = Vec::with_capacity(layout.groups.len());
     for g in &layout.groups {
         let mut xs = x.narrow(0, g.row0, g.rows)?;
@@ -120,10 +162,12 @@ pub fn out_proj(
     for g in &layout.groups {
         let xs = a.narrow(0, g.row0, g.rows)?;
         let ws = w.narrow(0, 0, g.width)?;
-        let mut y = add_bias(
-            &gpu_ready(xs)?.matmul(&gpu_ready(ws.t()?)?)?,
-            &b.narrow(0, 0, g.width)?,
-        )?;
+        let bs = b.narrow(0, 0, g.width)?;
+        let mut y = if a.device().is_cpu() {
+            add_bias(&xs.matmul(&ws.t()?)?, &bs)?
+        } else {
+            gpu_affine(&xs, &ws, &bs)?
+        };
         if let Some(s) = row_scale {
             y = y.broadcast_mul(&s.narrow(0, g.row0, g.rows)?)?;
         }
@@ -136,5 +180,38 @@ pub fn out_proj(
         Ok(parts.pop().unwrap_or_else(|| unreachable!()))
     } else {
         Tensor::cat(&parts, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_in_the_gemm_equals_matmul_plus_bias() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (40, 24), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 40, &dev).unwrap();
+        // A width slice, as the nested layers pass it.
+        let (xs, ws) = (x.narrow(1, 0, 12).unwrap(), w.narrow(1, 0, 12).unwrap());
+        let got = gpu_affine(&xs, &ws, &b).unwrap();
+        let want = xs
+            .contiguous()
+            .unwrap()
+            .matmul(&ws.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert_eq!(got.dims(), &[37, 40]);
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-4, "{d}");
     }
 }

@@ -1,8 +1,13 @@
-//! Opt-in wall-clock accounting of where a CPU forward spends its time (for `mone bench`).
-//! Off by default; when off a scope costs one relaxed atomic load.
+//! Opt-in wall-clock accounting of where a forward spends its time (for `mone bench`).
+//! Off by default; when off a scope costs one relaxed atomic load. On a GPU, whose work is
+//! asynchronous, each scope synchronizes the device at its start and end (slower, but the
+//! time lands in the right part).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
+
+use candle_core::Device;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
@@ -37,8 +42,27 @@ pub const PARTS: [Part; 10] = [
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static NANOS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
 
+static SYNC: Mutex<Option<Device>> = Mutex::new(None);
+
 pub fn enable(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Profile work on `device`: a GPU is synchronized around every scope.
+pub fn enable_on(device: &Device) {
+    if let Ok(mut s) = SYNC.lock() {
+        *s = (!device.is_cpu()).then(|| device.clone());
+    }
+    enable(true);
+}
+
+fn sync() {
+    if let Ok(s) = SYNC.lock() {
+        if let Some(d) = s.as_ref() {
+            // A failed synchronize surfaces at the next real op.
+            let _ = d.synchronize();
+        }
+    }
 }
 
 pub fn reset() {
@@ -56,16 +80,16 @@ pub fn snapshot() -> Vec<(Part, f64)> {
 pub struct Scope(Option<(Part, Instant)>);
 
 pub fn scope(part: Part) -> Scope {
-    Scope(
-        ENABLED
-            .load(Ordering::Relaxed)
-            .then(|| (part, Instant::now())),
-    )
+    Scope(ENABLED.load(Ordering::Relaxed).then(|| {
+        sync();
+        (part, Instant::now())
+    }))
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
         if let Some((p, t)) = self.0 {
+            sync();
             NANOS[p as usize].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }

@@ -91,6 +91,48 @@ pub fn epr_batch(scores: &[f32], s: usize, n: usize, e: usize, counts: &[usize])
     out
 }
 
+/// EPR on the tensor's own device, for `probs` (S, N, E): the grouped token order of
+/// [`group_order`]`(`[`epr_batch`]`)` as an (S, N) u32 tensor, with no copy to the host (a GPU
+/// would otherwise stop for one every forward). Each expert, widest first, sorts its scores
+/// with the taken tokens pushed below every probability and keeps the first `counts[j]`; the
+/// untaken rest is expert 0's. Same assignment as the host version up to ties; the order
+/// within a group may differ, which attention and mean pooling do not see.
+pub fn epr_order_device(probs: &Tensor, counts: &[usize]) -> Result<Tensor> {
+    let (s, n, e) = probs.dims3()?;
+    if counts.len() != e || counts.iter().sum::<usize>() != n {
+        candle_core::bail!("token counts {counts:?} do not split {n} tokens over {e} experts");
+    }
+    let dev = probs.device();
+    let probs = probs.to_dtype(DType::F32)?;
+    let mut taken = Tensor::zeros((s, n), DType::F32, dev)?;
+    let mut parts: Vec<Option<Tensor>> = vec![None; e];
+    for j in (1..e).rev() {
+        let k = counts[j];
+        if k == 0 {
+            continue;
+        }
+        // Probabilities are in [0, 1]; a taken token scores at most -1.
+        let scores = (probs.narrow(2, j, 1)?.squeeze(2)? - (&taken * 2.0)?)?;
+        let idx = scores
+            .contiguous()?
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, k)?
+            .contiguous()?;
+        taken = taken.scatter_add(&idx, &Tensor::ones((s, k), DType::F32, dev)?, 1)?;
+        parts[j] = Some(idx);
+    }
+    if counts[0] > 0 {
+        let rest = taken
+            .neg()?
+            .contiguous()?
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, counts[0])?;
+        parts[0] = Some(rest);
+    }
+    let parts: Vec<Tensor> = parts.into_iter().flatten().collect();
+    Tensor::cat(&parts, 1)
+}
+
 /// Per example, the token order that groups tokens by expert, smallest expert first
 /// (stable within a group). `assign` is (s, n); returns (s, n) original token indices.
 pub fn group_order(assign: &[u8], s: usize, n: usize, e: usize) -> Vec<u32> {
@@ -173,6 +215,40 @@ mod tests {
         let batch = epr_batch(&both, 2, n, 4, &counts);
         assert_eq!(&batch[..n], &epr(&a_s, n, 4, &counts)[..]);
         assert_eq!(&batch[n..], &epr(&b_s, n, 4, &counts)[..]);
+    }
+
+    #[test]
+    fn device_epr_matches_the_host_version() {
+        let (s, n, e) = (5, 37, 4);
+        for (seed, counts) in [
+            (3u64, [10, 9, 9, 9]),
+            (4, [0, 0, 12, 25]),
+            (5, [30, 0, 7, 0]),
+        ] {
+            let sc = random_scores(s * n * e, seed);
+            let host = group_order(&epr_batch(&sc, s, n, e, &counts), s, n, e);
+            let probs = Tensor::from_vec(sc, (s, n, e), &candle_core::Device::Cpu).unwrap();
+            let dev = epr_order_device(&probs, &counts)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            assert_eq!(dev.len(), s * n);
+            for i in 0..s {
+                let mut off = 0;
+                for &k in &counts {
+                    let mut a = host[i * n + off..i * n + off + k].to_vec();
+                    let mut b = dev[i * n + off..i * n + off + k].to_vec();
+                    a.sort();
+                    b.sort();
+                    assert_eq!(a, b, "sequence {i}, counts {counts:?}");
+                    off += k;
+                }
+            }
+        }
+        let probs = Tensor::zeros((1, 4, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(epr_order_device(&probs, &[1, 1]).is_err());
     }
 
     #[test]

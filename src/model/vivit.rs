@@ -13,7 +13,7 @@ use super::kernels::FusedLayerNorm;
 use super::mlp::{Mlp, RowScale};
 use super::nested::{fused_ok, TokenLayout};
 use super::profile::{scope, Part};
-use super::router::{epr_batch, group_order, random_scores, Router};
+use super::router::{epr_batch, epr_order_device, group_order, random_scores, Router};
 use super::{Config, Pooling};
 
 #[derive(Clone, Debug)]
@@ -43,7 +43,8 @@ impl Norm {
                     eps: self.eps as f32,
                 },
             )
-        } else if train {
+        } else if train || x.dtype() == DType::F64 {
+            // (candle's fused layer norm has no f64 kernel.)
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else if fused_ok(x, false) {
             x.contiguous()?.apply_op3_no_bwd(
@@ -179,6 +180,43 @@ pub struct MoneVivit {
     pub cfg: Config,
 }
 
+/// Logits of a reduced-precision model as f32, the callers' type (f32 and f64 stay as they are).
+fn widen(logits: Tensor) -> Result<Tensor> {
+    match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32),
+        _ => Ok(logits),
+    }
+}
+
+/// EPR on the host for `probs` (S, N, E): the token-major gather index and every token's expert.
+fn host_route(
+    probs: &Tensor,
+    counts: &[usize],
+    routing: Routing,
+    salt: u64,
+) -> Result<(Tensor, Vec<u8>)> {
+    let (s, n, e) = probs.dims3()?;
+    let scores = match routing {
+        Routing::Random { seed } => {
+            random_scores(s * n * e, seed.wrapping_add(salt.wrapping_mul(0x5851_F42D)))
+        }
+        _ => probs
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+    };
+    let assign = epr_batch(&scores, s, n, e, counts);
+    let perm = group_order(&assign, s, n, e);
+    // Token-major gather: row p * S + i holds the p-th token of sequence i's grouped order.
+    let mut idx = vec![0u32; s * n];
+    for i in 0..s {
+        for p in 0..n {
+            idx[p * s + i] = (i * n) as u32 + perm[i * n + p];
+        }
+    }
+    Ok((Tensor::new(idx.as_slice(), probs.device())?, assign))
+}
+
 impl MoneVivit {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()
@@ -202,6 +240,7 @@ impl MoneVivit {
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput> {
         let b = x.dim(0)?;
+        let x = &x.to_dtype(self.dtype())?;
         let caps: Vec<f64> = match capacity.len() {
             1 => vec![capacity[0]; b],
             n if n == b => capacity.to_vec(),
@@ -249,7 +288,7 @@ impl MoneVivit {
         let mut assignment = opts.want_assignment.then(|| vec![0u8; b * nt * n]);
         let pooled = if groups.len() == 1 {
             let (pooled, assign) = self.spatial_stage(tokens, &probs, &groups[0].0, opts, 0)?;
-            if let Some(a) = assignment.as_mut() {
+            if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
                 a.copy_from_slice(&assign);
             }
             pooled
@@ -269,7 +308,7 @@ impl MoneVivit {
                     opts,
                     gi as u64,
                 )?;
-                if let Some(a) = assignment.as_mut() {
+                if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
                     for (i, &c) in clips.iter().enumerate() {
                         a[c * nt * n..(c + 1) * nt * n]
                             .copy_from_slice(&assign[i * nt * n..(i + 1) * nt * n]);
@@ -285,7 +324,7 @@ impl MoneVivit {
             Tensor::cat(&parts, 0)?
                 .index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?
         };
-        let logits = self.temporal_and_head(&pooled, b, opts.train)?;
+        let logits = widen(self.temporal_and_head(&pooled, b, opts.train)?)?;
         Ok(ForwardOutput {
             logits,
             assignment,
@@ -297,8 +336,8 @@ impl MoneVivit {
     }
 
     /// Route S sequences of spatial tokens (S, N, D) with the given per-expert token counts and
-    /// run the spatial transformer; returns the pooled (S, D) vectors and, per token in
-    /// original order, its expert.
+    /// run the spatial transformer; returns the pooled (S, D) vectors and, when routed on the
+    /// host, per token in original order, its expert.
     fn spatial_stage(
         &self,
         tokens: Tensor,
@@ -306,7 +345,7 @@ impl MoneVivit {
         counts: &[usize],
         opts: &ForwardOptions,
         salt: u64,
-    ) -> Result<(Tensor, Vec<u8>)> {
+    ) -> Result<(Tensor, Option<Vec<u8>>)> {
         let (s, n, d) = tokens.dims3()?;
         let e = self.cfg.num_experts;
         let widths = self.cfg.expert_widths();
@@ -322,27 +361,30 @@ impl MoneVivit {
             let mut layout = TokenLayout::dense(n, s, d);
             layout.groups[0].width = widths[j];
             let r = probs.reshape((s * n, e))?.narrow(1, j, 1)?;
-            (x, layout, vec![j as u8; s * n], r)
+            (x, layout, Some(vec![j as u8; s * n]), r)
         } else {
-            let scores = match opts.routing {
-                Routing::Random { seed } => {
-                    random_scores(s * n * e, seed.wrapping_add(salt.wrapping_mul(0x5851_F42D)))
-                }
-                _ => probs
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
+            // The CPU routes on the host (fast there, and it yields the assignment); other
+            // devices route where the probabilities are unless the assignment is wanted.
+            let host_f32 = tokens.device().is_cpu() && tokens.dtype() == DType::F32;
+            let on_device = !matches!(opts.routing, Routing::Random { .. })
+                && !opts.want_assignment
+                && !host_f32;
+            let (idx, assign) = if on_device {
+                let order = epr_order_device(probs, counts)?;
+                let base: Vec<u32> = (0..s).map(|i| (i * n) as u32).collect();
+                let base = Tensor::from_vec(base, (s, 1), tokens.device())?;
+                // Token-major gather: row p * S + i holds the p-th token of sequence i's
+                // grouped order.
+                let idx = order
+                    .broadcast_add(&base)?
+                    .t()?
+                    .contiguous()?
+                    .flatten_all()?;
+                (idx, None)
+            } else {
+                let (idx, assign) = host_route(probs, counts, opts.routing, salt)?;
+                (idx, Some(assign))
             };
-            let assign = epr_batch(&scores, s, n, e, counts);
-            let perm = group_order(&assign, s, n, e);
-            // Token-major gather: row p * S + i holds the p-th token of sequence i's grouped order.
-            let mut idx = vec![0u32; s * n];
-            for i in 0..s {
-                for p in 0..n {
-                    idx[p * s + i] = (i * n) as u32 + perm[i * n + p];
-                }
-            }
-            let idx = Tensor::new(idx.as_slice(), tokens.device())?;
             let x = tokens.reshape((s * n, d))?.index_select(&idx, 0)?;
             let layout = TokenLayout::grouped(n, s, counts, &widths);
             let p_rows = probs.reshape((s * n, e))?.index_select(&idx, 0)?;
@@ -404,7 +446,8 @@ impl MoneVivit {
             Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => x.mean(1)?,
         };
-        self.head.forward(&v)
+        // cuBLAS takes no row stride other than the width (the CLS rows are strided).
+        self.head.forward(&v.contiguous()?)
     }
 
     /// Every token of a stage at full width, then the stage's final norm.
@@ -436,7 +479,17 @@ impl MoneVivit {
         }
     }
 
+    /// The precision of the weights (and of the activations: inputs are converted).
+    pub fn dtype(&self) -> DType {
+        self.embedding.projection_weight.dtype()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     fn dense_forward(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
+        let x = &x.to_dtype(self.dtype())?;
         let tokens = {
             let _p = scope(Part::Embedding);
             self.embedding.forward(x, matches!(exec, Exec::Plain))?
@@ -449,7 +502,7 @@ impl MoneVivit {
             exec,
         )?;
         let pooled = h.reshape((s, n, d))?.mean(1)?;
-        self.temporal_and_head_with(&pooled, x.dim(0)?, exec)
+        widen(self.temporal_and_head_with(&pooled, x.dim(0)?, exec)?)
     }
 
     /// The dense ViViT-FE forward with no router: every token at full width through the same
