@@ -66,16 +66,6 @@ pub fn fused_ok(t: &Tensor, train: bool) -> bool {
     !train && matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
-fn gpu_ready(t: Tensor) -> Result<Tensor> {
-    // cuBLAS wants each operand contiguous or transposed (a weight's `.t()` is, at no copy);
-    // the CPU GEMM takes any strides.
-    if t.device().is_cpu() || t.is_contiguous() || (t.rank() == 2 && t.t()?.is_contiguous()) {
-        Ok(t)
-    } else {
-        t.contiguous()
-    }
-}
-
 /// x + b over the last dimension; on CPU f32 through a kernel whose backward is fast.
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2 {
@@ -118,34 +108,31 @@ pub(crate) fn gpu_affine(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// y[rows_g] = x[rows_g, :d_g] @ W[:, :d_g]^T + b: partial in-projection to the full output.
 pub fn in_proj(x: &Tensor, w: &Tensor, b: &Tensor, layout: &TokenLayout) -> Result<Tensor> {
-    let d = x.dim(1)?;
-    if !x.device().is_cpu() {
-        let parts = layout
-            .groups
-            .iter()
-            .map(|g| {
-                let xs = x.narrow(0, g.row0, g.rows)?.narrow(1, 0, g.width)?;
-                gpu_affine(&xs, &w.narrow(1, 0, g.width)?, b)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        return Tensor::cat(&parts, 0);
-    }
-    let mut parts = Vec::with_capacity(layout.groups.len());
-    for g in &layout.groups {
-        let mut xs = x.narrow(0, g.row0, g.rows)?;
-        let mut ws = w.clone();
-        if g.width != d {
-            xs = xs.narrow(1, 0, g.width)?;
-            ws = ws.narrow(1, 0, g.width)?;
-        }
-        parts.push(gpu_ready(xs)?.matmul(&gpu_ready(ws.t()?)?)?);
-    }
+    let on_cpu = x.device().is_cpu();
+    let mut parts = layout
+        .groups
+        .iter()
+        .map(|g| {
+            // (A full-width narrow is the tensor itself.)
+            let xs = x.narrow(0, g.row0, g.rows)?.narrow(1, 0, g.width)?;
+            let ws = w.narrow(1, 0, g.width)?;
+            if on_cpu {
+                xs.matmul(&ws.t()?)
+            } else {
+                gpu_affine(&xs, &ws, b)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
     let y = if parts.len() == 1 {
         parts.pop().unwrap_or_else(|| unreachable!())
     } else {
         Tensor::cat(&parts, 0)?
     };
-    add_bias(&y, b)
+    if on_cpu {
+        add_bias(&y, b)
+    } else {
+        Ok(y)
+    }
 }
 
 /// The residual update of a partial out-projection: rows of group g get
