@@ -1,7 +1,9 @@
 //! mone: streaming video analytics with a Mixture-of-Nested-Experts ViViT.
 //!
 //! - [`model`]: the MoNE-ViViT in candle (config, capacity solver, router/EPR, nested
-//!   attention and MLP, the factorized encoder, FLOP counts, model folders).
+//!   attention and MLP, the factorized and joint encoders, FLOP counts, model folders).
+//! - [`import`] (`mone import-hf`: transformers ViViT/VideoMAE checkpoints as model folders)
+//!   and [`infer`] (`mone infer`: logits for a raw input tensor, for parity checks).
 //! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], `pipeline`, `cli`: the streaming pipeline from inputs to JSON events.
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
@@ -26,6 +28,8 @@ pub mod eval;
 pub mod events;
 #[cfg(feature = "gst")]
 pub mod http;
+pub mod import;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod optim;

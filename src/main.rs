@@ -51,14 +51,32 @@ enum Command {
     /// Draw which tubelets of a clip went to which nested expert (the router's importance map).
     #[cfg(feature = "gst")]
     Explain(mone::cli::ExplainArgs),
+    /// Import a HuggingFace transformers ViViT or VideoMAE video classifier (a local folder
+    /// with config.json and model.safetensors) as a model folder.
+    ImportHf(ImportHfArgs),
+    /// Run a model on a raw input tensor from a safetensors file and print the logits.
+    Infer(mone::infer::InferArgs),
     /// Measure the model and the pipeline.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Print a model preset's config (JSON) and its compute per clip.
     Config {
-        /// Preset name (vivit-fe-b16, vivit-fe-s16, vivit-fe-motion, vivit-fe-tiny).
+        /// Preset name (vivit-fe-b16, vivit-fe-s16, vivit-fe-motion, vivit-fe-tiny, vivit-b16,
+        /// vivit-joint-motion, vivit-joint-tiny).
         preset: String,
     },
+}
+
+#[derive(clap::Args)]
+struct ImportHfArgs {
+    /// The checkpoint folder (config.json, model.safetensors, preprocessor_config.json).
+    src: std::path::PathBuf,
+    /// The model folder to write.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Nested experts for MoNE (fewer when the width does not halve that often).
+    #[arg(long, default_value_t = 4)]
+    experts: usize,
 }
 
 #[cfg(feature = "gst")]
@@ -116,6 +134,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         #[cfg(feature = "gst")]
         Command::Explain(a) => mone::cli::explain(&a).map(|_| 0)?,
         Command::Train(a) => mone::train::run(&a).map(|_| 0)?,
+        Command::ImportHf(a) => {
+            let r = mone::import::import_hf(&a.src, &a.out, a.experts)?;
+            eprintln!(
+                "imported {:?}: {} classes, {} frames at {} px, {} tokens per clip, {} experts -> {}",
+                r.arch,
+                r.labels.len(),
+                r.config.frames,
+                r.config.image_size,
+                r.config.joint_seq_len(),
+                r.config.num_experts,
+                r.out.display()
+            );
+            0
+        }
+        Command::Infer(a) => mone::infer::run(&a).map(|_| 0)?,
         Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Pipeline(a)) => {

@@ -194,8 +194,8 @@ fn ref_layer(
     }
 }
 
-/// Logits of clip `b` with the given per-token experts (nt * N, in token order).
-fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f64> {
+/// Clip `b`'s tubelet embeddings (no positions), in (t, row, column) order.
+fn ref_tubelets(cfg: &Config, w: &W, x: &Tensor, b: usize) -> Vec<Vec<f64>> {
     let xv: Vec<f64> = x
         .get(b)
         .unwrap()
@@ -206,17 +206,13 @@ fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f6
         .into_iter()
         .map(f64::from)
         .collect();
-    let (d, c, t_len, hw) = (cfg.hidden_size, 3, cfg.frames, cfg.image_size);
+    let (c, t_len, hw) = (3, cfg.frames, cfg.image_size);
     let [tt, p, _] = cfg.tubelet;
     let (nt, gsz) = (t_len / tt, hw / p);
-    let n = gsz * gsz;
     let pw = w.v("embedding.projection.weight");
     let pb = w.v("embedding.projection.bias");
-    let widths = cfg.expert_widths();
-    let alpha = w.v("router.alpha")[0].clamp(0.0, 0.999);
-    let mut pooled = Vec::new();
+    let mut all = Vec::new();
     for ti in 0..nt {
-        let mut seq: Vec<Vec<f64>> = Vec::new();
         for gy in 0..gsz {
             for gx in 0..gsz {
                 let mut tok = pb.to_vec();
@@ -235,22 +231,44 @@ fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f6
                         }
                     }
                 }
-                let pos = &w.v("embedding.spatial_position")
-                    [(gy * gsz + gx) * d..(gy * gsz + gx + 1) * d];
-                tok.iter_mut().zip(pos).for_each(|(a, b)| *a += b);
-                seq.push(tok);
+                all.push(tok);
             }
         }
-        let e = cfg.num_experts;
+    }
+    all
+}
+
+/// Router softmax of one token.
+fn ref_router(cfg: &Config, w: &W, tok: &[f64]) -> Vec<f64> {
+    let (d, e) = (cfg.hidden_size, cfg.num_experts);
+    let logits = affine(w.v("router.weight"), d, w.v("router.bias"), tok, d, e);
+    let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = logits.iter().map(|l| (l - mx).exp()).sum();
+    logits.iter().map(|l| (l - mx).exp() / z).collect()
+}
+
+/// Logits of clip `b` with the given per-token experts (nt * N, in token order).
+fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f64> {
+    let d = cfg.hidden_size;
+    let (nt, n) = (cfg.temporal_tokens(), cfg.spatial_tokens());
+    let widths = cfg.expert_widths();
+    let alpha = w.v("router.alpha")[0].clamp(0.0, 0.999);
+    let tubelets = ref_tubelets(cfg, w, x, b);
+    let mut pooled = Vec::new();
+    for ti in 0..nt {
+        let mut seq: Vec<Vec<f64>> = tubelets[ti * n..(ti + 1) * n].to_vec();
+        let pos = w.v("embedding.spatial_position");
+        for (i, tok) in seq.iter_mut().enumerate() {
+            tok.iter_mut()
+                .zip(&pos[i * d..(i + 1) * d])
+                .for_each(|(a, b)| *a += b);
+        }
         let mut tw = Vec::new();
         let mut scales = Vec::new();
         for (i, tok) in seq.iter().enumerate() {
-            let logits = affine(w.v("router.weight"), d, w.v("router.bias"), tok, d, e);
-            let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = logits.iter().map(|l| (l - mx).exp()).sum();
             let j = assign[ti * n + i] as usize;
             tw.push(widths[j]);
-            scales.push(alpha * (logits[j] - mx).exp() / z + 1.0);
+            scales.push(alpha * ref_router(cfg, w, tok)[j] + 1.0);
         }
         for l in 0..cfg.spatial_layers {
             ref_layer(
@@ -312,6 +330,69 @@ fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f6
     )
 }
 
+/// The joint encoder's logits for clip `b`: CLS (always full width, scale 1) and tubelets with
+/// their experts, attention over the whole clip, CLS or mean pooling, final norm, head.
+fn joint_reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f64> {
+    let d = cfg.hidden_size;
+    let widths = cfg.expert_widths();
+    let alpha = w.v("router.alpha")[0].clamp(0.0, 0.999);
+    let cls = cfg.pooling == model::Pooling::Cls;
+    let mut seq = Vec::new();
+    let (mut tw, mut scales) = (Vec::new(), Vec::new());
+    if cls {
+        seq.push(w.v("embedding.cls").to_vec());
+        tw.push(d);
+        scales.push(1.0);
+    }
+    seq.extend(ref_tubelets(cfg, w, x, b));
+    let pos = w.v("embedding.position");
+    for (i, tok) in seq.iter_mut().enumerate() {
+        tok.iter_mut()
+            .zip(&pos[i * d..(i + 1) * d])
+            .for_each(|(a, b)| *a += b);
+    }
+    for (i, tok) in seq.iter().enumerate().skip(usize::from(cls)) {
+        let j = assign[i - usize::from(cls)] as usize;
+        tw.push(widths[j]);
+        scales.push(alpha * ref_router(cfg, w, tok)[j] + 1.0);
+    }
+    for l in 0..cfg.spatial_layers {
+        ref_layer(
+            cfg,
+            w,
+            &format!("encoder.layers.{l}"),
+            &mut seq,
+            &tw,
+            &scales,
+        );
+    }
+    let pooled = if cls {
+        seq[0].clone()
+    } else {
+        let mut m = vec![0.0; d];
+        for tok in &seq {
+            m.iter_mut()
+                .zip(tok)
+                .for_each(|(a, b)| *a += b / seq.len() as f64);
+        }
+        m
+    };
+    let v = layer_norm(
+        &pooled,
+        w.v("encoder.norm.weight"),
+        w.v("encoder.norm.bias"),
+        cfg.final_eps(),
+    );
+    affine(
+        w.v("head.weight"),
+        d,
+        w.v("head.bias"),
+        &v,
+        d,
+        cfg.num_classes,
+    )
+}
+
 fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(want) {
@@ -367,6 +448,107 @@ fn full_capacity_equals_a_plain_dense_vivit() {
             .to_vec1::<f32>()
             .unwrap();
         assert_close(&plain, &want, 1e-4, "forward_plain vs reference");
+    }
+}
+
+#[test]
+fn joint_encoder_routes_per_temporal_index_and_equals_the_per_token_reference() {
+    for pooling in [model::Pooling::Cls, model::Pooling::Mean] {
+        let cfg = Config {
+            pooling,
+            final_norm_eps: Some(1e-5),
+            ..Config::preset("vivit-joint-tiny").unwrap()
+        };
+        let w = weights(&cfg, 4, 0.4);
+        let m = build(&cfg, &w);
+        let x = input(&cfg, 2, 3);
+        let rw = W::new(&w);
+        let n = cfg.spatial_tokens();
+        let per_clip = cfg.temporal_tokens() * n;
+        let full = m.forward(&x, &[1.0], &ForwardOptions::default()).unwrap();
+        for b in 0..2 {
+            let want = joint_reference(&cfg, &rw, &x, b, &vec![3u8; per_clip]);
+            let got = full.logits.get(b).unwrap().to_vec1::<f32>().unwrap();
+            assert_close(&got, &want, 1e-4, &format!("{pooling:?} e_c 1"));
+        }
+        for e_c in [0.5, 0.3] {
+            for train in [false, true] {
+                let opts = ForwardOptions {
+                    want_assignment: true,
+                    train,
+                    ..Default::default()
+                };
+                let out = m.forward(&x, &[e_c], &opts).unwrap();
+                let assign = out.assignment.unwrap();
+                let counts = capacity::token_counts(&capacity::solve(e_c, 4).unwrap(), n);
+                // Expert Preferred Routing per temporal index: each index's N tokens split as
+                // the capacity says.
+                for seq in assign.chunks(n) {
+                    for (j, &k) in counts.iter().enumerate() {
+                        assert_eq!(seq.iter().filter(|&&a| a as usize == j).count(), k);
+                    }
+                }
+                for b in 0..2 {
+                    let a = &assign[b * per_clip..(b + 1) * per_clip];
+                    let want = joint_reference(&cfg, &rw, &x, b, a);
+                    let got = out.logits.get(b).unwrap().to_vec1::<f32>().unwrap();
+                    assert_close(&got, &want, 1e-4, &format!("{pooling:?} e_c {e_c} {train}"));
+                }
+            }
+        }
+        // The device routing path (taken off CPU-f32, here by f64) builds the same clip order.
+        let m64 = MoneVivit::new(
+            &cfg,
+            VarBuilder::from_tensors(w.clone(), DType::F64, &Device::Cpu),
+        )
+        .unwrap();
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        for caps in [vec![0.4], vec![0.9, 0.3]] {
+            let host = m.forward(&x, &caps, &ForwardOptions::default()).unwrap();
+            let dev = m64
+                .forward(&x64, &caps, &ForwardOptions::default())
+                .unwrap();
+            let (h, d) = (
+                host.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                dev.logits
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            for (a, b) in h.iter().zip(&d) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{caps:?}: {h:?} vs {d:?}"
+                );
+            }
+        }
+        // Per-clip capacities in one batch equal each clip run alone.
+        let mixed = m
+            .forward(&x, &[0.3, 0.8], &ForwardOptions::default())
+            .unwrap();
+        for (b, c) in [(0usize, 0.3), (1, 0.8)] {
+            let one = m
+                .forward(
+                    &x.narrow(0, b, 1).unwrap(),
+                    &[c],
+                    &ForwardOptions::default(),
+                )
+                .unwrap();
+            let want: Vec<f64> = one
+                .logits
+                .get(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let got = mixed.logits.get(b).unwrap().to_vec1::<f32>().unwrap();
+            assert_close(&got, &want, 1e-5, "mixed capacities");
+        }
     }
 }
 

@@ -35,13 +35,36 @@ fn default_eps() -> f64 {
     1e-6
 }
 fn default_kind() -> String {
-    "mone-vivit-fe".to_string()
+    KIND_FE.to_string()
+}
+
+/// The factorized encoder: a routed spatial transformer per temporal index, then a dense
+/// temporal transformer (the paper's video model).
+pub const KIND_FE: &str = "mone-vivit-fe";
+/// Joint space-time attention over every tubelet of the clip (HuggingFace's ViViT and
+/// VideoMAE): one routed encoder; `spatial_layers` is its depth and `temporal_layers` is 0.
+pub const KIND_JOINT: &str = "mone-vivit-joint";
+
+/// How a raw input tensor (`mone infer --tensor`) is laid out; the pipeline always builds
+/// (B, C, T, H, W).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InputLayout {
+    /// (B, C, T, H, W), the Conv3d layout.
+    #[default]
+    Bcthw,
+    /// (B, T, C, H, W), transformers' `pixel_values`.
+    Btchw,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A MoNE-ViViT factorized-encoder configuration.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Config {
-    /// Model family; only `mone-vivit-fe` exists so far.
+    /// Model family: [`KIND_FE`] or [`KIND_JOINT`].
     #[serde(default = "default_kind")]
     pub kind: String,
     /// Frames per clip (T).
@@ -55,9 +78,10 @@ pub struct Config {
     /// Model width D.
     pub hidden_size: usize,
     pub num_heads: usize,
-    /// Spatial transformer depth L_s (the nested, routed stage).
+    /// Depth of the nested, routed stage: the spatial transformer L_s (factorized), or the
+    /// whole encoder (joint).
     pub spatial_layers: usize,
-    /// Temporal transformer depth L_t (dense).
+    /// Temporal transformer depth L_t (dense; 0 for the joint encoder).
     pub temporal_layers: usize,
     /// MLP hidden width as a multiple of D.
     pub mlp_ratio: f64,
@@ -74,6 +98,12 @@ pub struct Config {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub hidden_act: Activation,
+    /// Epsilon of the final norm before the head, when it differs from `layer_norm_eps`
+    /// (VideoMAE's `fc_norm` is a default torch LayerNorm, 1e-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_norm_eps: Option<f64>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub input_layout: InputLayout,
 }
 
 impl Config {
@@ -83,6 +113,9 @@ impl Config {
         "vivit-fe-s16",
         "vivit-fe-motion",
         "vivit-fe-tiny",
+        "vivit-b16",
+        "vivit-joint-motion",
+        "vivit-joint-tiny",
     ];
 
     /// A named preset (random-weight architectures; trained models ship their own config).
@@ -105,6 +138,13 @@ impl Config {
             pooling: Pooling::Cls,
             layer_norm_eps: 1e-6,
             hidden_act: Activation::GeluTanh,
+            final_norm_eps: None,
+            input_layout: InputLayout::Bcthw,
+        };
+        let joint = |c: Config| Config {
+            kind: KIND_JOINT.to_string(),
+            temporal_layers: 0,
+            ..c
         };
         let cfg = match name {
             // The paper's Kinetics-400 ViViT-FE-B/16x2 (factorized encoder).
@@ -145,6 +185,34 @@ impl Config {
                 num_classes: 5,
                 ..base
             },
+            // HuggingFace's google/vivit-b-16x2-kinetics400: joint space-time attention over
+            // 16 x 196 tubelets and a CLS token.
+            "vivit-b16" => Config {
+                input_layout: InputLayout::Btchw,
+                ..joint(base)
+            },
+            // The motion model's size with joint attention (128 tubelets + CLS), for showing
+            // MoNE fine-tuning of an imported architecture (docs/import.md).
+            "vivit-joint-motion" => joint(Config {
+                frames: 16,
+                image_size: 32,
+                tubelet: [2, 8, 8],
+                hidden_size: 64,
+                num_heads: 4,
+                spatial_layers: 4,
+                num_classes: 12,
+                ..base
+            }),
+            "vivit-joint-tiny" => joint(Config {
+                frames: 8,
+                image_size: 32,
+                tubelet: [2, 8, 8],
+                hidden_size: 64,
+                num_heads: 4,
+                spatial_layers: 2,
+                num_classes: 5,
+                ..base
+            }),
             other => {
                 return Err(ModelError::Config(format!(
                     "unknown preset `{other}`; known presets: {}",
@@ -158,8 +226,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |m: String| Err(ModelError::Config(m));
         let [t, ph, pw] = self.tubelet;
-        if self.kind != "mone-vivit-fe" {
-            return err(format!("unsupported model kind `{}`", self.kind));
+        if self.kind != KIND_FE && self.kind != KIND_JOINT {
+            return err(format!(
+                "unsupported model kind `{}` (known: {KIND_FE}, {KIND_JOINT})",
+                self.kind
+            ));
+        }
+        if self.is_joint() && self.temporal_layers != 0 {
+            return err(format!(
+                "a {KIND_JOINT} model has no temporal stage: temporal_layers must be 0, got {}",
+                self.temporal_layers
+            ));
         }
         if t == 0 || ph == 0 || pw == 0 || ph != pw {
             return err(format!(
@@ -222,6 +299,9 @@ impl Config {
         if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return err(format!("std must be positive, got {:?}", self.std));
         }
+        if let Some(e) = self.final_norm_eps.filter(|e| e.is_nan() || *e <= 0.0) {
+            return err(format!("final_norm_eps must be positive, got {e}"));
+        }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return err(format!(
                 "layer_norm_eps must be positive, got {}",
@@ -231,6 +311,16 @@ impl Config {
         Ok(())
     }
 
+    pub fn is_joint(&self) -> bool {
+        self.kind == KIND_JOINT
+    }
+    /// Tokens the joint encoder attends over per clip: every tubelet, plus the CLS token.
+    pub fn joint_seq_len(&self) -> usize {
+        self.temporal_tokens() * self.spatial_tokens() + usize::from(self.pooling == Pooling::Cls)
+    }
+    pub fn final_eps(&self) -> f64 {
+        self.final_norm_eps.unwrap_or(self.layer_norm_eps)
+    }
     pub fn patch(&self) -> usize {
         self.tubelet[1]
     }
@@ -275,25 +365,38 @@ impl Config {
                 vec![d, self.channels, t, p, p],
             ),
             ("embedding.projection.bias".into(), vec![d]),
-            (
-                "embedding.spatial_position".into(),
-                vec![1, self.spatial_tokens(), d],
-            ),
-            (
-                "embedding.temporal_position".into(),
-                vec![1, self.temporal_seq_len(), d],
-            ),
             ("router.weight".into(), vec![self.num_experts, d]),
             ("router.bias".into(), vec![self.num_experts]),
             ("router.alpha".into(), vec![1]),
         ];
-        if self.pooling == Pooling::Cls {
-            v.push(("embedding.temporal_cls".into(), vec![1, 1, d]));
-        }
-        for (stage, layers) in [
-            ("spatial", self.spatial_layers),
-            ("temporal", self.temporal_layers),
-        ] {
+        let cls = self.pooling == Pooling::Cls;
+        let stages: Vec<(&str, usize)> = if self.is_joint() {
+            v.push((
+                "embedding.position".into(),
+                vec![1, self.joint_seq_len(), d],
+            ));
+            if cls {
+                v.push(("embedding.cls".into(), vec![1, 1, d]));
+            }
+            vec![("encoder", self.spatial_layers)]
+        } else {
+            v.push((
+                "embedding.spatial_position".into(),
+                vec![1, self.spatial_tokens(), d],
+            ));
+            v.push((
+                "embedding.temporal_position".into(),
+                vec![1, self.temporal_seq_len(), d],
+            ));
+            if cls {
+                v.push(("embedding.temporal_cls".into(), vec![1, 1, d]));
+            }
+            vec![
+                ("spatial", self.spatial_layers),
+                ("temporal", self.temporal_layers),
+            ]
+        };
+        for (stage, layers) in stages {
             for i in 0..layers {
                 let pre = format!("{stage}.layers.{i}");
                 for (name, shape) in [

@@ -1,5 +1,6 @@
 //! Tubelet embedding (a Conv3d whose stride equals its kernel, done as one GEMM over
-//! flattened tubelets) and the learned position embeddings.
+//! flattened tubelets), the learned position embeddings and the CLS token, for the factorized
+//! and the joint encoder.
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -13,11 +14,14 @@ pub struct Embedding {
     /// (D, C, t, p, p), the Conv3d layout.
     pub projection_weight: Tensor,
     pub projection_bias: Tensor,
-    /// (1, N, D), added to every temporal index's spatial tokens.
-    pub spatial_position: Tensor,
-    /// (1, L, D), L = temporal tokens (+ 1 with a CLS token).
-    pub temporal_position: Tensor,
-    pub temporal_cls: Option<Tensor>,
+    /// Factorized: (1, N, D) added to every temporal index's spatial tokens
+    /// (`spatial_position`). Joint: (1, L, D) over the clip's sequence, CLS first (`position`).
+    pub position: Tensor,
+    /// Factorized only: (1, L, D), L = temporal tokens (+ 1 with a CLS token).
+    pub temporal_position: Option<Tensor>,
+    /// The CLS token, (1, 1, D): of the temporal sequence (factorized, `temporal_cls`) or of
+    /// the clip (joint, `cls`).
+    pub cls: Option<Tensor>,
     cfg: Config,
 }
 
@@ -70,36 +74,73 @@ pub fn sincos_1d(n: usize, d: usize) -> Vec<f32> {
     pe
 }
 
+/// (L, d) start for the joint encoder's positions: zeros for the CLS token, then for tubelet
+/// (t, patch) the spatial sin-cos table of the patch plus the 1-d table of t.
+pub fn sincos_joint(cfg: &Config) -> Vec<f32> {
+    let (d, nt, n) = (cfg.hidden_size, cfg.temporal_tokens(), cfg.spatial_tokens());
+    let spatial = sincos_2d(cfg.image_size / cfg.patch(), d);
+    let temporal = sincos_1d(nt, d);
+    let cls = usize::from(cfg.pooling == super::Pooling::Cls);
+    let mut pe = vec![0f32; cfg.joint_seq_len() * d];
+    for t in 0..nt {
+        for i in 0..n {
+            let row = &mut pe[(cls + t * n + i) * d..(cls + t * n + i + 1) * d];
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = spatial[i * d + k] + temporal[t * d + k];
+            }
+        }
+    }
+    pe
+}
+
 impl Embedding {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         let [t, p, _] = cfg.tubelet;
         let pvb = vb.pp("projection");
-        Ok(Self {
-            projection_weight: pvb.get_with_hints(
-                (d, cfg.channels, t, p, p),
-                "weight",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: (1.0 / cfg.tubelet_dim() as f64).sqrt(),
+        let projection_weight = pvb.get_with_hints(
+            (d, cfg.channels, t, p, p),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: (1.0 / cfg.tubelet_dim() as f64).sqrt(),
+            },
+        )?;
+        let projection_bias = pvb.get_with_hints(d, "bias", Init::Const(0.0))?;
+        let with_cls = cfg.pooling == super::Pooling::Cls;
+        if cfg.is_joint() {
+            let l = cfg.joint_seq_len();
+            return Ok(Self {
+                projection_weight,
+                projection_bias,
+                position: position(&vb, "position", &sincos_joint(cfg), l, d)?,
+                temporal_position: None,
+                cls: if with_cls {
+                    Some(vb.get_with_hints((1, 1, d), "cls", Init::Const(0.0))?)
+                } else {
+                    None
                 },
-            )?,
-            projection_bias: pvb.get_with_hints(d, "bias", Init::Const(0.0))?,
-            spatial_position: position(
+                cfg: cfg.clone(),
+            });
+        }
+        Ok(Self {
+            projection_weight,
+            projection_bias,
+            position: position(
                 &vb,
                 "spatial_position",
                 &sincos_2d(cfg.image_size / p, d),
                 cfg.spatial_tokens(),
                 d,
             )?,
-            temporal_position: position(
+            temporal_position: Some(position(
                 &vb,
                 "temporal_position",
                 &sincos_1d(cfg.temporal_seq_len(), d),
                 cfg.temporal_seq_len(),
                 d,
-            )?,
-            temporal_cls: if cfg.pooling == super::Pooling::Cls {
+            )?),
+            cls: if with_cls {
                 Some(vb.get_with_hints((1, 1, d), "temporal_cls", Init::Const(0.0))?)
             } else {
                 None
@@ -130,7 +171,8 @@ impl Embedding {
             .reshape((b * nt * g * g, c.tubelet_dim()))
     }
 
-    /// Spatial tokens with position embeddings: (B * nt, N, D).
+    /// Factorized: spatial tokens with position embeddings, (B * nt, N, D). Joint: the clip's
+    /// sequence (CLS first, then tubelets in (t, row, column) order) with positions, (B, L, D).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = &self.cfg;
         let patches = self.tubelets(x)?;
@@ -157,10 +199,20 @@ impl Embedding {
                 .matmul(&w.t()?)?
                 .broadcast_add(&self.projection_bias)?
         };
+        let d = c.hidden_size;
+        if c.is_joint() {
+            let per_clip = c.temporal_tokens() * c.spatial_tokens();
+            let b = rows / per_clip;
+            let mut seq = tokens.reshape((b, per_clip, d))?;
+            if let Some(cls) = &self.cls {
+                seq = Tensor::cat(&[&cls.broadcast_as((b, 1, d))?.contiguous()?, &seq], 1)?;
+            }
+            return seq.broadcast_add(&self.position);
+        }
         let n = c.spatial_tokens();
         tokens
-            .reshape((rows / n, n, c.hidden_size))?
-            .broadcast_add(&self.spatial_position)
+            .reshape((rows / n, n, d))?
+            .broadcast_add(&self.position)
     }
 }
 
@@ -180,7 +232,7 @@ mod tests {
         let var = vm.data().lock().unwrap()["spatial_position"]
             .as_tensor()
             .clone();
-        for t in [var, e.spatial_position] {
+        for t in [var, e.position] {
             assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
         }
         // Patch (0, 1) and (1, 0) differ; the table is bounded by 1.

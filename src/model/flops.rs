@@ -59,6 +59,23 @@ pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
         .map(|(k, w)| k * (4 * d + 2 * m) * *w as u64)
         .sum();
     let layers = cfg.spatial_layers as u64;
+    if cfg.is_joint() {
+        // One encoder over every tubelet and the CLS token (always at full width).
+        let l = cfg.joint_seq_len() as u64;
+        let cls = l - nt * n;
+        return Ok(Macs {
+            embedding: nt * n * cfg.tubelet_dim() as u64 * d,
+            router: if e_c.is_some() {
+                nt * n * d * cfg.num_experts as u64
+            } else {
+                0
+            },
+            spatial_linear: layers * (nt * per_seq_linear + cls * (4 * d + 2 * m) * d),
+            spatial_attention: layers * 2 * l * l * d,
+            temporal: 0,
+            head: d * cfg.num_classes as u64,
+        });
+    }
     Ok(Macs {
         embedding: nt * n * cfg.tubelet_dim() as u64 * d,
         router: if e_c.is_some() {
@@ -91,5 +108,20 @@ mod tests {
         // e_c = 1 costs the dense model plus the router.
         let full = macs(&cfg, Some(1.0)).unwrap();
         assert_eq!(full.total() - full.router, dense.total());
+    }
+
+    #[test]
+    fn joint_vivit_b16_counts_3137_tokens() {
+        let cfg = Config::preset("vivit-b16").unwrap();
+        assert_eq!(cfg.joint_seq_len(), 3137);
+        let dense = macs(&cfg, None).unwrap();
+        // 12 layers over 3137 tokens: 12 * (12 * 768^2 * 3137 + 2 * 3137^2 * 768) plus the
+        // tubelet embedding, about 451.5 GMACs.
+        let layer = 12 * 768u64 * 768 * 3137 + 2 * 3137u64 * 3137 * 768;
+        assert_eq!(dense.spatial_linear + dense.spatial_attention, 12 * layer);
+        assert!((dense.gmacs() - 451.5).abs() < 1.0, "{}", dense.gmacs());
+        let half = macs(&cfg, Some(0.5)).unwrap();
+        assert!(half.spatial_linear < dense.spatial_linear * 6 / 10);
+        assert_eq!(half.spatial_attention, dense.spatial_attention);
     }
 }

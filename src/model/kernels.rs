@@ -669,10 +669,12 @@ pub struct Gelu(pub Activation);
 
 const ELEMWISE_CHUNK: usize = 1 << 14;
 
+/// The elements of a contiguous f32 layout (which may start at an offset: a narrowed view).
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&f32_slice(s, l, name)?[a..b]),
-        None => bail!("{name}: input must be contiguous"),
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => bail!("{name}: input must be contiguous"),
+        _ => bail!("{name}: the fused CPU kernels are f32 only"),
     }
 }
 
@@ -960,6 +962,32 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap()
+    }
+
+    #[test]
+    fn kernels_read_a_view_that_starts_at_an_offset() {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let base = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap()).unwrap();
+        let w = Tensor::ones(8, candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(8, candle_core::DType::F32, &dev).unwrap();
+        // Rows 3..5: contiguous, but at offset 24 of the storage.
+        let view = base.narrow(0, 3, 2).unwrap();
+        let ours = view
+            .apply_op3(&w, &b, FusedLayerNorm { eps: 1e-6 })
+            .unwrap();
+        let theirs = candle_nn::ops::layer_norm_slow(&view, &w, &b, 1e-6).unwrap();
+        close(&ours, &theirs, 1e-5);
+        let probe = Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap();
+        let (go, gt) = (grads(&ours, &probe), grads(&theirs, &probe));
+        close(go.get(&base).unwrap(), gt.get(&base).unwrap(), 1e-4);
+        let g = Gelu(Activation::GeluErf);
+        let ours = view.apply_op1(g).unwrap();
+        let (go, gt) = (
+            grads(&ours, &probe),
+            grads(&view.gelu_erf().unwrap(), &probe),
+        );
+        close(go.get(&base).unwrap(), gt.get(&base).unwrap(), 1e-4);
     }
 
     #[test]

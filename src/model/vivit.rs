@@ -1,5 +1,9 @@
-//! The MoNE-ViViT factorized encoder: tubelet embedding -> routed nested spatial transformer
-//! per temporal index -> mean pool -> dense temporal transformer -> head.
+//! The MoNE-ViViT: tubelet embedding -> router at the first layer -> the routed nested stage
+//! -> head. Factorized encoder (the paper's): the routed stage is a spatial transformer per
+//! temporal index, mean-pooled, then a dense temporal transformer. Joint encoder (ViViT and
+//! VideoMAE as published in transformers): the routed stage attends over all tubelets of the
+//! clip at once, Expert Preferred Routing runs per temporal index and the CLS token always
+//! takes the widest expert; then CLS or mean pooling, the final norm and the head.
 
 use std::collections::HashMap;
 
@@ -110,13 +114,14 @@ pub struct Stage {
 }
 
 impl Stage {
-    pub fn new(cfg: &Config, depth: usize, vb: VarBuilder) -> Result<Self> {
+    /// `depth` blocks and a final norm with `norm_eps`.
+    pub fn new(cfg: &Config, depth: usize, norm_eps: f64, vb: VarBuilder) -> Result<Self> {
         let layers = (0..depth)
             .map(|i| Block::new(cfg, vb.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,
-            norm: Norm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("norm"))?,
+            norm: Norm::new(cfg.hidden_size, norm_eps, vb.pp("norm"))?,
         })
     }
 }
@@ -127,6 +132,12 @@ impl Stage {
 enum Exec {
     Model { train: bool },
     Plain,
+}
+
+impl Exec {
+    fn train(self) -> bool {
+        matches!(self, Exec::Model { train: true })
+    }
 }
 
 /// Which experts the spatial tokens go to.
@@ -174,10 +185,43 @@ pub struct ForwardOutput {
 pub struct MoneVivit {
     pub embedding: Embedding,
     pub router: Router,
+    /// The routed stage: the spatial transformer (factorized, `spatial.*`) or the whole
+    /// encoder with the final norm (joint, `encoder.*`).
     pub spatial: Stage,
-    pub temporal: Stage,
+    /// The dense temporal transformer (factorized only).
+    pub temporal: Option<Stage>,
     pub head: Linear,
     pub cfg: Config,
+}
+
+/// Per-expert token counts per routing group (a temporal index's N tokens) for each clip's
+/// capacity, and the clips grouped by equal counts: (counts of each clip, [(counts, clips)]).
+type CapacityGroups = (Vec<Vec<usize>>, Vec<(Vec<usize>, Vec<usize>)>);
+
+fn capacity_groups(caps: &[f64], n: usize, e: usize, routing: Routing) -> Result<CapacityGroups> {
+    let mut counts_of = Vec::with_capacity(caps.len());
+    for &c in caps {
+        counts_of.push(match routing {
+            Routing::Width(j) if j < e => {
+                let mut k = vec![0; e];
+                k[j] = n;
+                k
+            }
+            Routing::Width(j) => candle_core::bail!("expert {j} out of range for {e} experts"),
+            _ => capacity::token_counts(
+                &capacity::solve(c, e).map_err(|err| candle_core::Error::Msg(err.to_string()))?,
+                n,
+            ),
+        });
+    }
+    let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
+    for (clip, k) in counts_of.iter().enumerate() {
+        match groups.iter_mut().find(|(gk, _)| gk == k) {
+            Some((_, clips)) => clips.push(clip),
+            None => groups.push((k.clone(), vec![clip])),
+        }
+    }
+    Ok((counts_of, groups))
 }
 
 /// Logits of a reduced-precision model as f32, the callers' type (f32 and f64 stay as they are).
@@ -188,6 +232,29 @@ fn widen(logits: Tensor) -> Result<Tensor> {
     }
 }
 
+/// Router scores on the host: the probabilities, or random ones for the ablation.
+fn host_scores(probs: &Tensor, routing: Routing, salt: u64) -> Result<Vec<f32>> {
+    Ok(match routing {
+        Routing::Random { seed } => random_scores(
+            probs.elem_count(),
+            seed.wrapping_add(salt.wrapping_mul(0x5851_F42D)),
+        ),
+        _ => probs
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+    })
+}
+
+/// Row p * S + i of the token-major layout is row i * L + order[i][p] of the sequence-major
+/// one, for `order` (S, L) u32.
+fn token_major_index(order: &Tensor) -> Result<Tensor> {
+    let (s, l) = order.dims2()?;
+    let base: Vec<u32> = (0..s).map(|i| (i * l) as u32).collect();
+    let base = Tensor::from_vec(base, (s, 1), order.device())?;
+    order.broadcast_add(&base)?.t()?.contiguous()?.flatten_all()
+}
+
 /// EPR on the host for `probs` (S, N, E): the token-major gather index and every token's expert.
 fn host_route(
     probs: &Tensor,
@@ -196,16 +263,7 @@ fn host_route(
     salt: u64,
 ) -> Result<(Tensor, Vec<u8>)> {
     let (s, n, e) = probs.dims3()?;
-    let scores = match routing {
-        Routing::Random { seed } => {
-            random_scores(s * n * e, seed.wrapping_add(salt.wrapping_mul(0x5851_F42D)))
-        }
-        _ => probs
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?,
-    };
-    let assign = epr_batch(&scores, s, n, e, counts);
+    let assign = epr_batch(&host_scores(probs, routing, salt)?, s, n, e, counts);
     let perm = group_order(&assign, s, n, e);
     // Token-major gather: row p * S + i holds the p-th token of sequence i's grouped order.
     let mut idx = vec![0u32; s * n];
@@ -221,11 +279,32 @@ impl MoneVivit {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (spatial, temporal) = if cfg.is_joint() {
+            (
+                Stage::new(cfg, cfg.spatial_layers, cfg.final_eps(), vb.pp("encoder"))?,
+                None,
+            )
+        } else {
+            (
+                Stage::new(
+                    cfg,
+                    cfg.spatial_layers,
+                    cfg.layer_norm_eps,
+                    vb.pp("spatial"),
+                )?,
+                Some(Stage::new(
+                    cfg,
+                    cfg.temporal_layers,
+                    cfg.final_eps(),
+                    vb.pp("temporal"),
+                )?),
+            )
+        };
         Ok(Self {
             embedding: Embedding::new(cfg, vb.pp("embedding"))?,
             router: Router::new(cfg, vb.pp("router"))?,
-            spatial: Stage::new(cfg, cfg.spatial_layers, vb.pp("spatial"))?,
-            temporal: Stage::new(cfg, cfg.temporal_layers, vb.pp("temporal"))?,
+            spatial,
+            temporal,
             head: linear(cfg.hidden_size, cfg.num_classes, vb.pp("head"))?,
             cfg: cfg.clone(),
         })
@@ -246,6 +325,9 @@ impl MoneVivit {
             n if n == b => capacity.to_vec(),
             n => candle_core::bail!("{n} capacities for a batch of {b} clips"),
         };
+        if self.cfg.is_joint() {
+            return self.forward_joint(x, &caps, opts);
+        }
         let (nt, n, e) = (
             self.cfg.temporal_tokens(),
             self.cfg.spatial_tokens(),
@@ -261,29 +343,7 @@ impl MoneVivit {
         };
 
         // Clips with the same token counts share one routed layout.
-        let mut counts_of = Vec::with_capacity(b);
-        for &c in &caps {
-            counts_of.push(match opts.routing {
-                Routing::Width(j) if j < e => {
-                    let mut k = vec![0; e];
-                    k[j] = n;
-                    k
-                }
-                Routing::Width(j) => candle_core::bail!("expert {j} out of range for {e} experts"),
-                _ => capacity::token_counts(
-                    &capacity::solve(c, e)
-                        .map_err(|err| candle_core::Error::Msg(err.to_string()))?,
-                    n,
-                ),
-            });
-        }
-        let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new(); // (counts, clips)
-        for (clip, k) in counts_of.iter().enumerate() {
-            match groups.iter_mut().find(|(gk, _)| gk == k) {
-                Some((_, clips)) => clips.push(clip),
-                None => groups.push((k.clone(), vec![clip])),
-            }
-        }
+        let (counts_of, groups) = capacity_groups(&caps, n, e, opts.routing)?;
 
         let mut assignment = opts.want_assignment.then(|| vec![0u8; b * nt * n]);
         let pooled = if groups.len() == 1 {
@@ -370,17 +430,7 @@ impl MoneVivit {
                 && !opts.want_assignment
                 && !host_f32;
             let (idx, assign) = if on_device {
-                let order = epr_order_device(probs, counts)?;
-                let base: Vec<u32> = (0..s).map(|i| (i * n) as u32).collect();
-                let base = Tensor::from_vec(base, (s, 1), tokens.device())?;
-                // Token-major gather: row p * S + i holds the p-th token of sequence i's
-                // grouped order.
-                let idx = order
-                    .broadcast_add(&base)?
-                    .t()?
-                    .contiguous()?
-                    .flatten_all()?;
-                (idx, None)
+                (token_major_index(&epr_order_device(probs, counts)?)?, None)
             } else {
                 let (idx, assign) = host_route(probs, counts, opts.routing, salt)?;
                 (idx, Some(assign))
@@ -395,23 +445,8 @@ impl MoneVivit {
                 .collect::<Result<Vec<_>>>()?;
             (x, layout, assign, Tensor::cat(&parts, 0)?)
         };
-        let alpha = self.router.alpha()?.to_dtype(r_rows.dtype())?;
-        let scale_t = r_rows.broadcast_mul(&alpha)?.affine(1.0, 1.0)?;
-        let host = if fused {
-            Some(scale_t.flatten_all()?.to_vec1::<f32>()?)
-        } else {
-            None
-        };
-        let scale = RowScale {
-            tensor: scale_t,
-            host,
-        };
         drop(routing_scope);
-
-        let mut x = x;
-        for layer in &self.spatial.layers {
-            x = layer.forward(x, &layout, Some(&scale), opts.train)?;
-        }
+        let x = self.routed_layers(x, &layout, &r_rows, opts.train)?;
         let x = self.spatial.norm.forward(&x, opts.train)?;
         let _p = scope(Part::Rest);
         let pooled = if layout.token_major {
@@ -422,6 +457,247 @@ impl MoneVivit {
         Ok((pooled, assign))
     }
 
+    /// The routed stage's blocks over rows in `layout`; `r_rows` (rows, 1) holds each row's
+    /// router probability for its expert, which scales its MLP output by (alpha * r + 1).
+    fn routed_layers(
+        &self,
+        x: Tensor,
+        layout: &TokenLayout,
+        r_rows: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let scale = {
+            let _p = scope(Part::Routing);
+            let alpha = self.router.alpha()?.to_dtype(r_rows.dtype())?;
+            let tensor = r_rows.broadcast_mul(&alpha)?.affine(1.0, 1.0)?;
+            let host = if fused_ok(&x, train) {
+                Some(tensor.flatten_all()?.to_vec1::<f32>()?)
+            } else {
+                None
+            };
+            RowScale { tensor, host }
+        };
+        let mut x = x;
+        for layer in &self.spatial.layers {
+            x = layer.forward(x, layout, Some(&scale), train)?;
+        }
+        Ok(x)
+    }
+
+    /// Joint encoder: route per temporal index, attend over the whole clip, pool, head.
+    fn forward_joint(
+        &self,
+        x: &Tensor,
+        caps: &[f64],
+        opts: &ForwardOptions,
+    ) -> Result<ForwardOutput> {
+        let b = x.dim(0)?;
+        let (nt, n, e) = (
+            self.cfg.temporal_tokens(),
+            self.cfg.spatial_tokens(),
+            self.cfg.num_experts,
+        );
+        let c0 = usize::from(self.embedding.cls.is_some());
+        let tokens = {
+            let _p = scope(Part::Embedding);
+            self.embedding.forward(x, opts.train)? // (B, L, D)
+        };
+        let probs = {
+            let _p = scope(Part::Routing);
+            self.router
+                .probs(&tokens.narrow(1, c0, nt * n)?, opts.train)? // (B, nt * N, E)
+        };
+        let (counts_of, groups) = capacity_groups(caps, n, e, opts.routing)?;
+        let mut assignment = opts.want_assignment.then(|| vec![0u8; b * nt * n]);
+        let pooled = if groups.len() == 1 {
+            let (pooled, assign) = self.joint_stage(tokens, &probs, &groups[0].0, opts, 0)?;
+            if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
+                a.copy_from_slice(&assign);
+            }
+            pooled
+        } else {
+            let mut parts = Vec::new();
+            let mut order = Vec::new();
+            for (gi, (k, clips)) in groups.iter().enumerate() {
+                let ids: Vec<u32> = clips.iter().map(|&c| c as u32).collect();
+                let idx = Tensor::new(ids.as_slice(), x.device())?;
+                let (p, assign) = self.joint_stage(
+                    tokens.index_select(&idx, 0)?,
+                    &probs.index_select(&idx, 0)?,
+                    k,
+                    opts,
+                    gi as u64,
+                )?;
+                if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
+                    for (i, &c) in clips.iter().enumerate() {
+                        a[c * nt * n..(c + 1) * nt * n]
+                            .copy_from_slice(&assign[i * nt * n..(i + 1) * nt * n]);
+                    }
+                }
+                parts.push(p);
+                order.extend(ids);
+            }
+            let mut inverse = vec![0u32; order.len()];
+            for (pos, &c) in order.iter().enumerate() {
+                inverse[c as usize] = pos as u32;
+            }
+            Tensor::cat(&parts, 0)?
+                .index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?
+        };
+        let logits = widen(self.joint_head(&pooled, opts.train)?)?;
+        Ok(ForwardOutput {
+            logits,
+            assignment,
+            capacity: counts_of
+                .iter()
+                .map(|k| capacity::realised_capacity(k))
+                .collect(),
+        })
+    }
+
+    /// One capacity group of the joint encoder: `tokens` (B, L, D) with the CLS token first
+    /// when there is one, `probs` (B, nt * N, E) of the tubelets, `counts` per temporal index.
+    /// Returns the pooled (B, D) vectors before the final norm and, when routed on the host,
+    /// every tubelet's expert.
+    fn joint_stage(
+        &self,
+        tokens: Tensor,
+        probs: &Tensor,
+        counts: &[usize],
+        opts: &ForwardOptions,
+        salt: u64,
+    ) -> Result<(Tensor, Option<Vec<u8>>)> {
+        let (b, l, d) = tokens.dims3()?;
+        let (nt, n, e) = (
+            self.cfg.temporal_tokens(),
+            self.cfg.spatial_tokens(),
+            self.cfg.num_experts,
+        );
+        let c0 = l - nt * n;
+        let widths = self.cfg.expert_widths();
+        let dev = tokens.device().clone();
+        let routing_scope = scope(Part::Routing);
+        // Per clip: each temporal index's counts, and the CLS token on the widest expert.
+        let mut clip_counts: Vec<usize> = counts.iter().map(|k| k * nt).collect();
+        clip_counts[e - 1] += c0;
+        let nonempty: Vec<usize> = (0..e).filter(|&j| clip_counts[j] > 0).collect();
+        // The CLS token has no router probability: its MLP scale stays 1.
+        let all_probs = if c0 > 0 {
+            Tensor::cat(
+                &[
+                    &Tensor::zeros((b, c0, e), probs.dtype(), &dev)?,
+                    &probs.contiguous()?,
+                ],
+                1,
+            )?
+        } else {
+            probs.contiguous()?
+        };
+        let (x, layout, assign, r_rows) = if nonempty.len() == 1 {
+            let j = nonempty[0];
+            let x = tokens.reshape((b * l, d))?;
+            // The fused path updates the residual in place: own it.
+            let x = if fused_ok(&x, opts.train) {
+                x.copy()?
+            } else {
+                x
+            };
+            let mut layout = TokenLayout::dense(l, b, d);
+            layout.groups[0].width = widths[j];
+            let r = all_probs.reshape((b * l, e))?.narrow(1, j, 1)?;
+            (x, layout, Some(vec![j as u8; b * nt * n]), r)
+        } else {
+            let host_f32 = dev.is_cpu() && tokens.dtype() == DType::F32;
+            let on_device = !matches!(opts.routing, Routing::Random { .. })
+                && !opts.want_assignment
+                && !host_f32;
+            let per_index = probs.reshape((b * nt, n, e))?;
+            // (B, L): each clip's tokens grouped by expert, narrowest first, the CLS token
+            // first among the widest.
+            let (order, assign) = if on_device {
+                let offs: Vec<u32> = (0..b * nt).map(|s| (c0 + (s % nt) * n) as u32).collect();
+                let ord = epr_order_device(&per_index, counts)?
+                    .broadcast_add(&Tensor::from_vec(offs, (b * nt, 1), &dev)?)?
+                    .reshape((b, nt, n))?;
+                let mut parts = Vec::new();
+                let mut start = 0;
+                for (j, &k) in counts.iter().enumerate() {
+                    if j == e - 1 && c0 > 0 {
+                        parts.push(Tensor::zeros((b, c0), DType::U32, &dev)?);
+                    }
+                    if k > 0 {
+                        parts.push(
+                            ord.narrow(2, start, k)?
+                                .contiguous()?
+                                .reshape((b, nt * k))?,
+                        );
+                    }
+                    start += k;
+                }
+                (Tensor::cat(&parts, 1)?, None)
+            } else {
+                let scores = host_scores(&per_index, opts.routing, salt)?;
+                let assign = epr_batch(&scores, b * nt, n, e, counts);
+                let mut clip_assign = vec![(e - 1) as u8; b * l];
+                for c in 0..b {
+                    clip_assign[c * l + c0..(c + 1) * l]
+                        .copy_from_slice(&assign[c * nt * n..(c + 1) * nt * n]);
+                }
+                let perm = group_order(&clip_assign, b, l, e);
+                (Tensor::from_vec(perm, (b, l), &dev)?, Some(assign))
+            };
+            let idx = token_major_index(&order)?;
+            let x = tokens.reshape((b * l, d))?.index_select(&idx, 0)?;
+            let layout = TokenLayout::grouped(l, b, &clip_counts, &widths);
+            let p_rows = all_probs.reshape((b * l, e))?.index_select(&idx, 0)?;
+            let parts = nonempty
+                .iter()
+                .zip(&layout.groups)
+                .map(|(&j, g)| p_rows.narrow(0, g.row0, g.rows)?.narrow(1, j, 1))
+                .collect::<Result<Vec<_>>>()?;
+            (x, layout, assign, Tensor::cat(&parts, 0)?)
+        };
+        drop(routing_scope);
+        let x = self.routed_layers(x, &layout, &r_rows, opts.train)?;
+        // The CLS token leads the widest group (token-major) or each clip (dense).
+        let cls_pos = if layout.token_major {
+            l - clip_counts[e - 1]
+        } else {
+            0
+        };
+        self.joint_pool(&x, &layout, b, cls_pos)
+            .map(|p| (p, assign))
+    }
+
+    /// Pool the joint encoder's rows per clip: the CLS row at `cls_pos` of each clip's order,
+    /// or the mean of all rows.
+    fn joint_pool(
+        &self,
+        x: &Tensor,
+        layout: &TokenLayout,
+        b: usize,
+        cls_pos: usize,
+    ) -> Result<Tensor> {
+        let _p = scope(Part::Rest);
+        let (l, d) = (layout.n, x.dim(1)?);
+        let seq = if layout.token_major {
+            x.reshape((l, b, d))?.transpose(0, 1)?
+        } else {
+            x.reshape((b, l, d))?
+        };
+        match self.cfg.pooling {
+            Pooling::Cls => seq.narrow(1, cls_pos, 1)?.squeeze(1)?.contiguous(),
+            Pooling::Mean => seq.mean(1),
+        }
+    }
+
+    /// The final norm (per token, so after pooling) and the head.
+    fn joint_head(&self, pooled: &Tensor, train: bool) -> Result<Tensor> {
+        let _p = scope(Part::Rest);
+        let v = self.spatial.norm.forward(&pooled.contiguous()?, train)?;
+        self.head.forward(&v)
+    }
+
     fn temporal_and_head(&self, pooled: &Tensor, b: usize, train: bool) -> Result<Tensor> {
         self.temporal_and_head_with(pooled, b, Exec::Model { train })
     }
@@ -429,14 +705,18 @@ impl MoneVivit {
     fn temporal_and_head_with(&self, pooled: &Tensor, b: usize, exec: Exec) -> Result<Tensor> {
         let _p = scope(Part::Rest);
         let (nt, d) = (self.cfg.temporal_tokens(), self.cfg.hidden_size);
+        let (Some(temporal), Some(position)) = (&self.temporal, &self.embedding.temporal_position)
+        else {
+            candle_core::bail!("a factorized model without its temporal stage");
+        };
         let mut t = pooled.reshape((b, nt, d))?;
-        if let Some(cls) = &self.embedding.temporal_cls {
+        if let Some(cls) = &self.embedding.cls {
             t = Tensor::cat(&[cls.broadcast_as((b, 1, d))?.contiguous()?, t], 1)?;
         }
-        let t = t.broadcast_add(&self.embedding.temporal_position)?;
+        let t = t.broadcast_add(position)?;
         let l = t.dim(1)?;
         let x = self.dense_stage(
-            &self.temporal,
+            temporal,
             t.reshape((b * l, d))?,
             &TokenLayout::dense(l, b, d),
             exec,
@@ -458,6 +738,12 @@ impl MoneVivit {
         layout: &TokenLayout,
         exec: Exec,
     ) -> Result<Tensor> {
+        let x = Self::dense_layers(stage, x, layout, exec)?;
+        stage.norm.forward(&x, exec.train())
+    }
+
+    /// Every token of a stage at full width, without the final norm.
+    fn dense_layers(stage: &Stage, x: Tensor, layout: &TokenLayout, exec: Exec) -> Result<Tensor> {
         let mut x = x;
         match exec {
             Exec::Model { train } => {
@@ -468,15 +754,14 @@ impl MoneVivit {
                 for layer in &stage.layers {
                     x = layer.forward(x, layout, None, train)?;
                 }
-                stage.norm.forward(&x, train)
             }
             Exec::Plain => {
                 for layer in &stage.layers {
                     x = layer.forward_plain(&x, layout)?;
                 }
-                stage.norm.forward(&x, false)
             }
         }
+        Ok(x)
     }
 
     /// The precision of the weights (and of the activations: inputs are converted).
@@ -495,6 +780,12 @@ impl MoneVivit {
             self.embedding.forward(x, matches!(exec, Exec::Plain))?
         };
         let (s, n, d) = tokens.dims3()?;
+        if self.cfg.is_joint() {
+            let layout = TokenLayout::dense(n, s, d);
+            let h = Self::dense_layers(&self.spatial, tokens.reshape((s * n, d))?, &layout, exec)?;
+            let pooled = self.joint_pool(&h, &layout, s, 0)?;
+            return widen(self.joint_head(&pooled, exec.train())?);
+        }
         let h = self.dense_stage(
             &self.spatial,
             tokens.reshape((s * n, d))?,
@@ -529,16 +820,18 @@ impl MoneVivit {
             "embedding.projection.bias".into(),
             e.projection_bias.clone(),
         );
-        m.insert(
-            "embedding.spatial_position".into(),
-            e.spatial_position.clone(),
-        );
-        m.insert(
-            "embedding.temporal_position".into(),
-            e.temporal_position.clone(),
-        );
-        if let Some(c) = &e.temporal_cls {
-            m.insert("embedding.temporal_cls".into(), c.clone());
+        let joint = self.cfg.is_joint();
+        let (pos, cls) = if joint {
+            ("embedding.position", "embedding.cls")
+        } else {
+            ("embedding.spatial_position", "embedding.temporal_cls")
+        };
+        m.insert(pos.into(), e.position.clone());
+        if let Some(t) = &e.temporal_position {
+            m.insert("embedding.temporal_position".into(), t.clone());
+        }
+        if let Some(c) = &e.cls {
+            m.insert(cls.into(), c.clone());
         }
         m.insert("router.weight".into(), self.router.router.weight().clone());
         if let Some(b) = self.router.router.bias() {
@@ -555,7 +848,11 @@ impl MoneVivit {
             m.insert(format!("{name}.weight"), n.weight.clone());
             m.insert(format!("{name}.bias"), n.bias.clone());
         };
-        for (stage, st) in [("spatial", &self.spatial), ("temporal", &self.temporal)] {
+        let mut stages = vec![(if joint { "encoder" } else { "spatial" }, &self.spatial)];
+        if let Some(t) = &self.temporal {
+            stages.push(("temporal", t));
+        }
+        for (stage, st) in stages {
             for (i, l) in st.layers.iter().enumerate() {
                 let p = format!("{stage}.layers.{i}");
                 norm(&mut m, format!("{p}.norm1"), &l.norm1);
