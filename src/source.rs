@@ -617,7 +617,10 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
             }
         }
     };
-    p.stop(Duration::from_secs(1));
+    // Nothing after this point is wanted (the file ended, failed, or gave its frames), so no
+    // graceful EOS: waiting for one cost up to 1 s per file when it never came (a decoded
+    // 600-clip folder took 10 minutes).
+    p.stop(Duration::ZERO);
     result.map(|_| frames)
 }
 
