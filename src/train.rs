@@ -239,8 +239,9 @@ impl Trainer {
             "{} has another architecture than the one being trained",
             dir.display()
         );
-        // Other classes: everything but the head (which keeps its fresh initialisation).
-        let new_head = lm.config.num_classes != self.cfg.model.num_classes;
+        // Other classes (or the same count in another order): everything but the head, which
+        // keeps its fresh initialisation.
+        let new_head = lm.labels != labels_of(&self.cfg);
         let tensors = lm.model.named_tensors();
         for (name, var) in self
             .varmap
@@ -491,6 +492,17 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         );
         mcfg.num_classes = names.len();
         classes = names;
+        // The same classes as the init model: keep its order, so its head carries over.
+        if let Some(init) = &a.init {
+            let theirs = model::io::read_labels(&init.join("labels.txt"), mcfg.num_classes).ok();
+            if let Some(theirs) = theirs {
+                let mut sorted = theirs.clone();
+                sorted.sort();
+                if sorted == classes {
+                    classes = theirs;
+                }
+            }
+        }
     }
     let cfg = TrainConfig {
         model: mcfg,
