@@ -241,6 +241,7 @@ fn config_from(
     pre: Option<&Value>,
     pre_path: &Path,
     experts: usize,
+    num_classes: usize,
 ) -> Result<Config, ImportError> {
     let d = f.usize_or("hidden_size", None)?;
     let heads = f.usize_or("num_attention_heads", None)?;
@@ -307,7 +308,6 @@ fn config_from(
             (Pooling::Mean, Some(1e-5))
         }
     };
-    let labels = labels_of(f)?;
     let (mean, std) = normalisation(arch, pre, pre_path)?;
     if d == 0 || inter == 0 {
         return Err(f.err("hidden_size and intermediate_size must be positive".into()));
@@ -329,7 +329,7 @@ fn config_from(
         temporal_layers: 0,
         mlp_ratio: inter as f64 / d as f64,
         num_experts: e,
-        num_classes: labels.len(),
+        num_classes,
         mean,
         std,
         pooling,
@@ -664,8 +664,8 @@ pub fn import_hf(src: &Path, out: &Path, experts: usize) -> Result<Imported, Imp
     } else {
         None
     };
-    let config = config_from(arch, &f, pre.as_ref(), &pre_path, experts)?;
     let labels = labels_of(&f)?;
+    let config = config_from(arch, &f, pre.as_ref(), &pre_path, experts, labels.len())?;
     let bias = match arch {
         Arch::Vivit => f.bool_or("qkv_bias", true)?,
         Arch::VideoMae => f.bool_or("qv_bias", f.bool_or("qkv_bias", true)?)?,

@@ -246,6 +246,72 @@ fn host_scores(probs: &Tensor, routing: Routing, salt: u64) -> Result<Vec<f32>> 
     })
 }
 
+/// Run `stage` (tokens, probs, per-expert counts, salt -> pooled rows and, when routed on the
+/// host, every tubelet's expert) once per capacity group on that group's clips (`rows` rows of `tokens` and
+/// `probs` per clip, `rows` pooled rows back) and return the pooled rows and the assignment
+/// (`per_clip` tubelets a clip) in clip order.
+fn run_groups(
+    tokens: Tensor,
+    probs: &Tensor,
+    groups: &[(Vec<usize>, Vec<usize>)],
+    rows: usize,
+    per_clip: usize,
+    opts: &ForwardOptions,
+    stage: impl Fn(Tensor, &Tensor, &[usize], u64) -> Result<(Tensor, Option<Vec<u8>>)>,
+) -> Result<(Tensor, Option<Vec<u8>>)> {
+    let b: usize = groups.iter().map(|(_, clips)| clips.len()).sum();
+    let mut assignment = opts.want_assignment.then(|| vec![0u8; b * per_clip]);
+    if let [(k, _)] = groups {
+        let (pooled, assign) = stage(tokens, probs, k, 0)?;
+        if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
+            a.copy_from_slice(&assign);
+        }
+        return Ok((pooled, assignment));
+    }
+    let dev = tokens.device().clone();
+    let mut parts = Vec::new();
+    let mut order = Vec::new();
+    for (gi, (k, clips)) in groups.iter().enumerate() {
+        let ids: Vec<u32> = clips
+            .iter()
+            .flat_map(|&c| (c * rows..(c + 1) * rows).map(|r| r as u32))
+            .collect();
+        let idx = Tensor::new(ids.as_slice(), &dev)?;
+        let (p, assign) = stage(
+            tokens.index_select(&idx, 0)?,
+            &probs.index_select(&idx, 0)?,
+            k,
+            gi as u64,
+        )?;
+        if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
+            for (i, &c) in clips.iter().enumerate() {
+                a[c * per_clip..(c + 1) * per_clip]
+                    .copy_from_slice(&assign[i * per_clip..(i + 1) * per_clip]);
+            }
+        }
+        parts.push(p);
+        order.extend(ids);
+    }
+    let mut inverse = vec![0u32; order.len()];
+    for (pos, &r) in order.iter().enumerate() {
+        inverse[r as usize] = pos as u32;
+    }
+    let pooled =
+        Tensor::cat(&parts, 0)?.index_select(&Tensor::new(inverse.as_slice(), &dev)?, 0)?;
+    Ok((pooled, assignment))
+}
+
+fn output(logits: Tensor, assignment: Option<Vec<u8>>, counts_of: &[Vec<usize>]) -> ForwardOutput {
+    ForwardOutput {
+        logits,
+        assignment,
+        capacity: counts_of
+            .iter()
+            .map(|k| capacity::realised_capacity(k))
+            .collect(),
+    }
+}
+
 /// Row p * S + i of the token-major layout is row i * L + order[i][p] of the sequence-major
 /// one, for `order` (S, L) u32.
 fn token_major_index(order: &Tensor) -> Result<Tensor> {
@@ -345,54 +411,18 @@ impl MoneVivit {
         // Clips with the same token counts share one routed layout.
         let (counts_of, groups) = capacity_groups(&caps, n, e, opts.routing)?;
 
-        let mut assignment = opts.want_assignment.then(|| vec![0u8; b * nt * n]);
-        let pooled = if groups.len() == 1 {
-            let (pooled, assign) = self.spatial_stage(tokens, &probs, &groups[0].0, opts, 0)?;
-            if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
-                a.copy_from_slice(&assign);
-            }
-            pooled
-        } else {
-            let mut parts = Vec::new();
-            let mut order = Vec::new();
-            for (gi, (k, clips)) in groups.iter().enumerate() {
-                let seqs: Vec<u32> = clips
-                    .iter()
-                    .flat_map(|&c| (c * nt..(c + 1) * nt).map(|s| s as u32))
-                    .collect();
-                let idx = Tensor::new(seqs.as_slice(), x.device())?;
-                let (p, assign) = self.spatial_stage(
-                    tokens.index_select(&idx, 0)?,
-                    &probs.index_select(&idx, 0)?,
-                    k,
-                    opts,
-                    gi as u64,
-                )?;
-                if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
-                    for (i, &c) in clips.iter().enumerate() {
-                        a[c * nt * n..(c + 1) * nt * n]
-                            .copy_from_slice(&assign[i * nt * n..(i + 1) * nt * n]);
-                    }
-                }
-                parts.push(p);
-                order.extend(seqs);
-            }
-            let mut inverse = vec![0u32; order.len()];
-            for (pos, &s) in order.iter().enumerate() {
-                inverse[s as usize] = pos as u32;
-            }
-            Tensor::cat(&parts, 0)?
-                .index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?
-        };
+        // One pooled row per temporal index: nt rows of `tokens` per clip.
+        let (pooled, assignment) = run_groups(
+            tokens,
+            &probs,
+            &groups,
+            nt,
+            nt * n,
+            opts,
+            |t, p, k, salt| self.spatial_stage(t, p, k, opts, salt),
+        )?;
         let logits = widen(self.temporal_and_head(&pooled, b, opts.train)?)?;
-        Ok(ForwardOutput {
-            logits,
-            assignment,
-            capacity: counts_of
-                .iter()
-                .map(|k| capacity::realised_capacity(k))
-                .collect(),
-        })
+        Ok(output(logits, assignment, &counts_of))
     }
 
     /// Route S sequences of spatial tokens (S, N, D) with the given per-expert token counts and
@@ -491,7 +521,6 @@ impl MoneVivit {
         caps: &[f64],
         opts: &ForwardOptions,
     ) -> Result<ForwardOutput> {
-        let b = x.dim(0)?;
         let (nt, n, e) = (
             self.cfg.temporal_tokens(),
             self.cfg.spatial_tokens(),
@@ -508,51 +537,13 @@ impl MoneVivit {
                 .probs(&tokens.narrow(1, c0, nt * n)?, opts.train)? // (B, nt * N, E)
         };
         let (counts_of, groups) = capacity_groups(caps, n, e, opts.routing)?;
-        let mut assignment = opts.want_assignment.then(|| vec![0u8; b * nt * n]);
-        let pooled = if groups.len() == 1 {
-            let (pooled, assign) = self.joint_stage(tokens, &probs, &groups[0].0, opts, 0)?;
-            if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
-                a.copy_from_slice(&assign);
-            }
-            pooled
-        } else {
-            let mut parts = Vec::new();
-            let mut order = Vec::new();
-            for (gi, (k, clips)) in groups.iter().enumerate() {
-                let ids: Vec<u32> = clips.iter().map(|&c| c as u32).collect();
-                let idx = Tensor::new(ids.as_slice(), x.device())?;
-                let (p, assign) = self.joint_stage(
-                    tokens.index_select(&idx, 0)?,
-                    &probs.index_select(&idx, 0)?,
-                    k,
-                    opts,
-                    gi as u64,
-                )?;
-                if let (Some(a), Some(assign)) = (assignment.as_mut(), assign) {
-                    for (i, &c) in clips.iter().enumerate() {
-                        a[c * nt * n..(c + 1) * nt * n]
-                            .copy_from_slice(&assign[i * nt * n..(i + 1) * nt * n]);
-                    }
-                }
-                parts.push(p);
-                order.extend(ids);
-            }
-            let mut inverse = vec![0u32; order.len()];
-            for (pos, &c) in order.iter().enumerate() {
-                inverse[c as usize] = pos as u32;
-            }
-            Tensor::cat(&parts, 0)?
-                .index_select(&Tensor::new(inverse.as_slice(), x.device())?, 0)?
-        };
+        // One row of `tokens` (the clip's whole sequence) and one pooled row per clip.
+        let (pooled, assignment) =
+            run_groups(tokens, &probs, &groups, 1, nt * n, opts, |t, p, k, salt| {
+                self.joint_stage(t, p, k, opts, salt)
+            })?;
         let logits = widen(self.joint_head(&pooled, opts.train)?)?;
-        Ok(ForwardOutput {
-            logits,
-            assignment,
-            capacity: counts_of
-                .iter()
-                .map(|k| capacity::realised_capacity(k))
-                .collect(),
-        })
+        Ok(output(logits, assignment, &counts_of))
     }
 
     /// One capacity group of the joint encoder: `tokens` (B, L, D) with the CLS token first
