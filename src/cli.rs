@@ -531,6 +531,11 @@ pub fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
     let device = crate::device::open(&a.device)?;
     let lm = crate::model::load_model_dir(&a.model, &device)?;
     let cfg = &lm.config;
+    anyhow::ensure!(
+        cfg.is_mone(),
+        "{} is a V-MoE: it routes whole clips, not tubelets, so there is no per-token routing to draw (its events name each clip's experts)",
+        a.model.display()
+    );
     let frames = crate::source::decode_input(&a.input, cfg.image_size as u32, cfg.frames)?;
     anyhow::ensure!(!frames.is_empty(), "{}: no frames", a.input);
     let refs: Vec<&[u8]> = (0..cfg.frames)

@@ -1,11 +1,15 @@
 //! `mone eval`: top-1 accuracy against compute. One MoNE model at several capacities, the same
 //! capacities with a random router (the paper's ablation), an optional dense baseline, and a
-//! time-shuffled control; a table, JSON and a PNG plot.
+//! time-shuffled control; a table, JSON and a PNG plot. With V-MoE models or `--compare`,
+//! models side by side on the same clips: top-1, GMACs, measured latency, and for a V-MoE its
+//! router against the super-classes and the expert load per class.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::Device;
+#[cfg(feature = "gst")]
+use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::dataset::{self, Rng};
@@ -157,6 +161,10 @@ pub enum Input {
 pub struct Score {
     pub correct: Vec<u64>,
     pub total: Vec<u64>,
+    /// Row = true class, column = predicted.
+    pub confusion: Vec<Vec<u64>>,
+    /// A V-MoE's experts for every clip of the set, most probable first (empty for MoNE).
+    pub experts: Vec<Vec<usize>>,
 }
 
 impl Score {
@@ -198,6 +206,8 @@ pub fn score(
     let mut s = Score {
         correct: vec![0; cfg.num_classes],
         total: vec![0; cfg.num_classes],
+        confusion: vec![vec![0; cfg.num_classes]; cfg.num_classes],
+        experts: Vec::new(),
     };
     for (chunk_i, idx) in (0..set.len())
         .collect::<Vec<_>>()
@@ -240,7 +250,17 @@ pub fn score(
             if p as usize == y {
                 s.correct[y] += 1;
             }
+            if let Some(row) = s.confusion.get_mut(y) {
+                if let Some(c) = row.get_mut(p as usize) {
+                    *c += 1;
+                }
+            }
         }
+        s.experts.extend(
+            out.experts
+                .into_iter()
+                .map(|e| e.into_iter().map(|(j, _)| j).collect()),
+        );
     }
     Ok(s)
 }
@@ -273,6 +293,186 @@ pub struct Report {
     pub shuffled_top1: f64,
     pub shuffled_top1_ordered_classes: f64,
     pub chance: f64,
+    /// Models compared on the same clips (a V-MoE under evaluation and every --compare).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelRow>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}
+
+/// One model of a side-by-side comparison, at its full compute (e_c 1 for MoNE).
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelRow {
+    pub name: String,
+    pub kind: String,
+    pub params: usize,
+    pub gmacs: f64,
+    pub top1: f64,
+    /// A V-MoE with each clip sent to random experts.
+    pub top1_random_router: Option<f64>,
+    /// A V-MoE's share of clips whose top expert is their super-class (a model trained with
+    /// super-classes; expert j is super-class j).
+    pub router_accuracy: Option<f64>,
+    /// Share of clips whose top expert's most common super-class is their own: how cleanly
+    /// the router separates super-classes, whatever it calls them.
+    pub routing_purity: Option<f64>,
+    /// Clips per expert (top slot) for every true class: rows = classes, columns = experts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expert_load: Vec<Vec<u64>>,
+    /// The super-classes used for the two router measures.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub superclasses: Vec<Vec<String>>,
+    /// Median forward time of one clip alone.
+    pub ms_per_clip_batch1: f64,
+    /// Clips per second in batches of `--batch`.
+    pub clips_per_s_batched: f64,
+}
+
+/// Median milliseconds of a batch-1 forward over up to `n` clips of `set`, and clips/s in
+/// batches of `batch`, after a warm-up of each.
+#[cfg(feature = "gst")]
+fn latency(
+    m: &MoneVivit,
+    cfg: &Config,
+    set: &ClipSet,
+    batch: usize,
+    n: usize,
+    device: &Device,
+) -> anyhow::Result<(f64, f64)> {
+    let x_of = |idx: &[usize]| {
+        let clips: Vec<Vec<&[u8]>> = idx
+            .iter()
+            .map(|&i| set.frames[i].iter().map(Vec::as_slice).collect())
+            .collect();
+        crate::tokenizer::frames_batch(&clips, cfg.image_size, cfg.mean, cfg.std, device)
+    };
+    let run = |x: &Tensor| -> anyhow::Result<()> {
+        let out = m.forward(x, &[1.0], &ForwardOptions::default())?;
+        // Wait for the result (a GPU runs asynchronously).
+        out.logits
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+        Ok(())
+    };
+    let n = n.min(set.len()).max(1);
+    let mut ms = Vec::with_capacity(n);
+    run(&x_of(&[0])?)?;
+    for i in 0..n {
+        let x = x_of(&[i])?;
+        let t = std::time::Instant::now();
+        run(&x)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    let batch = batch.clamp(1, set.len().max(1));
+    let batches: Vec<Tensor> = (0..4)
+        .map(|k| {
+            let idx: Vec<usize> = (0..batch).map(|i| (k * batch + i) % set.len()).collect();
+            x_of(&idx)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    run(&batches[0])?;
+    let t = std::time::Instant::now();
+    for x in &batches {
+        run(x)?;
+    }
+    let rate = (4 * batch) as f64 / t.elapsed().as_secs_f64();
+    Ok((ms[ms.len() / 2], rate))
+}
+
+/// Evaluate one model of a comparison on `set`.
+#[cfg(feature = "gst")]
+fn model_row(
+    dir: &Path,
+    lm: &crate::model::LoadedModel,
+    set: &ClipSet,
+    superclasses: Option<&crate::superclass::Superclasses>,
+    a: &EvalArgs,
+    device: &Device,
+) -> anyhow::Result<ModelRow> {
+    use crate::model::flops;
+    let cfg = &lm.config;
+    let s = score(
+        &lm.model,
+        cfg,
+        set,
+        1.0,
+        Routing::Learned,
+        Input::AsIs,
+        a.batch,
+        device,
+    )?;
+    let mut row = ModelRow {
+        name: dir.display().to_string(),
+        kind: cfg.kind.clone(),
+        params: lm
+            .model
+            .named_tensors()
+            .values()
+            .map(Tensor::elem_count)
+            .sum(),
+        gmacs: flops::macs(cfg, Some(1.0))?.gmacs(),
+        top1: s.top1(),
+        top1_random_router: None,
+        router_accuracy: None,
+        routing_purity: None,
+        expert_load: Vec::new(),
+        superclasses: Vec::new(),
+        ms_per_clip_batch1: 0.0,
+        clips_per_s_batched: 0.0,
+    };
+    if let Some(moe) = cfg.moe {
+        let random = score(
+            &lm.model,
+            cfg,
+            set,
+            1.0,
+            Routing::Random { seed: 7 },
+            Input::AsIs,
+            a.batch,
+            device,
+        )?;
+        row.top1_random_router = Some(random.top1());
+        let mut load = vec![vec![0u64; moe.experts]; cfg.num_classes];
+        for (i, e) in s.experts.iter().enumerate() {
+            if let (Some(&j), Some(r)) = (e.first(), load.get_mut(set.labels[i])) {
+                r[j] += 1;
+            }
+        }
+        // The model's own super-classes, else the ones given to the comparison.
+        let own = dir.join(crate::superclass::FILE);
+        let own = own
+            .exists()
+            .then(|| crate::superclass::Superclasses::read(&own))
+            .transpose()?;
+        if let Some(sc) = own.as_ref().or(superclasses) {
+            let of = sc.index(&lm.labels, moe.experts)?;
+            let n = s.experts.len().max(1) as f64;
+            let first = |i: usize| s.experts[i].first().copied().unwrap_or(usize::MAX);
+            if own.is_some() {
+                let hits = (0..s.experts.len())
+                    .filter(|&i| first(i) == of[set.labels[i]])
+                    .count();
+                row.router_accuracy = Some(hits as f64 / n);
+            }
+            // Each expert's most common super-class among its clips.
+            let mut by = vec![vec![0u64; sc.groups.len()]; moe.experts];
+            for (i, &y) in set.labels.iter().enumerate().take(s.experts.len()) {
+                by[first(i)][of[y]] += 1;
+            }
+            let pure: u64 = by
+                .iter()
+                .map(|r| r.iter().copied().max().unwrap_or(0))
+                .sum();
+            row.routing_purity = Some(pure as f64 / n);
+            row.superclasses = sc.groups.clone();
+        }
+        row.expert_load = load;
+    }
+    let (b1, rate) = latency(&lm.model, cfg, set, a.batch, a.latency_clips, device)?;
+    row.ms_per_clip_batch1 = b1;
+    row.clips_per_s_batched = rate;
+    Ok(row)
 }
 
 #[derive(clap::Args, Debug)]
@@ -296,6 +496,18 @@ pub struct EvalArgs {
     /// A single-frame baseline model folder (it sees the middle frame repeated).
     #[arg(long)]
     pub single_frame: Option<PathBuf>,
+    /// More model folders (dense, MoNE or V-MoE) evaluated on the same clips in the same
+    /// run: top-1, GMACs, parameters, latency; for a V-MoE also a random-router control, its
+    /// router against the super-classes and the expert load per class.
+    #[arg(long)]
+    pub compare: Vec<PathBuf>,
+    /// Super-classes for V-MoE models that have no superclasses.json of their own (e.g. an
+    /// end-to-end routed one), for the routing purity measure.
+    #[arg(long)]
+    pub superclasses: Option<PathBuf>,
+    /// Clips timed one at a time for the batch-1 latency of compared models.
+    #[arg(long, default_value_t = 64)]
+    pub latency_clips: usize,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -338,7 +550,9 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
     eprintln!("evaluating {} on {}", a.model.display(), set.source);
     let progress = |what: &str| eprintln!("  {what}");
     let mut rows = Vec::new();
-    for &e_c in &CAPACITIES {
+    // A V-MoE has no capacity to sweep.
+    let sweep: &[f64] = if cfg.is_mone() { &CAPACITIES } else { &[] };
+    for &e_c in sweep {
         let learned = score(
             &lm.model,
             cfg,
@@ -413,7 +627,41 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
             top1: s.top1(),
         });
     }
+    let sc = a
+        .superclasses
+        .as_deref()
+        .map(crate::superclass::Superclasses::read)
+        .transpose()?;
+    let mut models = Vec::new();
+    if !cfg.is_mone() || !a.compare.is_empty() {
+        let mut dirs = vec![(a.model.clone(), lm.clone())];
+        for dir in &a.compare {
+            let other = model::load_model_dir(dir, &device)?;
+            anyhow::ensure!(
+                other.labels == lm.labels
+                    && other.config.image_size == cfg.image_size
+                    && other.config.frames == cfg.frames,
+                "{} has other classes or clips than {}",
+                dir.display(),
+                a.model.display()
+            );
+            dirs.push((dir.clone(), other));
+        }
+        for (dir, m) in &dirs {
+            let row = model_row(dir, m, &set, sc.as_ref(), a, &device)?;
+            progress(&format!(
+                "{}: {:.1}%, {:.2} ms/clip alone, {:.0} clips/s batched",
+                row.name,
+                row.top1 * 100.0,
+                row.ms_per_clip_batch1,
+                row.clips_per_s_batched
+            ));
+            models.push(row);
+        }
+    }
     let report = Report {
+        models,
+        labels: lm.labels.clone(),
         model: a.model.display().to_string(),
         data: set.source.clone(),
         clips: set.len(),
@@ -425,9 +673,11 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
         chance: 1.0 / cfg.num_classes as f64,
     };
     let plot = a.plot.clone().unwrap_or_else(|| a.model.join("eval.png"));
-    match crate::plot::accuracy_vs_gmacs(&report, &plot) {
-        Ok(()) => eprintln!("plot written to {}", plot.display()),
-        Err(e) => eprintln!("warning: no plot: {e:#}"),
+    if !report.mone.is_empty() {
+        match crate::plot::accuracy_vs_gmacs(&report, &plot) {
+            Ok(()) => eprintln!("plot written to {}", plot.display()),
+            Err(e) => eprintln!("warning: no plot: {e:#}"),
+        }
     }
     Ok(report)
 }
@@ -435,9 +685,12 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
 /// The report as a Markdown table.
 pub fn table(r: &Report) -> String {
     let mut s = format!(
-        "{} on {}; dense ViViT {:.3} GMACs/clip\n\n| e_c | GMACs | top-1 MoNE | top-1 random router |\n|---|---|---|---|\n",
+        "{} on {}; dense ViViT {:.3} GMACs/clip\n\n",
         r.model, r.data, r.dense_gmacs
     );
+    if !r.mone.is_empty() {
+        s += "| e_c | GMACs | top-1 MoNE | top-1 random router |\n|---|---|---|---|\n";
+    }
     for row in &r.mone {
         s += &format!(
             "| {:.2} | {:.3} | {:.1}% | {:.1}% |\n",
@@ -461,5 +714,67 @@ pub fn table(r: &Report) -> String {
         r.shuffled_top1_ordered_classes * 100.0,
         r.chance * 100.0
     );
+    s += &models_table(r);
+    s
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
+}
+
+/// The side-by-side comparison and each V-MoE's expert load per class.
+fn models_table(r: &Report) -> String {
+    if r.models.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\n| model | kind | params | GMACs | top-1 | random router | router vs super-classes | routing purity | ms/clip (batch 1) | clips/s (batched) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for m in &r.models {
+        s += &format!(
+            "| {} | {} | {:.2} M | {:.4} | {:.1}% | {} | {} | {} | {:.2} | {:.0} |\n",
+            m.name,
+            m.kind,
+            m.params as f64 / 1e6,
+            m.gmacs,
+            m.top1 * 100.0,
+            pct(m.top1_random_router),
+            pct(m.router_accuracy),
+            pct(m.routing_purity),
+            m.ms_per_clip_batch1,
+            m.clips_per_s_batched
+        );
+    }
+    for m in r.models.iter().filter(|m| !m.expert_load.is_empty()) {
+        let e = m.expert_load.first().map_or(0, Vec::len);
+        s += &format!(
+            "\n{}: clips per expert (top slot) by true class\n\n| class |",
+            m.name
+        );
+        for j in 0..e {
+            s += &format!(" e{j} |");
+        }
+        s += "\n|---|";
+        s += &"---|".repeat(e);
+        s += "\n";
+        for (k, row) in m.expert_load.iter().enumerate() {
+            s += &format!("| {} |", r.labels.get(k).map_or("?", String::as_str));
+            for v in row {
+                s += &format!(" {v} |");
+            }
+            s += "\n";
+        }
+        if !m.superclasses.is_empty() {
+            s += "\nsuper-classes: ";
+            s += &m
+                .superclasses
+                .iter()
+                .enumerate()
+                .map(|(g, names)| format!("{g} = {{{}}}", names.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ");
+            s += "\n";
+        }
+    }
     s
 }

@@ -12,6 +12,13 @@ pub struct LabelScore {
     pub score: f32,
 }
 
+/// One expert a V-MoE ran a clip through, with its router weight.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ExpertUse {
+    pub expert: usize,
+    pub weight: f32,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
     /// From the clip's last frame arriving to the start of its batch's forward.
@@ -73,6 +80,9 @@ pub enum Event {
         padded_frames: usize,
         labels: Vec<LabelScore>,
         capacity: f64,
+        /// A V-MoE's experts for this clip, most probable first (absent for MoNE models).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        experts: Vec<ExpertUse>,
         model: String,
         latency_ms: Latency,
         time: String,
@@ -257,6 +267,10 @@ mod tests {
                 padded_frames: 0,
                 labels: labels.clone(),
                 capacity: 1.0,
+                experts: vec![ExpertUse {
+                    expert: 3,
+                    weight: 0.5,
+                }],
                 model: "m".into(),
                 latency_ms: Latency {
                     queue_ms: 1.0,
@@ -348,10 +362,14 @@ mod tests {
                 .map(|r| r.as_str().unwrap())
                 .collect();
             req.sort();
+            // Only a V-MoE's clip events carry `experts`.
             assert_eq!(
                 req,
-                keys.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
-                "{ty}: every field is required"
+                keys.iter()
+                    .map(|k| k.as_str())
+                    .filter(|k| !(ty == "clip" && *k == "experts"))
+                    .collect::<Vec<_>>(),
+                "{ty}: every field but the optional ones is required"
             );
         }
     }

@@ -337,6 +337,7 @@ fn config_from(
         hidden_act: act,
         final_norm_eps,
         input_layout: InputLayout::Btchw,
+        moe: None,
     };
     if cfg.mlp_dim() != inter {
         return Err(f.err(format!("intermediate_size {inter} is not representable")));

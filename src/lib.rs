@@ -1,13 +1,15 @@
 //! mone: streaming video analytics with a Mixture-of-Nested-Experts ViViT.
 //!
 //! - [`model`]: the MoNE-ViViT in candle (config, capacity solver, router/EPR, nested
-//!   attention and MLP, the factorized and joint encoders, FLOP counts, model folders).
+//!   attention and MLP, the factorized and joint encoders, FLOP counts, model folders), and
+//!   the Mobile V-MoE on the same blocks (`model::moe`: per-clip expert MLPs).
 //! - [`import`] (`mone import-hf`: transformers ViViT/VideoMAE checkpoints as model folders)
 //!   and [`infer`] (`mone infer`: logits for a raw input tensor, for parity checks).
 //! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], `pipeline`, `cli`: the streaming pipeline from inputs to JSON events.
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
-//!   [`train`] (the MoNE training loop with exact-resume checkpoints): training.
+//!   [`train`] (the MoNE and V-MoE training loop with exact-resume checkpoints), and
+//!   [`superclass`] (confusion matrix -> clustered super-classes for V-MoE's router): training.
 //! - [`eval`] and [`plot`]: `mone eval`, accuracy against compute, and its PNG plot.
 //! - [`controller`] (pure: latency profile, slow-down estimate, per-batch capacity, size and
 //!   shedding), [`metrics`] (telemetry, Prometheus text) and `http` (the HTTP API): holding a
@@ -40,5 +42,6 @@ pub mod plot;
 pub mod runtime;
 #[cfg(feature = "gst")]
 pub mod source;
+pub mod superclass;
 pub mod tokenizer;
 pub mod train;

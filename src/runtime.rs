@@ -18,7 +18,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender, TryRecvErr
 use crate::clip::{Clip, ClipAssembler, ClipSpec, Tail};
 use crate::controller::{Controller, ControllerSettings, LatencyProfile};
 use crate::events::{
-    now, redact, Event, EventSink, LabelScore, Latency, LatencyPercentiles, StreamStats,
+    now, redact, Event, EventSink, ExpertUse, LabelScore, Latency, LatencyPercentiles, StreamStats,
 };
 use crate::metrics::{percentile, StreamInfo, Telemetry};
 use crate::model::{Config, ForwardOptions, LoadedModel};
@@ -43,6 +43,24 @@ pub trait Classifier: Send + Sync {
     /// Class probabilities per clip of `x` (B, C, T, H, W), and the e_c each clip ran at.
     fn classify(&self, x: &Tensor, capacity: f64)
         -> candle_core::Result<(Vec<Vec<f32>>, Vec<f64>)>;
+    /// As [`Classifier::classify`], plus the experts each clip of a V-MoE ran.
+    fn classify_detailed(&self, x: &Tensor, capacity: f64) -> candle_core::Result<Classified> {
+        let (probs, capacity) = self.classify(x, capacity)?;
+        Ok(Classified {
+            probs,
+            capacity,
+            experts: Vec::new(),
+        })
+    }
+}
+
+/// One batch's results.
+#[derive(Clone, Debug)]
+pub struct Classified {
+    pub probs: Vec<Vec<f32>>,
+    pub capacity: Vec<f64>,
+    /// Per clip, a V-MoE's experts and router weights (empty for MoNE).
+    pub experts: Vec<Vec<(usize, f32)>>,
 }
 
 impl Classifier for LoadedModel {
@@ -62,6 +80,16 @@ impl Classifier for LoadedModel {
             .forward(x, &[capacity], &ForwardOptions::default())?;
         let probs = candle_nn::ops::softmax(&out.logits, D::Minus1)?.to_vec2::<f32>()?;
         Ok((probs, out.capacity))
+    }
+    fn classify_detailed(&self, x: &Tensor, capacity: f64) -> candle_core::Result<Classified> {
+        let out = self
+            .model
+            .forward(x, &[capacity], &ForwardOptions::default())?;
+        Ok(Classified {
+            probs: candle_nn::ops::softmax(&out.logits, D::Minus1)?.to_vec2::<f32>()?,
+            capacity: out.capacity,
+            experts: out.experts,
+        })
     }
 }
 
@@ -954,7 +982,11 @@ impl Worker<'_, '_> {
         let (t, hw) = (cfg.frames, cfg.image_size);
         let refs: Vec<&[f32]> = batch.iter().map(|(_, c)| c.data.as_slice()).collect();
         let x = tokenizer::batch(&refs, t, hw, hw, self.device)?;
-        let (probs, caps) = self.model.classify(&x, capacity)?;
+        let Classified {
+            probs,
+            capacity: caps,
+            experts,
+        } = self.model.classify_detailed(&x, capacity)?;
         let inference_ms = started.elapsed().as_secs_f64() * 1e3;
         let target = self.target_ms();
         for (k, (i, c)) in batch.iter().enumerate() {
@@ -979,6 +1011,11 @@ impl Worker<'_, '_> {
                 padded_frames: c.padded,
                 labels,
                 capacity: ran_at,
+                experts: experts.get(k).map_or_else(Vec::new, |e| {
+                    e.iter()
+                        .map(|&(expert, weight)| ExpertUse { expert, weight })
+                        .collect()
+                }),
                 model: self.model_name.to_string(),
                 latency_ms: Latency {
                     queue_ms,

@@ -1,6 +1,8 @@
 //! Training on the procedural motion dataset with the MoNE recipe: AdamW, warm-up plus cosine,
 //! a capacity drawn from {0.15, 0.25, ..., 0.95} every step (optionally after a phase that
-//! trains the nested widths jointly), and checkpoints that resume exactly.
+//! trains the nested widths jointly), and checkpoints that resume exactly. A Mobile V-MoE
+//! trains end to end, optionally with its router pulled towards super-classes
+//! (L = L_task + w * CE(router, super-class)).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,16 @@ pub struct TrainConfig {
     /// The class names of `dataset` (empty: the motion dataset's).
     #[serde(default)]
     pub classes: Vec<String>,
+    /// A V-MoE's super-class (router target) of every class; None: end-to-end routing.
+    #[serde(default)]
+    pub superclasses: Option<Vec<usize>>,
+    /// Weight of the super-class router loss.
+    #[serde(default = "default_router_weight")]
+    pub router_weight: f64,
+}
+
+fn default_router_weight() -> f64 {
+    0.3
 }
 
 /// Normalised (B, 3, T, S, S) clips and their labels for dataset indices `idx`; with
@@ -314,7 +326,25 @@ impl Trainer {
             train: true,
             want_assignment: false,
         };
-        let (loss, capacity) = if self.cfg.dense {
+        let (loss, capacity) = if self.cfg.model.is_vmoe() {
+            let out = self.model.forward(&x, &[1.0], &opts(Routing::Learned))?;
+            let task = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+            let loss = match (&self.cfg.superclasses, &out.router_logits) {
+                (Some(sc), Some(logits)) => {
+                    let labels = y.to_vec1::<u32>()?;
+                    let target: Vec<u32> = labels
+                        .iter()
+                        .map(|&l| sc.get(l as usize).map(|&g| g as u32))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| anyhow::anyhow!("a label without a super-class"))?;
+                    let target = Tensor::from_vec(target, labels.len(), y.device())?;
+                    let router = candle_nn::loss::cross_entropy(logits, &target)?;
+                    (task + (router * self.cfg.router_weight)?)?
+                }
+                _ => task,
+            };
+            (loss, None)
+        } else if self.cfg.dense {
             let out = self.model.forward(
                 &x,
                 &[1.0],
@@ -386,7 +416,7 @@ impl Trainer {
     }
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Architecture preset (its classes are set to the dataset's 12).
     #[arg(long, default_value = "vivit-fe-motion")]
@@ -453,6 +483,33 @@ pub struct TrainArgs {
     /// Only write the model folder from the checkpoint in --out (e.g. of a stopped run).
     #[arg(long)]
     pub export: bool,
+    /// `mone` (nested experts per token) or `vmoe` (Mobile V-MoE: the preset's last temporal
+    /// layers become per-clip expert layers).
+    #[arg(long, default_value = "mone", value_parser = ["mone", "vmoe"])]
+    pub kind: String,
+    /// V-MoE: expert MLPs per MoE layer.
+    #[arg(long, default_value_t = 10)]
+    pub experts: usize,
+    /// V-MoE: how many of the last temporal layers are MoE layers.
+    #[arg(long, default_value_t = 2)]
+    pub moe_layers: usize,
+    /// V-MoE: experts per clip (1 or 2).
+    #[arg(long, default_value_t = 1)]
+    pub top_k: usize,
+    /// V-MoE: train the router towards super-classes: `auto` (cluster the confusion matrix of
+    /// --baseline on held-out clips) or a superclasses.json file. Without it the router
+    /// learns end to end.
+    #[arg(long)]
+    pub superclasses: Option<String>,
+    /// The dense model whose confusion matrix `--superclasses auto` clusters.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Weight of the super-class router loss.
+    #[arg(long, default_value_t = 0.3)]
+    pub router_weight: f64,
+    /// Held-out clips (dataset seed + 2) for the baseline's confusion matrix.
+    #[arg(long, default_value_t = 1200)]
+    pub superclass_clips: u64,
 }
 
 /// `mone train`: train on the procedural dataset, resuming from `--out` when it holds a checkpoint.
@@ -471,12 +528,28 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     over(a.heads, &mut mcfg.num_heads);
     over(a.spatial_layers, &mut mcfg.spatial_layers);
     over(a.temporal_layers, &mut mcfg.temporal_layers);
+    if a.kind == "vmoe" && !mcfg.is_vmoe() {
+        mcfg.kind = model::config::KIND_VMOE.to_string();
+        mcfg.moe = Some(model::MoeConfig {
+            layers: a.moe_layers,
+            experts: a.experts,
+            top_k: a.top_k,
+        });
+    }
     if let Some(dir) = &a.init {
         // The architecture is the init model's (its classes may change below).
         mcfg = model::io::read_config(&dir.join("config.json"))?;
         mcfg.num_classes = CLASSES.len();
     }
     mcfg.validate()?;
+    anyhow::ensure!(
+        mcfg.is_vmoe() || (a.superclasses.is_none() && a.baseline.is_none()),
+        "--superclasses and --baseline are for V-MoE training (--kind vmoe)"
+    );
+    anyhow::ensure!(
+        !(mcfg.is_vmoe() && (a.dense || a.single_frame || a.nested_steps > 0)),
+        "--dense, --single-frame and --nested-steps are MoNE options, not for a V-MoE"
+    );
     let mut classes = Vec::new();
     if let Some(dir) = &a.dataset {
         let mut names: Vec<String> = crate::eval::list_folder(dir)?
@@ -519,8 +592,33 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         init: a.init.clone(),
         dataset: a.dataset.clone(),
         classes: Vec::new(),
+        superclasses: None,
+        router_weight: a.router_weight,
     };
-    let cfg = TrainConfig { classes, ..cfg };
+    let superclasses = match (&a.superclasses, cfg.model.moe) {
+        (Some(spec), Some(moe)) => {
+            let labels = if classes.is_empty() {
+                CLASSES.iter().map(|s| s.to_string()).collect()
+            } else {
+                classes.clone()
+            };
+            let sc = superclasses_for(a, spec, &cfg.model, &labels, moe.experts, &device)?;
+            let index = sc.index(&labels, moe.experts)?;
+            std::fs::create_dir_all(&a.out)?;
+            sc.write(&a.out.join(crate::superclass::FILE))?;
+            for (g, group) in sc.groups.iter().enumerate() {
+                eprintln!("super-class {g}: {}", group.join(", "));
+            }
+            Some(index)
+        }
+        _ => None,
+    };
+    let cfg = TrainConfig {
+        classes,
+        superclasses,
+        router_weight: a.router_weight,
+        ..cfg
+    };
     let mut tr = Trainer::new(cfg, &device)?;
     if let Some(dir) = &a.dataset {
         #[cfg(feature = "gst")]
@@ -573,7 +671,15 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             info.loss,
             smooth.unwrap_or(info.loss),
             info.lr,
-            info.capacity.map_or("nested".into(), |c| format!("{c:.2}")),
+            info.capacity.map_or(
+                if tr.cfg.model.is_vmoe() {
+                    "-"
+                } else {
+                    "nested"
+                }
+                .into(),
+                |c| format!("{c:.2}")
+            ),
             (done * tr.cfg.batch as u64) as f64 / t0.elapsed().as_secs_f64()
         );
         match &bar {
@@ -603,17 +709,85 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     // A dense or single-frame model has no trained router: only full width means anything.
-    let caps: &[f64] = if tr.cfg.dense {
+    let caps: &[f64] = if tr.cfg.dense || tr.cfg.model.is_vmoe() {
         &[1.0]
     } else {
         &[1.0, 0.5, 0.3, 0.15]
     };
     for &e_c in caps {
         let acc = tr.accuracy(a.seed + 1, a.eval_count, e_c, Routing::Learned)?;
-        eprintln!("held-out top-1 at e_c {e_c}: {:.1}%", acc * 100.0);
+        if tr.cfg.model.is_vmoe() {
+            eprintln!("held-out top-1: {:.1}%", acc * 100.0);
+        } else {
+            eprintln!("held-out top-1 at e_c {e_c}: {:.1}%", acc * 100.0);
+        }
     }
     eprintln!("model folder written to {}", a.out.display());
     Ok(())
+}
+
+/// Super-classes from a file, or (`auto`) clustered from `--baseline`'s confusion matrix on
+/// held-out clips: the procedural dataset's seed + 2, or the training folder itself.
+fn superclasses_for(
+    a: &TrainArgs,
+    spec: &str,
+    cfg: &Config,
+    labels: &[String],
+    experts: usize,
+    device: &Device,
+) -> anyhow::Result<crate::superclass::Superclasses> {
+    use crate::superclass::{from_confusion, Superclasses};
+    if spec != "auto" {
+        return Ok(Superclasses::read(Path::new(spec))?);
+    }
+    let Some(dir) = &a.baseline else {
+        anyhow::bail!("--superclasses auto needs --baseline DIR: a dense model of the same classes whose confusion matrix is clustered");
+    };
+    let b = model::load_model_dir(dir, device)?;
+    anyhow::ensure!(
+        b.labels == labels,
+        "{} predicts other classes (or another order) than the V-MoE being trained",
+        dir.display()
+    );
+    let set = match &a.dataset {
+        #[cfg(feature = "gst")]
+        Some(d) => crate::eval::ClipSet::folder(d, &b.config, labels)?,
+        #[cfg(not(feature = "gst"))]
+        Some(d) => anyhow::bail!("--dataset {} needs the `gst` feature", d.display()),
+        None => crate::eval::ClipSet::synthetic(&b.config, a.seed + 2, a.superclass_clips),
+    };
+    anyhow::ensure!(
+        b.config.image_size == cfg.image_size && b.config.frames == cfg.frames,
+        "{} takes other clips than the V-MoE",
+        dir.display()
+    );
+    eprintln!(
+        "confusion matrix of {} on {} ...",
+        dir.display(),
+        set.source
+    );
+    let routing = if b.config.is_mone() {
+        Routing::Width(b.config.num_experts - 1)
+    } else {
+        Routing::Learned
+    };
+    let s = crate::eval::score(
+        &b.model,
+        &b.config,
+        &set,
+        1.0,
+        routing,
+        crate::eval::Input::AsIs,
+        32,
+        device,
+    )?;
+    eprintln!("baseline top-1 there: {:.1}%", s.top1() * 100.0);
+    Ok(from_confusion(
+        &s.confusion,
+        labels,
+        experts,
+        format!("{} on {}", dir.display(), set.source),
+    ))
 }
 
 #[cfg(test)]
@@ -638,6 +812,8 @@ mod tests {
             init: None,
             dataset: None,
             classes: Vec::new(),
+            superclasses: None,
+            router_weight: 0.3,
         }
     }
 
@@ -705,6 +881,49 @@ mod tests {
         }
         let after = eval(&tr);
         assert!(after < before * 0.5, "loss {before} -> {after}");
+    }
+
+    #[test]
+    fn the_superclass_loss_teaches_the_vmoe_router_its_groups() {
+        let mut m = Config::preset("vmoe-fe-tiny").unwrap();
+        m.num_classes = CLASSES.len();
+        let sc: Vec<usize> = (0..CLASSES.len()).map(|c| c % 3).collect();
+        let cfg = |superclasses| TrainConfig {
+            model: m.clone(),
+            nested_steps: 0,
+            lr: 3e-3,
+            warmup: 1,
+            superclasses,
+            router_weight: 1.0,
+            ..tiny_cfg(30)
+        };
+        let idx: Vec<u64> = (0..12).collect();
+        let (x, y) = synthetic_batch(&m, 1, &idx, &Device::Cpu, false).unwrap();
+        let labels = y.to_vec1::<u32>().unwrap();
+        let router_ce = |tr: &Trainer| {
+            let out = tr
+                .model
+                .forward(&x, &[1.0], &ForwardOptions::default())
+                .unwrap();
+            let t: Vec<u32> = labels.iter().map(|&l| sc[l as usize] as u32).collect();
+            let t = Tensor::new(t.as_slice(), &Device::Cpu).unwrap();
+            candle_nn::loss::cross_entropy(out.router_logits.as_ref().unwrap(), &t)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let mut guided = Trainer::new(cfg(Some(sc.clone())), &Device::Cpu).unwrap();
+        let mut plain = Trainer::new(cfg(None), &Device::Cpu).unwrap();
+        let before = router_ce(&guided);
+        // Near-uniform at initialisation: ln 3.
+        assert!((before - 3f32.ln()).abs() < 0.1, "{before}");
+        for _ in 0..30 {
+            assert!(guided.step_on(&x, &y).unwrap().loss.is_finite());
+            assert!(plain.step_on(&x, &y).unwrap().loss.is_finite());
+        }
+        let (g, p) = (router_ce(&guided), router_ce(&plain));
+        assert!(g < 0.5 * before, "guided router CE {before} -> {g}");
+        assert!(g < 0.5 * p, "guided {g} vs end-to-end {p}");
     }
 
     #[test]

@@ -51,6 +51,9 @@ fn eval_reads_a_rendered_folder_and_reports_every_capacity() {
         plot: Some(root.join("plot.png")),
         batch: 5,
         device: "cpu".into(),
+        compare: Vec::new(),
+        superclasses: None,
+        latency_clips: 4,
     };
     let r = eval::run(&args).unwrap();
     assert_eq!(r.clips, 12);
@@ -70,6 +73,110 @@ fn eval_reads_a_rendered_folder_and_reports_every_capacity() {
     );
     let png = std::fs::read(root.join("plot.png")).expect("plot written");
     assert_eq!(&png[1..4], b"PNG");
+    // No comparison asked for a MoNE model: no side-by-side table.
+    assert!(r.models.is_empty());
+    std::fs::remove_dir_all(&root).ok();
+}
+
+fn train_args(out: PathBuf) -> mone::train::TrainArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: mone::train::TrainArgs,
+    }
+    Cli::parse_from(["mone", "--out", out.to_str().unwrap()]).train
+}
+
+#[test]
+fn vmoe_trains_with_auto_superclasses_and_compares_side_by_side() {
+    let root = tmp("vmoe");
+    let dense = root.join("dense");
+    motion_model(&dense);
+    // Super-classes clustered from the dense model's confusion matrix, then a V-MoE run.
+    let sc_dir = root.join("vmoe-sc");
+    let a = mone::train::TrainArgs {
+        preset: "vivit-fe-tiny".into(),
+        kind: "vmoe".into(),
+        experts: 3,
+        moe_layers: 1,
+        steps: 2,
+        batch: 4,
+        eval_count: 8,
+        superclasses: Some("auto".into()),
+        baseline: Some(dense.clone()),
+        superclass_clips: 24,
+        ..train_args(sc_dir.clone())
+    };
+    mone::train::run(&a).unwrap();
+    let sc = mone::superclass::Superclasses::read(&sc_dir.join("superclasses.json")).unwrap();
+    assert_eq!(sc.groups.len(), 3);
+    assert_eq!(sc.index(&labels(), 3).unwrap().len(), 12);
+    assert_eq!(sc.confusion.iter().flatten().sum::<u64>(), 24);
+    let vm = model::load_model_dir(&sc_dir, &Device::Cpu).unwrap();
+    assert!(vm.config.is_vmoe() && vm.config.moe.unwrap().experts == 3);
+    // auto without a baseline, and a super-class file for other classes, are refused clearly.
+    let e = mone::train::run(&mone::train::TrainArgs {
+        baseline: None,
+        out: root.join("x"),
+        ..a.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--baseline"), "{e}");
+    std::fs::write(root.join("bad.json"), r#"{"groups": [["walking"]]}"#).unwrap();
+    let e = mone::train::run(&mone::train::TrainArgs {
+        superclasses: Some(root.join("bad.json").display().to_string()),
+        out: root.join("y"),
+        ..a.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`walking`"), "{e}");
+
+    let args = EvalArgs {
+        model: sc_dir.clone(),
+        dataset: None,
+        synthetic: true,
+        seed: 1,
+        count: 24,
+        baseline: None,
+        single_frame: None,
+        json: true,
+        plot: None,
+        batch: 8,
+        device: "cpu".into(),
+        compare: vec![dense.clone()],
+        superclasses: None,
+        latency_clips: 3,
+    };
+    let r = eval::run(&args).unwrap();
+    assert!(r.mone.is_empty(), "a V-MoE has no capacity sweep");
+    assert_eq!(r.models.len(), 2);
+    let (v, d) = (&r.models[0], &r.models[1]);
+    assert_eq!(v.kind, "vmoe-vivit-fe");
+    // Equal compute: the dense model plus a 3 x 64 router; the dense row runs MoNE's token
+    // router at e_c 1 (0.2% of this tiny model).
+    assert!(
+        (v.gmacs - d.gmacs).abs() < 5e-3 * d.gmacs,
+        "{} vs {}",
+        v.gmacs,
+        d.gmacs
+    );
+    assert!(v.params > d.params);
+    let load: u64 = v.expert_load.iter().flatten().sum();
+    assert_eq!(load, 24);
+    let of = sc.index(&labels(), 3).unwrap();
+    let hits: u64 = (0..12).map(|c| v.expert_load[c][of[c]]).sum();
+    assert_eq!(v.router_accuracy, Some(hits as f64 / 24.0));
+    assert!(v.routing_purity.unwrap() >= v.router_accuracy.unwrap());
+    assert!(v.top1_random_router.is_some() && d.top1_random_router.is_none());
+    assert!(v.ms_per_clip_batch1 > 0.0 && d.clips_per_s_batched > 0.0);
+    let table = eval::table(&r);
+    assert!(
+        table.contains("clips per expert") && table.contains("super-classes: 0 = {"),
+        "{table}"
+    );
     std::fs::remove_dir_all(&root).ok();
 }
 

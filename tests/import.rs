@@ -237,6 +237,8 @@ fn an_imported_model_fine_tunes_with_the_mone_recipe() {
         init: Some(out.clone()),
         dataset: None,
         classes: Vec::new(),
+        superclasses: None,
+        router_weight: 0.3,
     };
     let mut tr = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
     tr.init_from(&out).unwrap();

@@ -123,7 +123,14 @@ fn ref_layer(
     widths: &[usize],
     scales: &[f64],
 ) {
-    let (d, m, h) = (cfg.hidden_size, cfg.mlp_dim(), cfg.num_heads);
+    ref_attention(cfg, w, pre, xs, widths);
+    let mlps: Vec<(String, Vec<f64>)> = vec![(format!("{pre}.mlp"), scales.to_vec())];
+    ref_mlps(cfg, w, pre, xs, widths, &mlps);
+}
+
+/// x += attention(LN1(x)) with nested in/out widths.
+fn ref_attention(cfg: &Config, w: &W, pre: &str, xs: &mut [Vec<f64>], widths: &[usize]) {
+    let (d, h) = (cfg.hidden_size, cfg.num_heads);
     let hd = d / h;
     let eps = cfg.layer_norm_eps;
     let g = |n: &str| w.v(&format!("{pre}.{n}"));
@@ -182,14 +189,38 @@ fn ref_layer(
         for k in 0..dj {
             xs[i][k] += upd[k];
         }
-        let ln = layer_norm(&xs[i], g("norm2.weight"), g("norm2.bias"), eps);
-        let hid: Vec<f64> = affine(g("mlp.fc1.weight"), d, g("mlp.fc1.bias"), &ln, dj, m)
-            .into_iter()
-            .map(gelu)
-            .collect();
-        let y = affine(g("mlp.fc2.weight"), m, g("mlp.fc2.bias"), &hid, m, dj);
-        for k in 0..dj {
-            xs[i][k] += scales[i] * y[k];
+    }
+}
+
+/// x += sum over `mlps` (prefix, per-token scale) of scale * MLP(LN2(x)), LN2 read once.
+fn ref_mlps(
+    cfg: &Config,
+    w: &W,
+    pre: &str,
+    xs: &mut [Vec<f64>],
+    widths: &[usize],
+    mlps: &[(String, Vec<f64>)],
+) {
+    let (d, m) = (cfg.hidden_size, cfg.mlp_dim());
+    let g = |n: &str| w.v(&format!("{pre}.{n}"));
+    for i in 0..xs.len() {
+        let dj = widths[i];
+        let ln = layer_norm(
+            &xs[i],
+            g("norm2.weight"),
+            g("norm2.bias"),
+            cfg.layer_norm_eps,
+        );
+        for (mlp, scales) in mlps {
+            let f = |n: &str| w.v(&format!("{mlp}.{n}"));
+            let hid: Vec<f64> = affine(f("fc1.weight"), d, f("fc1.bias"), &ln, dj, m)
+                .into_iter()
+                .map(gelu)
+                .collect();
+            let y = affine(f("fc2.weight"), m, f("fc2.bias"), &hid, m, dj);
+            for k in 0..dj {
+                xs[i][k] += scales[i] * y[k];
+            }
         }
     }
 }
@@ -249,10 +280,25 @@ fn ref_router(cfg: &Config, w: &W, tok: &[f64]) -> Vec<f64> {
 
 /// Logits of clip `b` with the given per-token experts (nt * N, in token order).
 fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f64> {
+    reference_with_route(cfg, w, x, b, assign).0
+}
+
+/// As [`reference`], and for a V-MoE (dense spatial stage: `assign` all widest) the experts
+/// its router picks, with their probabilities.
+fn reference_with_route(
+    cfg: &Config,
+    w: &W,
+    x: &Tensor,
+    b: usize,
+    assign: &[u8],
+) -> (Vec<f64>, Vec<(usize, f64)>) {
     let d = cfg.hidden_size;
     let (nt, n) = (cfg.temporal_tokens(), cfg.spatial_tokens());
     let widths = cfg.expert_widths();
-    let alpha = w.v("router.alpha")[0].clamp(0.0, 0.999);
+    // A V-MoE has no token router: every MLP scale is 1.
+    let alpha =
+        w.0.get("router.alpha")
+            .map_or(0.0, |a| a.0[0].clamp(0.0, 0.999));
     let tubelets = ref_tubelets(cfg, w, x, b);
     let mut pooled = Vec::new();
     for ti in 0..nt {
@@ -268,7 +314,11 @@ fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f6
         for (i, tok) in seq.iter().enumerate() {
             let j = assign[ti * n + i] as usize;
             tw.push(widths[j]);
-            scales.push(alpha * ref_router(cfg, w, tok)[j] + 1.0);
+            scales.push(if alpha == 0.0 {
+                1.0
+            } else {
+                alpha * ref_router(cfg, w, tok)[j] + 1.0
+            });
         }
         for l in 0..cfg.spatial_layers {
             ref_layer(
@@ -304,15 +354,47 @@ fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f6
     }
     let full = vec![d; seq.len()];
     let ones = vec![1.0; seq.len()];
+    let mut route: Vec<(usize, f64)> = Vec::new();
     for l in 0..cfg.temporal_layers {
-        ref_layer(
-            cfg,
-            w,
-            &format!("temporal.layers.{l}"),
-            &mut seq,
-            &full,
-            &ones,
-        );
+        let pre = format!("temporal.layers.{l}");
+        if !cfg.expert_layer("temporal", l) {
+            ref_layer(cfg, w, &pre, &mut seq, &full, &ones);
+            continue;
+        }
+        let moe = cfg.moe.unwrap();
+        if route.is_empty() {
+            // One router for every expert layer, on the clip's mean token at the first.
+            let mut mean = vec![0.0; d];
+            for tok in &seq {
+                mean.iter_mut()
+                    .zip(tok)
+                    .for_each(|(a, v)| *a += v / seq.len() as f64);
+            }
+            let logits = affine(
+                w.v("moe_router.weight"),
+                d,
+                w.v("moe_router.bias"),
+                &mean,
+                d,
+                moe.experts,
+            );
+            let mx = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|v| (v - mx).exp()).sum();
+            let mut p: Vec<(usize, f64)> = logits
+                .iter()
+                .map(|v| (v - mx).exp() / z)
+                .enumerate()
+                .collect();
+            p.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+            route = p[..moe.top_k].to_vec();
+        }
+        // The chosen experts, scaled by their router probabilities.
+        ref_attention(cfg, w, &pre, &mut seq, &full);
+        let mlps: Vec<(String, Vec<f64>)> = route
+            .iter()
+            .map(|&(j, g)| (format!("{pre}.mlp.experts.{j}"), vec![g; seq.len()]))
+            .collect();
+        ref_mlps(cfg, w, &pre, &mut seq, &full, &mlps);
     }
     let cls = layer_norm(
         &seq[0],
@@ -320,14 +402,15 @@ fn reference(cfg: &Config, w: &W, x: &Tensor, b: usize, assign: &[u8]) -> Vec<f6
         w.v("temporal.norm.bias"),
         cfg.layer_norm_eps,
     );
-    affine(
+    let logits = affine(
         w.v("head.weight"),
         d,
         w.v("head.bias"),
         &cls,
         d,
         cfg.num_classes,
-    )
+    );
+    (logits, route)
 }
 
 /// The joint encoder's logits for clip `b`: CLS (always full width, scale 1) and tubelets with
@@ -1019,4 +1102,223 @@ fn training_gradients_match_finite_differences() {
         }
     }
     assert!(checked > 100);
+}
+
+// ---------------------------------------------------------------------------------------
+// Mobile V-MoE: per-clip expert layers on the same blocks.
+
+fn vmoe(experts: usize, top_k: usize) -> (Config, HashMap<String, Tensor>) {
+    let mut cfg = Config::preset("vmoe-fe-tiny").unwrap();
+    cfg.temporal_layers = 2;
+    cfg.moe = Some(model::MoeConfig {
+        layers: 1,
+        experts,
+        top_k,
+    });
+    let mut w = weights(&cfg, 21, 0.0);
+    // A confident router, so that a small batch spreads over several experts.
+    let r = (w["moe_router.weight"].clone() * 20.0).unwrap();
+    w.insert("moe_router.weight".into(), r);
+    (cfg, w)
+}
+
+/// Clips with different brightness and contrast, so that their pooled representations (and
+/// so their experts) differ.
+fn varied_input(cfg: &Config, b: usize, seed: u64) -> Tensor {
+    let clips: Vec<Tensor> = (0..b)
+        .map(|c| {
+            input(cfg, 1, seed + c as u64)
+                .affine(0.3 + 0.15 * c as f64, 0.25 * c as f64 - 1.0)
+                .unwrap()
+        })
+        .collect();
+    Tensor::cat(&clips, 0).unwrap()
+}
+
+#[test]
+fn vmoe_routes_whole_clips_and_equals_the_per_clip_reference() {
+    for top_k in [1, 2] {
+        let (cfg, w) = vmoe(4, top_k);
+        assert!(cfg.expert_layer("temporal", 1) && !cfg.expert_layer("temporal", 0));
+        let m = build(&cfg, &w);
+        assert!(m.router.is_none(), "a V-MoE has no token router");
+        let reference_w = W::new(&w);
+        let b = 8;
+        let x = varied_input(&cfg, b, 5);
+        let all_widest =
+            vec![(cfg.num_experts - 1) as u8; cfg.temporal_tokens() * cfg.spatial_tokens()];
+        let mut used = std::collections::BTreeSet::new();
+        for train in [false, true] {
+            let out = m
+                .forward(
+                    &x,
+                    &[0.3],
+                    &ForwardOptions {
+                        train,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+            // No capacity to turn: every clip reports full compute.
+            assert_eq!(out.capacity, vec![1.0; b]);
+            assert_eq!(out.router_logits.as_ref().unwrap().dims(), &[b, 4]);
+            let logits = out.logits.to_vec2::<f32>().unwrap();
+            for (c, got_logits) in logits.iter().enumerate() {
+                let (want, route) = reference_with_route(&cfg, &reference_w, &x, c, &all_widest);
+                assert_close(
+                    got_logits,
+                    &want,
+                    2e-4,
+                    &format!("top-{top_k} clip {c} train {train}"),
+                );
+                let got = &out.experts[c];
+                assert_eq!(got.len(), top_k);
+                for ((j, g), (rj, rg)) in got.iter().zip(&route) {
+                    assert_eq!(j, rj, "clip {c}: expert");
+                    assert!(
+                        (*g as f64 - rg).abs() < 1e-4,
+                        "clip {c}: weight {g} vs {rg}"
+                    );
+                }
+                used.insert(got[0].0);
+            }
+        }
+        assert!(used.len() >= 2, "the batch used one expert only: {used:?}");
+    }
+}
+
+#[test]
+fn vmoe_random_and_forced_routing_and_gradients_only_reach_used_experts() {
+    let (cfg, w) = vmoe(4, 1);
+    let m = build(&cfg, &w);
+    let x = varied_input(&cfg, 6, 9);
+    let run = |routing| {
+        m.forward(
+            &x,
+            &[1.0],
+            &ForwardOptions {
+                routing,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let learned = run(Routing::Learned);
+    let forced = run(Routing::Width(3));
+    assert!(forced.experts.iter().all(|e| e[0].0 == 3));
+    let random = run(Routing::Random { seed: 3 });
+    let pick = |o: &model::ForwardOutput| o.experts.iter().map(|e| e[0].0).collect::<Vec<_>>();
+    assert_ne!(pick(&learned), pick(&random));
+    // The same clip gets other logits on another expert.
+    let diff = (learned.logits - forced.logits)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() > 1e-3);
+    assert!(m
+        .forward(
+            &x,
+            &[1.0],
+            &ForwardOptions {
+                routing: Routing::Width(4),
+                ..Default::default()
+            }
+        )
+        .is_err());
+
+    // Training: the task loss reaches the router (through the gates) and exactly the experts
+    // some clip used.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let tm = MoneVivit::new(&cfg, vb).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        var.set(&w[name]).unwrap();
+    }
+    let out = tm
+        .forward(
+            &x,
+            &[1.0],
+            &ForwardOptions {
+                train: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let y = Tensor::new(&[0u32, 1, 2, 3, 4, 0], &Device::Cpu).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&out.logits, &y).unwrap();
+    let grads = loss.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    let norm = |name: &str| {
+        grads.get(data[name].as_tensor()).map_or(0.0, |g| {
+            g.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+    };
+    assert!(norm("moe_router.weight") > 0.0);
+    let used: std::collections::BTreeSet<usize> = out.experts.iter().map(|e| e[0].0).collect();
+    for j in 0..4 {
+        let g = norm(&format!("temporal.layers.1.mlp.experts.{j}.fc1.weight"));
+        assert_eq!(
+            g > 0.0,
+            used.contains(&j),
+            "expert {j}: grad {g}, used {used:?}"
+        );
+    }
+}
+
+#[test]
+fn vmoe_model_folder_round_trip_and_mismatch_errors() {
+    let (cfg, w) = vmoe(3, 2);
+    let m = build(&cfg, &w);
+    let dir = std::env::temp_dir().join(format!("mone-vmoe-test-{}", std::process::id()));
+    let labels: Vec<String> = (0..cfg.num_classes).map(|i| format!("c{i}")).collect();
+    model::save_model_dir(&dir, &cfg, &labels, &m.named_tensors()).unwrap();
+    let loaded = model::load_model_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config, cfg);
+    let x = input(&cfg, 2, 4);
+    let a = m.forward(&x, &[1.0], &ForwardOptions::default()).unwrap();
+    let b = loaded
+        .model
+        .forward(&x, &[1.0], &ForwardOptions::default())
+        .unwrap();
+    assert_eq!(
+        a.logits.to_vec2::<f32>().unwrap(),
+        b.logits.to_vec2::<f32>().unwrap()
+    );
+    assert_eq!(a.experts, b.experts);
+    // More experts in the config than in the file: the first missing one is named.
+    let mut wrong = cfg.clone();
+    wrong.moe.as_mut().unwrap().experts = 5;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
+    let e = model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("moe_router.weight") && e.contains("[3, 64]"),
+        "{e}"
+    );
+    // A MoNE config over V-MoE weights: the token router is missing.
+    let mut wrong = cfg.clone();
+    wrong.kind = "mone-vivit-fe".into();
+    wrong.moe = None;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
+    let e = model::load_model_dir(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("router.weight") && e.contains("missing"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }

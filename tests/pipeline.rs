@@ -178,6 +178,50 @@ fn classifies_three_containers_and_reports_bad_inputs_without_losing_the_rest() 
 }
 
 #[test]
+fn a_vmoe_model_runs_through_the_pipeline_and_its_events_name_the_experts() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("vmoe");
+    let model = model_dir(&dir, "vmoe-fe-tiny");
+    let mut inputs = Vec::new();
+    for pattern in ["ball", "smpte"] {
+        let p = dir.join(format!("{pattern}.mp4"));
+        source::write_test_video(&p, pattern, 24, 25, 64, 48, "mp4").unwrap();
+        inputs.push(p.display().to_string());
+    }
+    let out = dir.join("events.jsonl");
+    let opts = RuntimeOptions {
+        batch: 4,
+        // Ignored by a V-MoE, which has no capacity to turn.
+        capacity: 0.5,
+        ..RuntimeOptions::default()
+    };
+    let summary = run_files(&model, &inputs, &opts, &out);
+    assert_eq!(summary.clips, 6);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let events = read_events(&out);
+    let mut clips = 0;
+    for e in &events {
+        if let Event::Clip {
+            experts, capacity, ..
+        } = e
+        {
+            clips += 1;
+            assert_eq!(*capacity, 1.0);
+            assert_eq!(experts.len(), 1, "top-1 routing: one expert per clip");
+            assert!(experts[0].expert < 3);
+            assert!(experts[0].weight > 0.0 && experts[0].weight <= 1.0);
+        }
+    }
+    assert_eq!(clips, 6);
+    assert_eq!(
+        text.matches("\"experts\":[{\"expert\":").count(),
+        6,
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn a_clip_from_the_stream_equals_the_same_clip_assembled_offline() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tmpdir("offline");

@@ -45,6 +45,45 @@ pub const KIND_FE: &str = "mone-vivit-fe";
 /// VideoMAE): one routed encoder; `spatial_layers` is its depth and `temporal_layers` is 0.
 pub const KIND_JOINT: &str = "mone-vivit-joint";
 
+/// Mobile V-MoE on the factorized encoder: a dense spatial transformer (no nested router),
+/// then the temporal transformer whose last `moe.layers` MLPs are each one of `moe.experts`
+/// expert MLPs, chosen per clip by one router over the pooled clip representation.
+pub const KIND_VMOE: &str = "vmoe-vivit-fe";
+
+fn default_moe_layers() -> usize {
+    2
+}
+fn default_moe_experts() -> usize {
+    10
+}
+fn default_top_k() -> usize {
+    1
+}
+
+/// The sparse part of a Mobile V-MoE (Daxberger et al. 2023; mone.md section 8).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// The last L layers of the temporal transformer are MoE layers.
+    #[serde(default = "default_moe_layers")]
+    pub layers: usize,
+    /// Expert MLPs per MoE layer (E).
+    #[serde(default = "default_moe_experts")]
+    pub experts: usize,
+    /// Experts each clip runs (1 or 2); their router probabilities scale their outputs.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+impl Default for MoeConfig {
+    fn default() -> Self {
+        Self {
+            layers: default_moe_layers(),
+            experts: default_moe_experts(),
+            top_k: default_top_k(),
+        }
+    }
+}
+
 /// How a raw input tensor (`mone infer --tensor`) is laid out; the pipeline always builds
 /// (B, C, T, H, W).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -64,7 +103,7 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 /// A MoNE-ViViT factorized-encoder configuration.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Config {
-    /// Model family: [`KIND_FE`] or [`KIND_JOINT`].
+    /// Model family: [`KIND_FE`], [`KIND_JOINT`] or [`KIND_VMOE`].
     #[serde(default = "default_kind")]
     pub kind: String,
     /// Frames per clip (T).
@@ -104,6 +143,9 @@ pub struct Config {
     pub final_norm_eps: Option<f64>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub input_layout: InputLayout,
+    /// The expert layers of a [`KIND_VMOE`] model (absent for MoNE models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
 }
 
 impl Config {
@@ -116,6 +158,8 @@ impl Config {
         "vivit-b16",
         "vivit-joint-motion",
         "vivit-joint-tiny",
+        "vmoe-fe-motion",
+        "vmoe-fe-tiny",
     ];
 
     /// A named preset (random-weight architectures; trained models ship their own config).
@@ -140,10 +184,16 @@ impl Config {
             hidden_act: Activation::GeluTanh,
             final_norm_eps: None,
             input_layout: InputLayout::Bcthw,
+            moe: None,
         };
         let joint = |c: Config| Config {
             kind: KIND_JOINT.to_string(),
             temporal_layers: 0,
+            ..c
+        };
+        let vmoe = |c: Config| Config {
+            kind: KIND_VMOE.to_string(),
+            moe: Some(MoeConfig::default()),
             ..c
         };
         let cfg = match name {
@@ -213,6 +263,17 @@ impl Config {
                 num_classes: 5,
                 ..base
             }),
+            // The motion model's architecture with its two temporal layers as MoE layers of
+            // 10 experts each (Mobile V-MoE's defaults), top-1.
+            "vmoe-fe-motion" => vmoe(Self::preset("vivit-fe-motion")?),
+            "vmoe-fe-tiny" => Config {
+                moe: Some(MoeConfig {
+                    layers: 1,
+                    experts: 3,
+                    top_k: 1,
+                }),
+                ..vmoe(Self::preset("vivit-fe-tiny")?)
+            },
             other => {
                 return Err(ModelError::Config(format!(
                     "unknown preset `{other}`; known presets: {}",
@@ -226,11 +287,38 @@ impl Config {
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |m: String| Err(ModelError::Config(m));
         let [t, ph, pw] = self.tubelet;
-        if self.kind != KIND_FE && self.kind != KIND_JOINT {
+        if ![KIND_FE, KIND_JOINT, KIND_VMOE].contains(&self.kind.as_str()) {
             return err(format!(
-                "unsupported model kind `{}` (known: {KIND_FE}, {KIND_JOINT})",
+                "unsupported model kind `{}` (known: {KIND_FE}, {KIND_JOINT}, {KIND_VMOE})",
                 self.kind
             ));
+        }
+        match (self.is_vmoe(), &self.moe) {
+            (true, None) => return err(format!("a {KIND_VMOE} model needs a `moe` section")),
+            (false, Some(_)) => {
+                return err(format!(
+                    "`moe` is only for {KIND_VMOE} models, not `{}`",
+                    self.kind
+                ))
+            }
+            (true, Some(m)) => {
+                if m.layers == 0 || m.layers > self.temporal_layers {
+                    return err(format!(
+                        "moe.layers must be in 1..={} (the temporal transformer's depth), got {}",
+                        self.temporal_layers, m.layers
+                    ));
+                }
+                if m.experts == 0 || m.experts > 256 {
+                    return err(format!("moe.experts must be in 1..=256, got {}", m.experts));
+                }
+                if !(1..=2).contains(&m.top_k) || m.top_k > m.experts {
+                    return err(format!(
+                        "moe.top_k must be 1 or 2 and at most moe.experts ({}), got {}",
+                        m.experts, m.top_k
+                    ));
+                }
+            }
+            (false, None) => {}
         }
         if self.is_joint() && self.temporal_layers != 0 {
             return err(format!(
@@ -314,6 +402,14 @@ impl Config {
     pub fn is_joint(&self) -> bool {
         self.kind == KIND_JOINT
     }
+    /// A Mobile V-MoE: per-clip expert MLPs instead of MoNE's per-token nested widths.
+    pub fn is_vmoe(&self) -> bool {
+        self.kind == KIND_VMOE
+    }
+    /// Whether the model has MoNE's nested router (and so a capacity to turn).
+    pub fn is_mone(&self) -> bool {
+        !self.is_vmoe()
+    }
     /// Tokens the joint encoder attends over per clip: every tubelet, plus the CLS token.
     pub fn joint_seq_len(&self) -> usize {
         self.temporal_tokens() * self.spatial_tokens() + usize::from(self.pooling == Pooling::Cls)
@@ -354,6 +450,12 @@ impl Config {
             .collect()
     }
 
+    /// Whether layer `i` of `stage` holds expert MLPs (the last `moe.layers` temporal layers).
+    pub fn expert_layer(&self, stage: &str, i: usize) -> bool {
+        self.moe
+            .is_some_and(|m| stage == "temporal" && i + m.layers >= self.temporal_layers)
+    }
+
     /// Every tensor the weights file must hold, with its shape.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let d = self.hidden_size;
@@ -365,10 +467,15 @@ impl Config {
                 vec![d, self.channels, t, p, p],
             ),
             ("embedding.projection.bias".into(), vec![d]),
-            ("router.weight".into(), vec![self.num_experts, d]),
-            ("router.bias".into(), vec![self.num_experts]),
-            ("router.alpha".into(), vec![1]),
         ];
+        if let Some(moe) = &self.moe {
+            v.push(("moe_router.weight".into(), vec![moe.experts, d]));
+            v.push(("moe_router.bias".into(), vec![moe.experts]));
+        } else {
+            v.push(("router.weight".into(), vec![self.num_experts, d]));
+            v.push(("router.bias".into(), vec![self.num_experts]));
+            v.push(("router.alpha".into(), vec![1]));
+        }
         let cls = self.pooling == Pooling::Cls;
         let stages: Vec<(&str, usize)> = if self.is_joint() {
             v.push((
@@ -408,12 +515,24 @@ impl Config {
                     ("attention.proj.bias", vec![d]),
                     ("norm2.weight", vec![d]),
                     ("norm2.bias", vec![d]),
-                    ("mlp.fc1.weight", vec![m, d]),
-                    ("mlp.fc1.bias", vec![m]),
-                    ("mlp.fc2.weight", vec![d, m]),
-                    ("mlp.fc2.bias", vec![d]),
                 ] {
                     v.push((format!("{pre}.{name}"), shape));
+                }
+                let mlps: Vec<String> = match self.expert_layer(stage, i) {
+                    true => (0..self.moe.map_or(0, |m| m.experts))
+                        .map(|j| format!("{pre}.mlp.experts.{j}"))
+                        .collect(),
+                    false => vec![format!("{pre}.mlp")],
+                };
+                for mlp in mlps {
+                    for (name, shape) in [
+                        ("fc1.weight", vec![m, d]),
+                        ("fc1.bias", vec![m]),
+                        ("fc2.weight", vec![d, m]),
+                        ("fc2.bias", vec![d]),
+                    ] {
+                        v.push((format!("{mlp}.{name}"), shape));
+                    }
                 }
             }
             v.push((format!("{stage}.norm.weight"), vec![d]));
@@ -455,6 +574,23 @@ mod tests {
         let mut c = Config::preset("vivit-fe-tiny").unwrap();
         c.num_experts = 5; // 64 / 16 = 4 is fine, but 60 would not be
         c.validate().unwrap();
+        let mut c = Config::preset("vmoe-fe-tiny").unwrap();
+        c.moe = Some(MoeConfig {
+            layers: 2,
+            ..MoeConfig::default()
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("moe.layers"));
+        c.moe = Some(MoeConfig {
+            layers: 1,
+            experts: 2,
+            top_k: 3,
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("top_k"));
+        c.moe = None;
+        assert!(c.validate().unwrap_err().to_string().contains("moe"));
+        let mut c = Config::preset("vivit-fe-tiny").unwrap();
+        c.moe = Some(MoeConfig::default());
+        assert!(c.validate().is_err());
         assert!(Config::preset("nope").is_err());
     }
 }

@@ -36,8 +36,11 @@ fn dense_layer(cfg: &Config, tokens: u64) -> u64 {
     (4 * d * d + 2 * d * m) * tokens + 2 * tokens * tokens * d
 }
 
-/// MACs per clip at capacity `e_c` (None: the dense ViViT, without a router).
+/// MACs per clip at capacity `e_c` (None: the dense ViViT, without a router). A V-MoE has no
+/// capacity: its spatial stage is dense, its router reads one mean vector per clip, and each
+/// MoE layer runs `top_k` expert MLPs per temporal token.
 pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
+    let e_c = if cfg.is_vmoe() { None } else { e_c };
     let (d, m) = (cfg.hidden_size as u64, cfg.mlp_dim() as u64);
     let (nt, n) = (cfg.temporal_tokens() as u64, cfg.spatial_tokens() as u64);
     let counts: Vec<u64> = match e_c {
@@ -85,8 +88,18 @@ pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
         },
         spatial_linear: layers * nt * per_seq_linear,
         spatial_attention: layers * nt * 2 * n * n * d,
-        temporal: cfg.temporal_layers as u64 * dense_layer(cfg, cfg.temporal_seq_len() as u64),
+        temporal: cfg.temporal_layers as u64 * dense_layer(cfg, cfg.temporal_seq_len() as u64)
+            + cfg.moe.map_or(0, |moe| {
+                let extra = (moe.top_k as u64 - 1) * 2 * d * m;
+                moe.layers as u64 * extra * cfg.temporal_seq_len() as u64
+            }),
         head: d * cfg.num_classes as u64,
+    })
+    .map(|mut macs| {
+        if let Some(moe) = cfg.moe {
+            macs.router = d * moe.experts as u64;
+        }
+        macs
     })
 }
 
@@ -108,6 +121,20 @@ mod tests {
         // e_c = 1 costs the dense model plus the router.
         let full = macs(&cfg, Some(1.0)).unwrap();
         assert_eq!(full.total() - full.router, dense.total());
+    }
+
+    #[test]
+    fn a_top1_vmoe_costs_the_dense_model_plus_its_router() {
+        let dense = Config::preset("vivit-fe-motion").unwrap();
+        let mut vmoe = Config::preset("vmoe-fe-motion").unwrap();
+        let (d, m, l) = (64u64, 256u64, dense.temporal_seq_len() as u64);
+        let base = macs(&dense, None).unwrap();
+        let top1 = macs(&vmoe, Some(0.3)).unwrap();
+        assert_eq!(top1.router, 64 * 10);
+        assert_eq!(top1.total() - top1.router, base.total());
+        vmoe.moe.as_mut().unwrap().top_k = 2;
+        let top2 = macs(&vmoe, None).unwrap();
+        assert_eq!(top2.temporal - base.temporal, 2 * l * 2 * d * m);
     }
 
     #[test]

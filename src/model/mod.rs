@@ -1,5 +1,6 @@
 //! The MoNE-ViViT model: config, capacity solver, router and EPR, nested attention and MLP,
-//! the factorized-encoder video model, FLOP counts and model folders.
+//! the factorized-encoder and joint video models, FLOP counts and model folders; and the
+//! Mobile V-MoE (`moe`: per-clip expert MLPs in the last temporal layers) on the same blocks.
 
 pub mod attention;
 pub mod capacity;
@@ -9,6 +10,7 @@ pub mod flops;
 pub mod io;
 pub mod kernels;
 pub mod mlp;
+pub mod moe;
 pub mod nested;
 pub mod profile;
 pub mod router;
@@ -16,7 +18,7 @@ pub mod vivit;
 
 use std::path::PathBuf;
 
-pub use config::{Activation, Config, Pooling};
+pub use config::{Activation, Config, MoeConfig, Pooling};
 pub use io::{
     convert_model, load_model_dir, load_model_dir_as, random_model, save_model_dir, LoadedModel,
 };

@@ -15,6 +15,7 @@ use super::capacity;
 use super::embedding::Embedding;
 use super::kernels::FusedLayerNorm;
 use super::mlp::{Mlp, RowScale};
+use super::moe::{experts_residual, ClipRoute, ClipRouter};
 use super::nested::{fused_ok, TokenLayout};
 use super::profile::{scope, Part};
 use super::router::{epr_batch, epr_order_device, group_order, random_scores, Router};
@@ -64,23 +65,70 @@ impl Norm {
     }
 }
 
+/// A block's MLP: one (nested) MLP, or a V-MoE layer's experts (`mlp.experts.{j}`).
+#[derive(Clone, Debug)]
+pub enum Ffn {
+    Dense(Mlp),
+    Experts(Vec<Mlp>),
+}
+
 #[derive(Clone, Debug)]
 pub struct Block {
     pub norm1: Norm,
     pub attention: Attention,
     pub norm2: Norm,
-    pub mlp: Mlp,
+    pub mlp: Ffn,
 }
 
 impl Block {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::with_experts(cfg, 0, vb)
+    }
+
+    /// A block whose MLP is `experts` expert MLPs (0: one dense MLP).
+    pub fn with_experts(cfg: &Config, experts: usize, vb: VarBuilder) -> Result<Self> {
         let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let mlp = if experts == 0 {
+            Ffn::Dense(Mlp::new(cfg, vb.pp("mlp"))?)
+        } else {
+            let vb = vb.pp("mlp").pp("experts");
+            Ffn::Experts(
+                (0..experts)
+                    .map(|j| Mlp::new(cfg, vb.pp(j)))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        };
         Ok(Self {
             norm1: Norm::new(d, eps, vb.pp("norm1"))?,
             attention: Attention::new(cfg, vb.pp("attention"))?,
             norm2: Norm::new(d, eps, vb.pp("norm2"))?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp,
         })
+    }
+
+    fn dense_mlp(&self) -> Result<&Mlp> {
+        match &self.mlp {
+            Ffn::Dense(m) => Ok(m),
+            Ffn::Experts(_) => candle_core::bail!("an expert layer needs a clip route"),
+        }
+    }
+
+    /// The V-MoE block on clip-major rows (B * L, D): attention as in [`Block::forward`],
+    /// then each clip's routed experts.
+    pub fn forward_routed(
+        &self,
+        x: Tensor,
+        layout: &TokenLayout,
+        route: &ClipRoute,
+        train: bool,
+    ) -> Result<Tensor> {
+        let Ffn::Experts(experts) = &self.mlp else {
+            candle_core::bail!("a dense layer has no experts to route to");
+        };
+        let h = self.norm1.forward(&x, train)?;
+        let x = self.attention.forward_residual(x, &h, layout, train)?;
+        let h = self.norm2.forward(&x, train)?;
+        experts_residual(experts, x, &h, layout.n, route, train)
     }
 
     /// z = x + SA_j(LN(x)); x' = z + s * MLP_j(LN(z)) on the (rows, D) residual stream. The
@@ -95,7 +143,8 @@ impl Block {
         let h = self.norm1.forward(&x, train)?;
         let x = self.attention.forward_residual(x, &h, layout, train)?;
         let h = self.norm2.forward(&x, train)?;
-        self.mlp.forward_residual(x, &h, layout, scale, train)
+        self.dense_mlp()?
+            .forward_residual(x, &h, layout, scale, train)
     }
 
     /// Plain candle layers, dense: the out-of-the-box baseline.
@@ -103,7 +152,7 @@ impl Block {
         let h = self.norm1.forward(x, false)?;
         let x = (x + self.attention.forward_plain(&h, layout, false)?)?;
         let h = self.norm2.forward(&x, false)?;
-        &x + self.mlp.forward_plain(&h)?
+        &x + self.dense_mlp()?.forward_plain(&h)?
     }
 }
 
@@ -114,10 +163,20 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// `depth` blocks and a final norm with `norm_eps`.
-    pub fn new(cfg: &Config, depth: usize, norm_eps: f64, vb: VarBuilder) -> Result<Self> {
+    /// `depth` blocks and a final norm with `norm_eps`; blocks from `experts_from` on are
+    /// V-MoE layers with `experts` expert MLPs each.
+    pub fn new(
+        cfg: &Config,
+        depth: usize,
+        norm_eps: f64,
+        (experts_from, experts): (usize, usize),
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let layers = (0..depth)
-            .map(|i| Block::new(cfg, vb.pp(format!("layers.{i}"))))
+            .map(|i| {
+                let e = if i >= experts_from { experts } else { 0 };
+                Block::with_experts(cfg, e, vb.pp(format!("layers.{i}")))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,
@@ -177,14 +236,22 @@ pub struct ForwardOutput {
     pub logits: Tensor,
     /// Expert index (0 = narrowest) of every tubelet, (B, nt, N) flattened, when requested.
     pub assignment: Option<Vec<u8>>,
-    /// The e_c each clip actually ran at (integer token counts).
+    /// The e_c each clip actually ran at (integer token counts; 1 for a V-MoE).
     pub capacity: Vec<f64>,
+    /// A V-MoE's experts per clip with their router weights, most probable first (empty for
+    /// MoNE models).
+    pub experts: Vec<Vec<(usize, f32)>>,
+    /// A V-MoE's router logits (B, E), for the super-class loss.
+    pub router_logits: Option<Tensor>,
 }
 
 #[derive(Clone, Debug)]
 pub struct MoneVivit {
     pub embedding: Embedding,
-    pub router: Router,
+    /// MoNE's token router (absent in a V-MoE).
+    pub router: Option<Router>,
+    /// A V-MoE's per-clip router.
+    pub moe_router: Option<ClipRouter>,
     /// The routed stage: the spatial transformer (factorized, `spatial.*`) or the whole
     /// encoder with the final norm (joint, `encoder.*`).
     pub spatial: Stage,
@@ -309,6 +376,8 @@ fn output(logits: Tensor, assignment: Option<Vec<u8>>, counts_of: &[Vec<usize>])
             .iter()
             .map(|k| capacity::realised_capacity(k))
             .collect(),
+        experts: Vec::new(),
+        router_logits: None,
     }
 }
 
@@ -345,30 +414,51 @@ impl MoneVivit {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         cfg.validate()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let no_experts = (usize::MAX, 0);
         let (spatial, temporal) = if cfg.is_joint() {
             (
-                Stage::new(cfg, cfg.spatial_layers, cfg.final_eps(), vb.pp("encoder"))?,
+                Stage::new(
+                    cfg,
+                    cfg.spatial_layers,
+                    cfg.final_eps(),
+                    no_experts,
+                    vb.pp("encoder"),
+                )?,
                 None,
             )
         } else {
+            let experts = cfg.moe.map_or(no_experts, |m| {
+                (cfg.temporal_layers.saturating_sub(m.layers), m.experts)
+            });
             (
                 Stage::new(
                     cfg,
                     cfg.spatial_layers,
                     cfg.layer_norm_eps,
+                    no_experts,
                     vb.pp("spatial"),
                 )?,
                 Some(Stage::new(
                     cfg,
                     cfg.temporal_layers,
                     cfg.final_eps(),
+                    experts,
                     vb.pp("temporal"),
                 )?),
             )
         };
         Ok(Self {
             embedding: Embedding::new(cfg, vb.pp("embedding"))?,
-            router: Router::new(cfg, vb.pp("router"))?,
+            router: if cfg.is_mone() {
+                Some(Router::new(cfg, vb.pp("router"))?)
+            } else {
+                None
+            },
+            moe_router: if cfg.is_vmoe() {
+                Some(ClipRouter::new(cfg, vb.pp("moe_router"))?)
+            } else {
+                None
+            },
             spatial,
             temporal,
             head: linear(cfg.hidden_size, cfg.num_classes, vb.pp("head"))?,
@@ -394,6 +484,9 @@ impl MoneVivit {
         if self.cfg.is_joint() {
             return self.forward_joint(x, &caps, opts);
         }
+        if self.cfg.is_vmoe() {
+            return self.forward_vmoe(x, opts);
+        }
         let (nt, n, e) = (
             self.cfg.temporal_tokens(),
             self.cfg.spatial_tokens(),
@@ -405,7 +498,7 @@ impl MoneVivit {
         };
         let probs = {
             let _p = scope(Part::Routing);
-            self.router.probs(&tokens, opts.train)? // (B*nt, N, E)
+            self.mone_router()?.probs(&tokens, opts.train)? // (B*nt, N, E)
         };
 
         // Clips with the same token counts share one routed layout.
@@ -498,7 +591,7 @@ impl MoneVivit {
     ) -> Result<Tensor> {
         let scale = {
             let _p = scope(Part::Routing);
-            let alpha = self.router.alpha()?.to_dtype(r_rows.dtype())?;
+            let alpha = self.mone_router()?.alpha()?.to_dtype(r_rows.dtype())?;
             let tensor = r_rows.broadcast_mul(&alpha)?.affine(1.0, 1.0)?;
             let host = if fused_ok(&x, train) {
                 Some(tensor.flatten_all()?.to_vec1::<f32>()?)
@@ -533,7 +626,7 @@ impl MoneVivit {
         };
         let probs = {
             let _p = scope(Part::Routing);
-            self.router
+            self.mone_router()?
                 .probs(&tokens.narrow(1, c0, nt * n)?, opts.train)? // (B, nt * N, E)
         };
         let (counts_of, groups) = capacity_groups(caps, n, e, opts.routing)?;
@@ -690,10 +783,69 @@ impl MoneVivit {
     }
 
     fn temporal_and_head(&self, pooled: &Tensor, b: usize, train: bool) -> Result<Tensor> {
-        self.temporal_and_head_with(pooled, b, Exec::Model { train })
+        self.temporal_and_head_with(pooled, b, Exec::Model { train }, Routing::Learned)
+            .map(|(logits, _)| logits)
     }
 
-    fn temporal_and_head_with(&self, pooled: &Tensor, b: usize, exec: Exec) -> Result<Tensor> {
+    /// MoNE's token router, which a V-MoE does not have.
+    fn mone_router(&self) -> Result<&Router> {
+        self.router
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("a V-MoE has no token router".into()))
+    }
+
+    /// The V-MoE: a dense spatial transformer, then the temporal one with its expert layers.
+    fn forward_vmoe(&self, x: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let (logits, route) =
+            self.vmoe_forward(x, Exec::Model { train: opts.train }, opts.routing)?;
+        let b = x.dim(0)?;
+        Ok(ForwardOutput {
+            logits,
+            assignment: None,
+            capacity: vec![1.0; b],
+            experts: route.as_ref().map_or_else(Vec::new, |r| {
+                r.choice
+                    .iter()
+                    .zip(&r.weights)
+                    .map(|(c, w)| c.iter().copied().zip(w.iter().copied()).collect())
+                    .collect()
+            }),
+            router_logits: route.map(|r| r.logits),
+        })
+    }
+
+    fn vmoe_forward(
+        &self,
+        x: &Tensor,
+        exec: Exec,
+        routing: Routing,
+    ) -> Result<(Tensor, Option<ClipRoute>)> {
+        let x = &x.to_dtype(self.dtype())?;
+        let tokens = {
+            let _p = scope(Part::Embedding);
+            self.embedding.forward(x, exec.train())?
+        };
+        let (s, n, d) = tokens.dims3()?;
+        let h = self.dense_stage(
+            &self.spatial,
+            tokens.reshape((s * n, d))?,
+            &TokenLayout::dense(n, s, d),
+            exec,
+        )?;
+        let pooled = h.reshape((s, n, d))?.mean(1)?;
+        let (logits, route) = self.temporal_and_head_with(&pooled, x.dim(0)?, exec, routing)?;
+        Ok((widen(logits)?, route))
+    }
+
+    /// The temporal transformer (its V-MoE layers routed once, at the first of them, from the
+    /// clip's mean token) and the head.
+    fn temporal_and_head_with(
+        &self,
+        pooled: &Tensor,
+        b: usize,
+        exec: Exec,
+        routing: Routing,
+    ) -> Result<(Tensor, Option<ClipRoute>)> {
         let _p = scope(Part::Rest);
         let (nt, d) = (self.cfg.temporal_tokens(), self.cfg.hidden_size);
         let (Some(temporal), Some(position)) = (&self.temporal, &self.embedding.temporal_position)
@@ -706,19 +858,48 @@ impl MoneVivit {
         }
         let t = t.broadcast_add(position)?;
         let l = t.dim(1)?;
-        let x = self.dense_stage(
-            temporal,
-            t.reshape((b * l, d))?,
-            &TokenLayout::dense(l, b, d),
-            exec,
-        )?;
+        let layout = TokenLayout::dense(l, b, d);
+        let mut x = t.reshape((b * l, d))?;
+        let mut route = None;
+        if let Some(router) = &self.moe_router {
+            let train = exec.train();
+            if fused_ok(&x, train) {
+                // The fused path updates the residual in place: own it.
+                x = x.copy()?;
+            }
+            for layer in &temporal.layers {
+                x = match &layer.mlp {
+                    Ffn::Dense(_) => match exec {
+                        Exec::Model { train } => layer.forward(x, &layout, None, train)?,
+                        Exec::Plain => layer.forward_plain(&x, &layout)?,
+                    },
+                    Ffn::Experts(_) => {
+                        if route.is_none() {
+                            let _p = scope(Part::Routing);
+                            route = Some(router.route(&x, l, routing)?);
+                        }
+                        let r = route.as_ref().ok_or_else(|| {
+                            candle_core::Error::Msg("no route for an expert layer".into())
+                        })?;
+                        // The plain baseline has no expert layer of its own: the model's.
+                        if matches!(exec, Exec::Plain) && fused_ok(&x, false) {
+                            x = x.copy()?;
+                        }
+                        layer.forward_routed(x, &layout, r, train)?
+                    }
+                };
+            }
+            x = temporal.norm.forward(&x, train)?;
+        } else {
+            x = self.dense_stage(temporal, x, &layout, exec)?;
+        }
         let x = x.reshape((b, l, d))?;
         let v = match self.cfg.pooling {
             Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => x.mean(1)?,
         };
         // cuBLAS takes no row stride other than the width (the CLS rows are strided).
-        self.head.forward(&v.contiguous()?)
+        Ok((self.head.forward(&v.contiguous()?)?, route))
     }
 
     /// Every token of a stage at full width, then the stage's final norm.
@@ -765,6 +946,9 @@ impl MoneVivit {
     }
 
     fn dense_forward(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
+        if self.cfg.is_vmoe() {
+            return self.vmoe_forward(x, exec, Routing::Learned).map(|(l, _)| l);
+        }
         let x = &x.to_dtype(self.dtype())?;
         let tokens = {
             let _p = scope(Part::Embedding);
@@ -784,7 +968,10 @@ impl MoneVivit {
             exec,
         )?;
         let pooled = h.reshape((s, n, d))?.mean(1)?;
-        widen(self.temporal_and_head_with(&pooled, x.dim(0)?, exec)?)
+        widen(
+            self.temporal_and_head_with(&pooled, x.dim(0)?, exec, Routing::Learned)?
+                .0,
+        )
     }
 
     /// The dense ViViT-FE forward with no router: every token at full width through the same
@@ -824,17 +1011,19 @@ impl MoneVivit {
         if let Some(c) = &e.cls {
             m.insert(cls.into(), c.clone());
         }
-        m.insert("router.weight".into(), self.router.router.weight().clone());
-        if let Some(b) = self.router.router.bias() {
-            m.insert("router.bias".into(), b.clone());
-        }
-        m.insert("router.alpha".into(), self.router.alpha.clone());
         let lin = |m: &mut HashMap<String, Tensor>, name: String, l: &Linear| {
             m.insert(format!("{name}.weight"), l.weight().clone());
             if let Some(b) = l.bias() {
                 m.insert(format!("{name}.bias"), b.clone());
             }
         };
+        if let Some(r) = &self.router {
+            lin(&mut m, "router".into(), &r.router);
+            m.insert("router.alpha".into(), r.alpha.clone());
+        }
+        if let Some(r) = &self.moe_router {
+            lin(&mut m, "moe_router".into(), &r.router);
+        }
         let norm = |m: &mut HashMap<String, Tensor>, name: String, n: &Norm| {
             m.insert(format!("{name}.weight"), n.weight.clone());
             m.insert(format!("{name}.bias"), n.bias.clone());
@@ -850,8 +1039,18 @@ impl MoneVivit {
                 lin(&mut m, format!("{p}.attention.qkv"), &l.attention.qkv);
                 lin(&mut m, format!("{p}.attention.proj"), &l.attention.proj);
                 norm(&mut m, format!("{p}.norm2"), &l.norm2);
-                lin(&mut m, format!("{p}.mlp.fc1"), &l.mlp.fc1);
-                lin(&mut m, format!("{p}.mlp.fc2"), &l.mlp.fc2);
+                let mlps: Vec<(String, &Mlp)> = match &l.mlp {
+                    Ffn::Dense(mlp) => vec![(format!("{p}.mlp"), mlp)],
+                    Ffn::Experts(ex) => ex
+                        .iter()
+                        .enumerate()
+                        .map(|(j, mlp)| (format!("{p}.mlp.experts.{j}"), mlp))
+                        .collect(),
+                };
+                for (name, mlp) in mlps {
+                    lin(&mut m, format!("{name}.fc1"), &mlp.fc1);
+                    lin(&mut m, format!("{name}.fc2"), &mlp.fc2);
+                }
             }
             norm(&mut m, format!("{stage}.norm"), &st.norm);
         }
