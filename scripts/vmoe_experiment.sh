@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Mobile V-MoE comparison in docs/vmoe.md: a dense baseline, super-classes clustered from
 # its confusion matrix on held-out clips (dataset seed 2), a V-MoE trained with super-class
-# routing and one trained end to end (same preset, schedule and seed as the dense run), then one
+# routing, one trained end to end and one end to end with a load-balancing loss (same preset, schedule and seed as the dense run), then one
 # evaluation of all three on the same held-out clips (seed 1) in one process. About an hour on
 # 2 CPU cores; the runs resume if stopped (run the script again).
 set -euo pipefail
@@ -13,6 +13,7 @@ EXPERTS=${EXPERTS:-10}
 "$MONE" train --dense --out "$OUT/dense"
 "$MONE" train --kind vmoe --experts "$EXPERTS" --superclasses auto --baseline "$OUT/dense" --out "$OUT/vmoe-sc"
 "$MONE" train --kind vmoe --experts "$EXPERTS" --out "$OUT/vmoe-e2e"
+"$MONE" train --kind vmoe --experts "$EXPERTS" --balance-weight 0.05 --out "$OUT/vmoe-e2e-balanced"
 "$MONE" eval --model "$OUT/vmoe-sc" --synthetic --seed 1 --count 2004 \
-  --compare "$OUT/dense" --compare "$OUT/vmoe-e2e" \
+  --compare "$OUT/dense" --compare "$OUT/vmoe-e2e" --compare "$OUT/vmoe-e2e-balanced" \
   --superclasses "$OUT/vmoe-sc/superclasses.json" | tee "$OUT/eval.md"

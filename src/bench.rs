@@ -387,6 +387,14 @@ pub fn run_model_bench(args: &ModelBenchArgs) -> anyhow::Result<()> {
 pub fn print_config(preset: &str) -> anyhow::Result<()> {
     let cfg = Config::preset(preset)?;
     println!("{}", serde_json::to_string_pretty(&cfg)?);
+    if let Some(moe) = cfg.moe {
+        let m = flops::macs(&cfg, None)?;
+        eprintln!(
+            "V-MoE, {} experts in each of the last {} temporal layers, top-{}: {:.4} GMACs per clip (router {} MACs); no capacity to turn",
+            moe.experts, moe.layers, moe.top_k, m.gmacs(), m.router
+        );
+        return Ok(());
+    }
     for e_c in [None, Some(1.0), Some(0.5), Some(0.3)] {
         let m = flops::macs(&cfg, e_c)?;
         let name = e_c.map_or("dense".to_string(), |c| format!("e_c {c}"));

@@ -54,6 +54,10 @@ pub struct TrainConfig {
     /// Weight of the super-class router loss.
     #[serde(default = "default_router_weight")]
     pub router_weight: f64,
+    /// Weight of V-MoE's importance (load-balancing) loss on the router, CV^2 of each
+    /// expert's summed router probability over the batch; 0: none.
+    #[serde(default)]
+    pub balance_weight: f64,
 }
 
 fn default_router_weight() -> f64 {
@@ -343,6 +347,16 @@ impl Trainer {
                 }
                 _ => task,
             };
+            let loss = match (&out.router_logits, self.cfg.balance_weight) {
+                (Some(logits), w) if w > 0.0 => {
+                    let probs = candle_nn::ops::softmax(logits, 1)?;
+                    let imp = probs.sum(0)?;
+                    let mean = imp.mean_all()?;
+                    let var = imp.broadcast_sub(&mean)?.sqr()?.mean_all()?;
+                    (loss + ((var / mean.sqr()?)? * w)?)?
+                }
+                _ => loss,
+            };
             (loss, None)
         } else if self.cfg.dense {
             let out = self.model.forward(
@@ -507,6 +521,10 @@ pub struct TrainArgs {
     /// Weight of the super-class router loss.
     #[arg(long, default_value_t = 0.3)]
     pub router_weight: f64,
+    /// V-MoE: weight of the importance (load-balancing) loss, CV^2 of the experts' summed
+    /// router probabilities per batch (V-MoE's auxiliary loss); 0 = none.
+    #[arg(long, default_value_t = 0.0)]
+    pub balance_weight: f64,
     /// Held-out clips (dataset seed + 2) for the baseline's confusion matrix.
     #[arg(long, default_value_t = 1200)]
     pub superclass_clips: u64,
@@ -594,6 +612,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         classes: Vec::new(),
         superclasses: None,
         router_weight: a.router_weight,
+        balance_weight: a.balance_weight,
     };
     let superclasses = match (&a.superclasses, cfg.model.moe) {
         (Some(spec), Some(moe)) => {
@@ -617,6 +636,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         classes,
         superclasses,
         router_weight: a.router_weight,
+        balance_weight: a.balance_weight,
         ..cfg
     };
     let mut tr = Trainer::new(cfg, &device)?;
@@ -814,6 +834,7 @@ mod tests {
             classes: Vec::new(),
             superclasses: None,
             router_weight: 0.3,
+            balance_weight: 0.0,
         }
     }
 
@@ -924,6 +945,54 @@ mod tests {
         let (g, p) = (router_ce(&guided), router_ce(&plain));
         assert!(g < 0.5 * before, "guided router CE {before} -> {g}");
         assert!(g < 0.5 * p, "guided {g} vs end-to-end {p}");
+    }
+
+    #[test]
+    fn the_balance_loss_adds_the_cv_squared_of_expert_importance() {
+        let mut m = Config::preset("vmoe-fe-tiny").unwrap();
+        m.num_classes = CLASSES.len();
+        let cfg = |balance_weight| TrainConfig {
+            model: m.clone(),
+            nested_steps: 0,
+            balance_weight,
+            ..tiny_cfg(5)
+        };
+        let idx: Vec<u64> = (0..6).collect();
+        let (x, y) = synthetic_batch(&m, 2, &idx, &Device::Cpu, false).unwrap();
+        let mut plain = Trainer::new(cfg(0.0), &Device::Cpu).unwrap();
+        let mut balanced = Trainer::new(cfg(2.0), &Device::Cpu).unwrap();
+        // The same weights, and a router that prefers expert 0.
+        for (name, var) in balanced.varmap.data().lock().unwrap().iter() {
+            let src = plain.varmap.data().lock().unwrap()[name]
+                .as_tensor()
+                .copy()
+                .unwrap();
+            let src = if name == "moe_router.bias" {
+                Tensor::new(&[1.5f32, 0.0, -0.5], &Device::Cpu).unwrap()
+            } else {
+                src
+            };
+            var.set(&src).unwrap();
+            plain.varmap.data().lock().unwrap()[name].set(&src).unwrap();
+        }
+        let out = plain
+            .model
+            .forward(&x, &[1.0], &ForwardOptions::default())
+            .unwrap();
+        let p = candle_nn::ops::softmax(out.router_logits.as_ref().unwrap(), 1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let imp: Vec<f64> = (0..3)
+            .map(|e| p.iter().map(|r| r[e] as f64).sum())
+            .collect();
+        let mean = imp.iter().sum::<f64>() / 3.0;
+        let var = imp.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 3.0;
+        let cv2 = var / (mean * mean);
+        assert!(cv2 > 0.1, "{cv2}");
+        let a = plain.step_on(&x, &y).unwrap().loss as f64;
+        let b = balanced.step_on(&x, &y).unwrap().loss as f64;
+        assert!((b - a - 2.0 * cv2).abs() < 1e-4, "{b} - {a} vs 2 * {cv2}");
     }
 
     #[test]
