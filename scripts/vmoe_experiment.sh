@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Mobile V-MoE comparison in docs/vmoe.md: a dense baseline, super-classes clustered from
 # its confusion matrix on held-out clips (dataset seed 2), a V-MoE trained with super-class
-# routing, one trained end to end and one end to end with a load-balancing loss (same preset, schedule and seed as the dense run), then one
-# evaluation of all three on the same held-out clips (seed 1) in one process. About an hour on
-# 2 CPU cores; the runs resume if stopped (run the script again).
+# routing, one end to end and one end to end with a load-balancing loss (same preset, schedule
+# and seed as the dense run), then one evaluation of all of them on the same held-out clips
+# (seed 1) in one process. About 1.5 hours on 2 CPU cores; the runs resume if stopped (run the
+# script again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MONE=${MONE:-target/release/mone}
