@@ -1292,6 +1292,16 @@ fn vmoe_model_folder_round_trip_and_mismatch_errors() {
         b.logits.to_vec2::<f32>().unwrap()
     );
     assert_eq!(a.experts, b.experts);
+    // The dense and plain-candle forwards of a V-MoE are the same model.
+    for other in [m.forward_dense(&x).unwrap(), m.forward_plain(&x).unwrap()] {
+        let d = (&a.logits - other)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+    }
     // More experts in the config than in the file: the first missing one is named.
     let mut wrong = cfg.clone();
     wrong.moe.as_mut().unwrap().experts = 5;

@@ -881,10 +881,7 @@ impl MoneVivit {
                         let r = route.as_ref().ok_or_else(|| {
                             candle_core::Error::Msg("no route for an expert layer".into())
                         })?;
-                        // The plain baseline has no expert layer of its own: the model's.
-                        if matches!(exec, Exec::Plain) && fused_ok(&x, false) {
-                            x = x.copy()?;
-                        }
+                        // (The plain baseline has no expert layer of its own: the model's.)
                         layer.forward_routed(x, &layout, r, train)?
                     }
                 };
