@@ -234,7 +234,15 @@ fn run_streams(
     let dtype = crate::device::parse_dtype(extras.dtype.as_deref().unwrap_or("f32"))?;
     let loaded = load_model(model_dir, &device, dtype)?;
     let mut opts = opts.clone();
-    if let Some(settings) = extras.controller {
+    if let Some(mut settings) = extras.controller {
+        if !loaded.config.is_mone() {
+            // A V-MoE costs the same at any capacity: the controller only sizes batches and
+            // sheds, at full capacity.
+            eprintln!("mone: {} is a V-MoE (fixed compute per clip): the controller holds the target with batch size and shedding only", model_dir.display());
+            settings.adaptive = false;
+            settings.min_capacity = 1.0;
+            settings.max_capacity = 1.0;
+        }
         let levels = settings.effective_levels();
         let (profile, how) =
             latency_profile(&loaded, &device, &levels, opts.batch, extras.reprofile)?;
