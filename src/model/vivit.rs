@@ -3,7 +3,9 @@
 //! temporal index, mean-pooled, then a dense temporal transformer. Joint encoder (ViViT and
 //! VideoMAE as published in transformers): the routed stage attends over all tubelets of the
 //! clip at once, Expert Preferred Routing runs per temporal index and the CLS token always
-//! takes the widest expert; then CLS or mean pooling, the final norm and the head.
+//! takes the widest expert; then CLS or mean pooling, the final norm and the head. Mobile V-MoE
+//! (`vmoe-vivit-fe`): the factorized encoder without the token router, whose last temporal
+//! blocks hold per-clip expert MLPs (`moe.rs`).
 
 use std::collections::HashMap;
 
