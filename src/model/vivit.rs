@@ -799,7 +799,7 @@ impl MoneVivit {
     /// The V-MoE: a dense spatial transformer, then the temporal one with its expert layers.
     fn forward_vmoe(&self, x: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
         let (logits, route) =
-            self.vmoe_forward(x, Exec::Model { train: opts.train }, opts.routing)?;
+            self.factorized_dense(x, Exec::Model { train: opts.train }, opts.routing)?;
         let b = x.dim(0)?;
         Ok(ForwardOutput {
             logits,
@@ -816,7 +816,9 @@ impl MoneVivit {
         })
     }
 
-    fn vmoe_forward(
+    /// The factorized encoder with every spatial token at full width (the dense ViViT, or a
+    /// V-MoE with its clip routing), and the V-MoE's route.
+    fn factorized_dense(
         &self,
         x: &Tensor,
         exec: Exec,
@@ -825,7 +827,9 @@ impl MoneVivit {
         let x = &x.to_dtype(self.dtype())?;
         let tokens = {
             let _p = scope(Part::Embedding);
-            self.embedding.forward(x, exec.train())?
+            // The plain baseline takes the generic embedding too.
+            self.embedding
+                .forward(x, exec.train() || matches!(exec, Exec::Plain))?
         };
         let (s, n, d) = tokens.dims3()?;
         let h = self.dense_stage(
@@ -945,8 +949,10 @@ impl MoneVivit {
     }
 
     fn dense_forward(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
-        if self.cfg.is_vmoe() {
-            return self.vmoe_forward(x, exec, Routing::Learned).map(|(l, _)| l);
+        if !self.cfg.is_joint() {
+            return self
+                .factorized_dense(x, exec, Routing::Learned)
+                .map(|(l, _)| l);
         }
         let x = &x.to_dtype(self.dtype())?;
         let tokens = {
@@ -954,23 +960,10 @@ impl MoneVivit {
             self.embedding.forward(x, matches!(exec, Exec::Plain))?
         };
         let (s, n, d) = tokens.dims3()?;
-        if self.cfg.is_joint() {
-            let layout = TokenLayout::dense(n, s, d);
-            let h = Self::dense_layers(&self.spatial, tokens.reshape((s * n, d))?, &layout, exec)?;
-            let pooled = self.joint_pool(&h, &layout, s, 0)?;
-            return widen(self.joint_head(&pooled, exec.train())?);
-        }
-        let h = self.dense_stage(
-            &self.spatial,
-            tokens.reshape((s * n, d))?,
-            &TokenLayout::dense(n, s, d),
-            exec,
-        )?;
-        let pooled = h.reshape((s, n, d))?.mean(1)?;
-        widen(
-            self.temporal_and_head_with(&pooled, x.dim(0)?, exec, Routing::Learned)?
-                .0,
-        )
+        let layout = TokenLayout::dense(n, s, d);
+        let h = Self::dense_layers(&self.spatial, tokens.reshape((s * n, d))?, &layout, exec)?;
+        let pooled = self.joint_pool(&h, &layout, s, 0)?;
+        widen(self.joint_head(&pooled, exec.train())?)
     }
 
     /// The dense ViViT-FE forward with no router: every token at full width through the same
