@@ -572,30 +572,20 @@ fn map_tensors(
         }
         put("attention.qkv.weight", Tensor::cat(&w, 0)?);
         put("attention.qkv.bias", Tensor::cat(&b, 0)?);
-        put(
-            "attention.proj.weight",
-            src.take(&format!("{s}.attention.output.dense.weight"), &[d, d])?,
-        );
-        put(
-            "attention.proj.bias",
-            src.take(&format!("{s}.attention.output.dense.bias"), &[d])?,
-        );
-        put(
-            "mlp.fc1.weight",
-            src.take(&format!("{s}.intermediate.dense.weight"), &[m, d])?,
-        );
-        put(
-            "mlp.fc1.bias",
-            src.take(&format!("{s}.intermediate.dense.bias"), &[m])?,
-        );
-        put(
-            "mlp.fc2.weight",
-            src.take(&format!("{s}.output.dense.weight"), &[d, m])?,
-        );
-        put(
-            "mlp.fc2.bias",
-            src.take(&format!("{s}.output.dense.bias"), &[d])?,
-        );
+        for (ours, theirs, out, inp) in [
+            ("attention.proj", "attention.output.dense", d, d),
+            ("mlp.fc1", "intermediate.dense", m, d),
+            ("mlp.fc2", "output.dense", d, m),
+        ] {
+            put(
+                &format!("{ours}.weight"),
+                src.take(&format!("{s}.{theirs}.weight"), &[out, inp])?,
+            );
+            put(
+                &format!("{ours}.bias"),
+                src.take(&format!("{s}.{theirs}.bias"), &[out])?,
+            );
+        }
     }
     let norm = match arch {
         Arch::Vivit => format!("{pre}layernorm"),

@@ -564,13 +564,7 @@ fn joint_encoder_routes_per_temporal_index_and_equals_the_per_token_reference() 
                 let out = m.forward(&x, &[e_c], &opts).unwrap();
                 let assign = out.assignment.unwrap();
                 let counts = capacity::token_counts(&capacity::solve(e_c, 4).unwrap(), n);
-                // Expert Preferred Routing per temporal index: each index's N tokens split as
-                // the capacity says.
-                for seq in assign.chunks(n) {
-                    for (j, &k) in counts.iter().enumerate() {
-                        assert_eq!(seq.iter().filter(|&&a| a as usize == j).count(), k);
-                    }
-                }
+                assert_epr_counts(&assign, &counts, n);
                 for b in 0..2 {
                     let a = &assign[b * per_clip..(b + 1) * per_clip];
                     let want = joint_reference(&cfg, &rw, &x, b, a);
@@ -654,11 +648,7 @@ fn mixed_assignment_equals_the_per_token_reference() {
             let out = m.forward(&x, &[e_c], &opts).unwrap();
             let assign = out.assignment.unwrap();
             let counts = capacity::token_counts(&capacity::solve(e_c, 4).unwrap(), n);
-            for seq in assign.chunks(n) {
-                for (j, &k) in counts.iter().enumerate() {
-                    assert_eq!(seq.iter().filter(|&&a| a as usize == j).count(), k);
-                }
-            }
+            assert_epr_counts(&assign, &counts, n);
             assert!(
                 counts.iter().filter(|&&k| k > 0).count() >= 2,
                 "e_c {e_c} should mix experts"
@@ -685,14 +675,7 @@ fn a_low_capacity_changes_the_output() {
         .forward(&x, &[0.2], &ForwardOptions::default())
         .unwrap()
         .logits;
-    let diff = (full - low)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&full, &low);
     assert!(
         diff > 1e-3,
         "a low capacity must change the logits (diff {diff})"
@@ -734,14 +717,7 @@ fn fused_and_generic_paths_agree_for_every_routing() {
                 )
                 .unwrap();
             assert_eq!(a.assignment, b.assignment, "{routing:?}");
-            let d = (a.logits - b.logits)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&a.logits, &b.logits);
             assert!(
                 d < 1e-4,
                 "{routing:?} e_c {e_c}: fused vs generic differ by {d}"
@@ -785,6 +761,26 @@ fn fused_and_generic_paths_agree_for_every_routing() {
         )
         .unwrap();
     assert_ne!(l.assignment, r.assignment);
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Expert Preferred Routing per temporal index: each index's N tokens split as `counts` says.
+fn assert_epr_counts(assign: &[u8], counts: &[usize], n: usize) {
+    for seq in assign.chunks(n) {
+        for (j, &k) in counts.iter().enumerate() {
+            assert_eq!(seq.iter().filter(|&&a| a as usize == j).count(), k);
+        }
+    }
 }
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
@@ -854,14 +850,7 @@ fn per_clip_capacities_equal_each_clip_alone() {
                 },
             )
             .unwrap();
-        let d = (out.logits.get(b).unwrap() - alone.logits.get(0).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&out.logits.get(b).unwrap(), &alone.logits.get(0).unwrap());
         assert!(d < 1e-5, "clip {b}: {d}");
         assert_eq!(
             &out.assignment.as_ref().unwrap()[b * per_clip..(b + 1) * per_clip],
@@ -1210,13 +1199,7 @@ fn vmoe_random_and_forced_routing_and_gradients_only_reach_used_experts() {
     let pick = |o: &model::ForwardOutput| o.experts.iter().map(|e| e[0].0).collect::<Vec<_>>();
     assert_ne!(pick(&learned), pick(&random));
     // The same clip gets other logits on another expert.
-    let diff = (learned.logits - forced.logits)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert!(diff.to_scalar::<f32>().unwrap() > 1e-3);
+    assert!(max_abs_diff(&learned.logits, &forced.logits) > 1e-3);
     assert!(m
         .forward(
             &x,
@@ -1294,13 +1277,7 @@ fn vmoe_model_folder_round_trip_and_mismatch_errors() {
     assert_eq!(a.experts, b.experts);
     // The dense and plain-candle forwards of a V-MoE are the same model.
     for other in [m.forward_dense(&x).unwrap(), m.forward_plain(&x).unwrap()] {
-        let d = (&a.logits - other)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(max_abs_diff(&a.logits, &other) < 1e-4);
     }
     // More experts in the config than in the file: the first missing one is named.
     let mut wrong = cfg.clone();

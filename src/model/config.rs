@@ -243,26 +243,8 @@ impl Config {
             },
             // The motion model's size with joint attention (128 tubelets + CLS), for showing
             // MoNE fine-tuning of an imported architecture (docs/import.md).
-            "vivit-joint-motion" => joint(Config {
-                frames: 16,
-                image_size: 32,
-                tubelet: [2, 8, 8],
-                hidden_size: 64,
-                num_heads: 4,
-                spatial_layers: 4,
-                num_classes: 12,
-                ..base
-            }),
-            "vivit-joint-tiny" => joint(Config {
-                frames: 8,
-                image_size: 32,
-                tubelet: [2, 8, 8],
-                hidden_size: 64,
-                num_heads: 4,
-                spatial_layers: 2,
-                num_classes: 5,
-                ..base
-            }),
+            "vivit-joint-motion" => joint(Self::preset("vivit-fe-motion")?),
+            "vivit-joint-tiny" => joint(Self::preset("vivit-fe-tiny")?),
             // The motion model's architecture with its two temporal layers as MoE layers of
             // 10 experts each (Mobile V-MoE's defaults), top-1.
             "vmoe-fe-motion" => vmoe(Self::preset("vivit-fe-motion")?),

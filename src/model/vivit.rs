@@ -383,6 +383,23 @@ fn output(logits: Tensor, assignment: Option<Vec<u8>>, counts_of: &[Vec<usize>])
     }
 }
 
+/// Each routed row's probability for its own expert, (rows, 1): `probs` (rows, E) gathered
+/// into the grouped order `idx`, group g holding expert `experts[g]`.
+fn expert_probs(
+    probs: &Tensor,
+    idx: &Tensor,
+    layout: &TokenLayout,
+    experts: &[usize],
+) -> Result<Tensor> {
+    let p_rows = probs.index_select(idx, 0)?;
+    let parts = experts
+        .iter()
+        .zip(&layout.groups)
+        .map(|(&j, g)| p_rows.narrow(0, g.row0, g.rows)?.narrow(1, j, 1))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}
+
 /// Row p * S + i of the token-major layout is row i * L + order[i][p] of the sequence-major
 /// one, for `order` (S, L) u32.
 fn token_major_index(order: &Tensor) -> Result<Tensor> {
@@ -562,13 +579,8 @@ impl MoneVivit {
             };
             let x = tokens.reshape((s * n, d))?.index_select(&idx, 0)?;
             let layout = TokenLayout::grouped(n, s, counts, &widths);
-            let p_rows = probs.reshape((s * n, e))?.index_select(&idx, 0)?;
-            let parts = nonempty
-                .iter()
-                .zip(&layout.groups)
-                .map(|(&j, g)| p_rows.narrow(0, g.row0, g.rows)?.narrow(1, j, 1))
-                .collect::<Result<Vec<_>>>()?;
-            (x, layout, assign, Tensor::cat(&parts, 0)?)
+            let r_rows = expert_probs(&probs.reshape((s * n, e))?, &idx, &layout, &nonempty)?;
+            (x, layout, assign, r_rows)
         };
         drop(routing_scope);
         let x = self.routed_layers(x, &layout, &r_rows, opts.train)?;
@@ -735,13 +747,8 @@ impl MoneVivit {
             let idx = token_major_index(&order)?;
             let x = tokens.reshape((b * l, d))?.index_select(&idx, 0)?;
             let layout = TokenLayout::grouped(l, b, &clip_counts, &widths);
-            let p_rows = all_probs.reshape((b * l, e))?.index_select(&idx, 0)?;
-            let parts = nonempty
-                .iter()
-                .zip(&layout.groups)
-                .map(|(&j, g)| p_rows.narrow(0, g.row0, g.rows)?.narrow(1, j, 1))
-                .collect::<Result<Vec<_>>>()?;
-            (x, layout, assign, Tensor::cat(&parts, 0)?)
+            let r_rows = expert_probs(&all_probs.reshape((b * l, e))?, &idx, &layout, &nonempty)?;
+            (x, layout, assign, r_rows)
         };
         drop(routing_scope);
         let x = self.routed_layers(x, &layout, &r_rows, opts.train)?;
