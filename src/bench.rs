@@ -41,9 +41,17 @@ pub struct ModelBenchArgs {
     /// Also time the dense model built from plain candle layers.
     #[arg(long)]
     pub plain: bool,
+    /// Also measure each configuration's peak resident memory, each in a fresh process (the
+    /// allocator keeps freed pages, so one process would only show the largest).
+    #[arg(long)]
+    pub memory: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Internal (--memory): run one forward of this configuration (dense, plain or an e_c)
+    /// and print the process's peak RSS in MiB.
+    #[arg(long, hide = true)]
+    pub rss_probe: Option<String>,
 }
 
 /// One measured configuration.
@@ -55,6 +63,8 @@ pub struct BenchRow {
     pub capacity: Option<f64>,
     /// e_c realised by the integer token counts.
     pub realised_capacity: Option<f64>,
+    /// Tokens per expert and frame, smallest expert first (the work a reference must do).
+    pub token_counts: Option<Vec<usize>>,
     pub gmacs: f64,
     /// Dense MACs / this row's MACs.
     pub flop_ratio: f64,
@@ -66,6 +76,14 @@ pub struct BenchRow {
     pub profile_ms: Vec<(String, f64)>,
     /// Share of the time outside the nested linear layers.
     pub non_linear_share: f64,
+    /// Share of the time outside GEMMs: outside the nested linear layers (fc1 includes its
+    /// fused activation) and the attention's two GEMMs. Embedding, pooling, the temporal
+    /// stage and the head count as outside, although they hold small GEMMs.
+    pub non_gemm_share: f64,
+    /// GFLOP/s of the nested linear layers (2 x their MACs / their time).
+    pub linear_gflops: f64,
+    /// Peak resident memory of a process that ran only this configuration (--memory).
+    pub peak_rss_mib: Option<f64>,
     /// ||logits - logits_f32|| / ||logits_f32|| over the batch, same weights and input (only
     /// for a reduced precision).
     pub logit_rel_diff: Option<f64>,
@@ -80,6 +98,10 @@ pub struct BenchReport {
     pub device: String,
     pub dtype: String,
     pub threads: usize,
+    /// The fused kernels' SIMD level (scalar, avx2, avx512).
+    pub simd: String,
+    /// The CPU's avx512 flags, as /proc/cpuinfo lists them.
+    pub cpu_avx512: Vec<String>,
     pub iters: usize,
     pub dense: BenchRow,
     pub plain: Option<BenchRow>,
@@ -153,6 +175,16 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
         &dev,
     )?;
     let dense_macs = flops::macs(&cfg, None)?;
+    if let Some(which) = &args.rss_probe {
+        let w = match which.as_str() {
+            "dense" => Which::Dense,
+            "plain" => Which::Plain,
+            c => Which::Mone(c.parse().map_err(|_| anyhow::anyhow!("--rss-probe {c}"))?),
+        };
+        run_once(&m, &x, &w, &dev)?;
+        println!("{:.1}", peak_rss_mib().unwrap_or(f64::NAN));
+        std::process::exit(0);
+    }
 
     let mut configs = vec![Which::Dense];
     if args.plain {
@@ -217,6 +249,18 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
         }
     }
 
+    let mut rss: Vec<Option<f64>> = vec![None; configs.len()];
+    if args.memory {
+        for (i, w) in configs.iter().enumerate() {
+            let probe = match w {
+                Which::Dense => "dense".to_string(),
+                Which::Plain => "plain".to_string(),
+                Which::Mone(c) => c.to_string(),
+            };
+            rss[i] = Some(rss_in_child(args, &probe)?);
+        }
+    }
+
     let dense_lat = median(&mut times[0].clone());
     let mut rows: Vec<BenchRow> = Vec::new();
     for (i, w) in configs.iter().enumerate() {
@@ -226,16 +270,16 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
             Which::Plain => ("plain-candle", None, dense_macs),
             Which::Mone(c) => ("mone", Some(*c), flops::macs(&cfg, Some(*c))?),
         };
-        let realised = cap.map(|c| {
-            model::capacity::solve(c, cfg.num_experts)
-                .map(|k| {
-                    model::capacity::realised_capacity(&model::capacity::token_counts(
-                        &k,
-                        cfg.spatial_tokens(),
-                    ))
-                })
-                .unwrap_or(c)
-        });
+        let counts = match cap {
+            Some(c) => Some(model::capacity::token_counts(
+                &model::capacity::solve(c, cfg.num_experts)?,
+                cfg.spatial_tokens(),
+            )),
+            None => None,
+        };
+        let realised = counts
+            .as_ref()
+            .map(|k| model::capacity::realised_capacity(k));
         let profile_ms: Vec<(String, f64)> = profile::PARTS
             .iter()
             .enumerate()
@@ -247,15 +291,20 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
             })
             .collect();
         let total: f64 = profile_ms.iter().map(|(_, v)| v).sum();
-        let linear: f64 = profile_ms
-            .iter()
-            .filter(|(n, _)| ["qkv", "proj", "fc1", "fc2"].contains(&n.as_str()))
-            .map(|(_, v)| v)
-            .sum();
+        let sum_of = |names: &[&str]| -> f64 {
+            profile_ms
+                .iter()
+                .filter(|(n, _)| names.contains(&n.as_str()))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let linear = sum_of(&["qkv", "proj", "fc1", "fc2"]);
+        let gemm = linear + sum_of(&["attention"]);
         rows.push(BenchRow {
             kind: kind.to_string(),
             capacity: cap,
             realised_capacity: realised,
+            token_counts: counts,
             gmacs: macs.gmacs(),
             flop_ratio: dense_macs.total() as f64 / macs.total() as f64,
             latency_ms: lat * 1e3,
@@ -267,6 +316,17 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
             } else {
                 f64::NAN
             },
+            non_gemm_share: if total > 0.0 {
+                1.0 - gemm / total
+            } else {
+                f64::NAN
+            },
+            linear_gflops: if linear > 0.0 {
+                2.0 * (macs.spatial_linear * args.batch as u64) as f64 / (linear * 1e-3) * 1e-9
+            } else {
+                f64::NAN
+            },
+            peak_rss_mib: rss[i],
             logit_rel_diff: diffs[i].map(|d| d.0),
             top1_agreement_f32: diffs[i].map(|d| d.1),
         });
@@ -282,12 +342,61 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
         batch: args.batch,
         device: crate::device::describe(&dev),
         dtype: format!("{dtype:?}").to_lowercase(),
-        threads: candle_core::utils::get_num_threads(),
+        threads: rayon::current_num_threads(),
+        simd: model::kernels::simd::level().to_string(),
+        cpu_avx512: cpu_avx512_flags(),
         iters: args.iters,
         dense,
         plain,
         rows,
     })
+}
+
+/// Peak resident set of this process (VmHWM), MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The avx512 flags of the first CPU in /proc/cpuinfo (empty elsewhere).
+pub fn cpu_avx512_flags() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mut flags: Vec<String> = info
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter(|f| f.starts_with("avx512"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    flags.sort();
+    flags
+}
+
+/// Runs one forward of `probe` in a fresh copy of this process and reads its peak RSS.
+fn rss_in_child(args: &ModelBenchArgs, probe: &str) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["bench", "model", "--preset", &args.preset]);
+    if let Some(m) = &args.model {
+        cmd.arg("--model").arg(m);
+    }
+    cmd.args(["--batch", &args.batch.to_string(), "--device", &args.device]);
+    cmd.args(["--dtype", &args.dtype, "--rss-probe", probe]);
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "memory probe for {probe} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("memory probe for {probe} printed {text:?}"))
 }
 
 /// (relative L2 difference, % top-1 agreement) of `a` against the reference `b`.
@@ -307,30 +416,54 @@ fn logit_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<(f64, f64)> {
 
 pub fn format_table(r: &BenchReport) -> String {
     let mut s = format!(
-        "mone bench model: {}, batch {}, {} {} ({} threads), median of {}\n",
-        r.model, r.batch, r.device, r.dtype, r.threads, r.iters
+        "mone bench model: {}, batch {}, {} {} ({} threads, kernels {}), median of {}\n",
+        r.model, r.batch, r.device, r.dtype, r.threads, r.simd, r.iters
+    );
+    s += &format!(
+        "CPU avx512 flags: {}\n",
+        if r.cpu_avx512.is_empty() {
+            "none".to_string()
+        } else {
+            r.cpu_avx512.join(" ")
+        }
     );
     let precision = r.dense.logit_rel_diff.is_some();
-    s += "config          GMACs/clip  FLOP ratio  latency ms   clips/s  speed-up  outside linear";
+    let memory = r.dense.peak_rss_mib.is_some();
+    s += "config          GMACs/clip  FLOP ratio  latency ms   clips/s  speed-up  outside linear  non-GEMM  linear GFLOP/s";
+    if memory {
+        s += "  peak RSS MiB";
+    }
     if precision {
         s += "  logit diff vs f32  top-1 = f32";
     }
     s += "\n";
     let line = |name: String, row: &BenchRow| {
+        let pct = |v: f64| {
+            if v.is_finite() {
+                format!("{:.1}%", v * 100.0)
+            } else {
+                "-".into()
+            }
+        };
         let mut l = format!(
-            "{:<14} {:>11.2} {:>11.2} {:>11.1} {:>9.2} {:>9.2} {:>14}",
+            "{:<14} {:>11.2} {:>11.2} {:>11.1} {:>9.2} {:>9.2} {:>15} {:>9} {:>15}",
             name,
             row.gmacs,
             row.flop_ratio,
             row.latency_ms,
             row.clips_per_s,
             row.speedup,
-            if row.non_linear_share.is_finite() {
-                format!("{:.1}%", row.non_linear_share * 100.0)
+            pct(row.non_linear_share),
+            pct(row.non_gemm_share),
+            if row.linear_gflops.is_finite() {
+                format!("{:.1}", row.linear_gflops)
             } else {
                 "-".into()
             }
         );
+        if let Some(m) = row.peak_rss_mib {
+            l += &format!(" {m:>13.1}");
+        }
         if let (Some(d), Some(a)) = (row.logit_rel_diff, row.top1_agreement_f32) {
             l += &format!(" {d:>18.2e} {a:>11.1}%");
         }

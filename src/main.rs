@@ -98,6 +98,8 @@ enum DatasetCommand {
 enum BenchCommand {
     /// Latency and clips/s of MoNE at every capacity against the dense forward.
     Model(mone::bench::ModelBenchArgs),
+    /// GFLOP/s of the nested layers' products on one preset's dense and expert-group shapes.
+    Gemm(mone::bench_gemm::GemmBenchArgs),
     /// Frames/s of decode, model and the full pipeline on one long input, in one run.
     #[cfg(feature = "gst")]
     Pipeline(mone::bench::PipelineBenchArgs),
@@ -150,6 +152,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Infer(a) => mone::infer::run(&a).map(|_| 0)?,
         Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,
+        Command::Bench(BenchCommand::Gemm(a)) => mone::bench_gemm::run_gemm_bench(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Pipeline(a)) => {
             mone::bench::run_pipeline_bench(&a).map(|_| 0)?

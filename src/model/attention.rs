@@ -65,10 +65,11 @@ impl Attention {
                     &NestedInProj {
                         groups: &layout.groups,
                         add_bias: true,
+                        act: None,
                     },
                 )?
             };
-            let _p = scope(Part::Attention);
+            // (The op records its own time, split into GEMMs and softmax.)
             let a = qkv.apply_op1_no_bwd(&FusedAttention {
                 n: layout.n,
                 s: layout.s,
@@ -76,7 +77,6 @@ impl Attention {
                 head_dim: hd,
                 token_major: layout.token_major,
             })?;
-            drop(_p);
             let _p = scope(Part::Proj);
             let b = bias(&self.proj)?.to_vec1::<f32>()?;
             x.inplace_op3(

@@ -192,6 +192,7 @@ impl Embedding {
                 &NestedInProj {
                     groups: &g,
                     add_bias: true,
+                    act: None,
                 },
             )?
         } else {

@@ -6,7 +6,8 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::attention::linear;
 use super::config::Activation;
-use super::kernels::{ActScale, NestedInProj, NestedOutAccum};
+use super::kernels::linear::FusedAct;
+use super::kernels::{NestedInProj, NestedOutAccum};
 use super::nested::{fused_ok, in_proj, out_proj, TokenLayout};
 use super::profile::{scope, Part};
 use super::Config;
@@ -62,6 +63,8 @@ impl Mlp {
     ) -> Result<Tensor> {
         if fused_ok(h, train) {
             let host = scale.and_then(|s| s.host.as_deref());
+            // fc1 + bias + activation + row scale in one op (the activation runs on each
+            // output block while it is in cache).
             let f = {
                 let _p = scope(Part::Fc1);
                 h.apply_op3_no_bwd(
@@ -69,19 +72,14 @@ impl Mlp {
                     bias(&self.fc1)?,
                     &NestedInProj {
                         groups: &layout.groups,
-                        add_bias: false,
+                        add_bias: true,
+                        act: Some(FusedAct {
+                            act: self.act,
+                            row_scale: host,
+                        }),
                     },
                 )?
             };
-            {
-                let _p = scope(Part::Activation);
-                let b1 = bias(&self.fc1)?.to_vec1::<f32>()?;
-                f.inplace_op1(&ActScale {
-                    act: self.act,
-                    bias: Some(&b1),
-                    row_scale: host,
-                })?;
-            }
             let _p = scope(Part::Fc2);
             let b = bias(&self.fc2)?.to_vec1::<f32>()?;
             x.inplace_op3(

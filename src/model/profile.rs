@@ -20,13 +20,16 @@ pub enum Part {
     Proj,
     Fc1,
     Fc2,
+    /// The attention's two GEMMs (Q K^T and P V); on the fused CPU path the op's wall time is
+    /// split between this and `Softmax` by the threads' measured time in each.
     Attention,
+    Softmax,
     Activation,
     /// Pooling, temporal transformer, head.
     Rest,
 }
 
-pub const PARTS: [Part; 10] = [
+pub const PARTS: [Part; 11] = [
     Part::Embedding,
     Part::Routing,
     Part::Norm,
@@ -35,12 +38,13 @@ pub const PARTS: [Part; 10] = [
     Part::Fc1,
     Part::Fc2,
     Part::Attention,
+    Part::Softmax,
     Part::Activation,
     Part::Rest,
 ];
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+static NANOS: [AtomicU64; PARTS.len()] = [const { AtomicU64::new(0) }; PARTS.len()];
 
 static SYNC: Mutex<Option<Device>> = Mutex::new(None);
 
@@ -62,6 +66,17 @@ fn sync() {
             // A failed synchronize surfaces at the next real op.
             let _ = d.synchronize();
         }
+    }
+}
+
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Adds time that an op measured itself.
+pub fn add(part: Part, nanos: u64) {
+    if enabled() {
+        NANOS[part as usize].fetch_add(nanos, Ordering::Relaxed);
     }
 }
 
