@@ -99,6 +99,4 @@ if g:
     if rates:
         mr = statistics.median(rates)
         print(f"  mone dense forward, linear layers: {mr:.1f} GFLOP/s = {100 * mr / best:.0f}% of torch's best shape")
-print("\npeak RSS (mone, whole bench process): " +
-      ", ".join(f"{r.get('peak_rss_mib', float('nan')):.0f} MiB" for r in m))
 EOF
