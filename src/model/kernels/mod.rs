@@ -9,7 +9,7 @@
 //! The generic (any device, differentiable) path in `nested.rs` computes the same thing.
 //!
 //! `simd` picks the instruction set at run time, `math` holds the vectorisable approximations,
-//! `gemm512` the AVX-512 GEMM of the nested layers; `linear`, `attention`, `norm` and
+//! `gemm512` an AVX-512 GEMM for small wide out-projections; `linear`, `attention`, `norm` and
 //! `elementwise` are the candle ops.
 
 use candle_core::{bail, CpuStorage, Layout, Result};
