@@ -102,7 +102,7 @@ enum BenchCommand {
     Gemm(mone::bench_gemm::GemmBenchArgs),
     /// Frames/s of decode, model and the full pipeline on one long input, in one run.
     #[cfg(feature = "gst")]
-    Pipeline(mone::bench::PipelineBenchArgs),
+    Pipeline(mone::bench_pipeline::PipelineBenchArgs),
     /// Live streams under a latency target with a load step: adaptive vs fixed capacities.
     #[cfg(feature = "gst")]
     Adaptive(mone::bench_adaptive::AdaptiveBenchArgs),
@@ -155,7 +155,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCommand::Gemm(a)) => mone::bench_gemm::run_gemm_bench(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Pipeline(a)) => {
-            mone::bench::run_pipeline_bench(&a).map(|_| 0)?
+            mone::bench_pipeline::run_pipeline_bench(&a).map(|_| 0)?
         }
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Adaptive(a)) => {

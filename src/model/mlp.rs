@@ -63,8 +63,8 @@ impl Mlp {
     ) -> Result<Tensor> {
         if fused_ok(h, train) {
             let host = scale.and_then(|s| s.host.as_deref());
-            // fc1 + bias + activation + row scale in one op (the activation runs on each
-            // output block while it is in cache).
+            // fc1 + bias + activation + row scale in one op: the bias comes with the activation
+            // pass, so fc1's output is not filled with it first.
             let f = {
                 let _p = scope(Part::Fc1);
                 h.apply_op3_no_bwd(

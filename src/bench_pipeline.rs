@@ -1,0 +1,255 @@
+//! `mone bench pipeline`: frames/s of decode, model and the full pipeline on one long input, in
+//! one run, against the shared-CPU ceiling 1 / (1/decode + 1/model).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::clip::{ClipAssembler, ClipSpec, Tail};
+use crate::events::JsonLinesSink;
+use crate::model::{self, Config, ForwardOptions};
+use crate::runtime::{self, RuntimeOptions, StreamSpec};
+use crate::source::{self, Input, Pulled, SourceOptions, SourcePipeline};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelineBenchArgs {
+    /// Model folder; without one, a random-weight `--preset` model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value = "vivit-fe-s16")]
+    pub preset: String,
+    /// Input video; default: a generated H.264 clip (cached under target/bench/).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Length of the generated input.
+    #[arg(long, default_value_t = 120)]
+    pub seconds: u32,
+    #[arg(long, default_value_t = 1280)]
+    pub width: u32,
+    #[arg(long, default_value_t = 720)]
+    pub height: u32,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub capacity: f64,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct PipelineBench {
+    pub input: String,
+    pub frames: u64,
+    pub model: String,
+    pub device: String,
+    pub batch: usize,
+    pub capacity: f64,
+    /// (a) decode to RGB at the model's size, frames/s.
+    pub decode_fps: f64,
+    pub decode_clips_tokenize_fps: f64,
+    /// (b) model clips/s times frames per clip advance.
+    pub model_fps: f64,
+    pub model_clips_per_s: f64,
+    pub full_pipeline_fps: f64,
+    /// 1 / (1/a + 1/b) on a shared CPU, min(a, b) when the model runs elsewhere.
+    pub ceiling_fps: f64,
+    pub full_vs_ceiling: f64,
+    /// Peak resident memory of the whole run (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+}
+
+fn decode(
+    input: &Input,
+    sopts: &SourceOptions,
+    clips: Option<(ClipSpec, [f32; 3], [f32; 3])>,
+) -> anyhow::Result<(u64, f64)> {
+    let t = Instant::now();
+    let mut p = SourcePipeline::new(input, sopts)?;
+    p.start()?;
+    let mut n = 0u64;
+    let mut asm = clips.map(|(s, _, _)| ClipAssembler::new(s));
+    let mut sink = 0f32;
+    loop {
+        match p.pull(Duration::from_millis(500)) {
+            Pulled::Frame(f) => {
+                n += 1;
+                if let (Some(a), Some((_, mean, std))) = (asm.as_mut(), clips) {
+                    if let Some(c) = a.push(f) {
+                        sink += crate::tokenizer::clip_to_chw(&c, mean, std)[0];
+                    }
+                }
+            }
+            Pulled::Eos => break,
+            Pulled::Idle => {}
+            Pulled::Error(e) => anyhow::bail!("decoding: {e}"),
+        }
+    }
+    std::hint::black_box(sink);
+    p.stop(Duration::from_secs(1));
+    Ok((n, t.elapsed().as_secs_f64()))
+}
+
+pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
+    let device = crate::device::open(&a.device)?;
+    let (loaded, model_name) = match &a.model {
+        Some(dir) => (
+            model::load_model_dir(dir, &device)?,
+            dir.display().to_string(),
+        ),
+        None => {
+            let cfg = Config::preset(&a.preset)?;
+            let m = model::random_model(&cfg, &device)?;
+            let labels = (0..cfg.num_classes).map(|i| format!("class_{i}")).collect();
+            (
+                model::LoadedModel {
+                    dir: PathBuf::new(),
+                    config: cfg,
+                    labels,
+                    model: m,
+                },
+                format!("{} (random weights)", a.preset),
+            )
+        }
+    };
+    let cfg = loaded.config.clone();
+    let input_path = match &a.input {
+        Some(p) => p.clone(),
+        None => {
+            let p = PathBuf::from(format!(
+                "target/bench/pipeline-{}s-{}x{}.mp4",
+                a.seconds, a.width, a.height
+            ));
+            if !p.exists() {
+                std::fs::create_dir_all("target/bench")?;
+                eprintln!("encoding {} ...", p.display());
+                let tmp = p.with_extension("partial.mp4");
+                source::write_test_video(
+                    &tmp,
+                    "ball",
+                    a.seconds * 25,
+                    25,
+                    a.width,
+                    a.height,
+                    "mp4",
+                )?;
+                std::fs::rename(&tmp, &p)?;
+            }
+            p
+        }
+    };
+    let input_str = input_path.display().to_string();
+    let input = Input::parse(&input_str)?;
+    let sopts = SourceOptions {
+        width: cfg.image_size as u32,
+        height: cfg.image_size as u32,
+        fps: None,
+        resize: Default::default(),
+        rtsp_transport: Default::default(),
+    };
+    let spec = ClipSpec {
+        frames: cfg.frames,
+        stride: cfg.frames,
+        step: 1,
+        tail: Tail::Pad,
+    };
+
+    eprintln!("(a) decode ...");
+    let (frames, t_dec) = decode(&input, &sopts, None)?;
+    eprintln!("decode + clips + tokenize ...");
+    let (_, t_tok) = decode(&input, &sopts, Some((spec, cfg.mean, cfg.std)))?;
+
+    eprintln!("(b) model ...");
+    let x = Tensor::randn(
+        0f32,
+        1f32,
+        (a.batch, 3, cfg.frames, cfg.image_size, cfg.image_size),
+        &device,
+    )?;
+    let opts = ForwardOptions::default();
+    loaded.model.forward(&x, &[a.capacity], &opts)?;
+    let (mut n, t0) = (0usize, Instant::now());
+    while n < 3 || t0.elapsed() < Duration::from_secs(5) {
+        loaded.model.forward(&x, &[a.capacity], &opts)?;
+        device.synchronize()?;
+        n += 1;
+    }
+    let clips_per_s = (n * a.batch) as f64 / t0.elapsed().as_secs_f64();
+    let model_fps = clips_per_s * spec.stride as f64;
+
+    eprintln!("full pipeline ...");
+    let ropts = RuntimeOptions {
+        batch: a.batch,
+        capacity: a.capacity,
+        ..RuntimeOptions::default()
+    };
+    let mut sink = JsonLinesSink::null();
+    let s = runtime::run(
+        &loaded,
+        "bench",
+        &device,
+        &[StreamSpec::from_input(&input_str)],
+        &ropts,
+        &mut sink,
+        runtime::Hooks::new(Arc::new(AtomicBool::new(false))),
+    )?;
+    anyhow::ensure!(s.failed.is_empty(), "pipeline failed: {:?}", s.failed);
+    let full = s.frames as f64 / s.elapsed.as_secs_f64();
+    let dec_fps = frames as f64 / t_dec;
+    let ceiling = if device.is_cpu() {
+        1.0 / (1.0 / dec_fps + 1.0 / model_fps)
+    } else {
+        dec_fps.min(model_fps)
+    };
+    Ok(PipelineBench {
+        input: input_str,
+        frames,
+        model: model_name,
+        device: crate::device::describe(&device),
+        batch: a.batch,
+        capacity: a.capacity,
+        decode_fps: dec_fps,
+        decode_clips_tokenize_fps: frames as f64 / t_tok,
+        model_fps,
+        model_clips_per_s: clips_per_s,
+        full_pipeline_fps: full,
+        ceiling_fps: ceiling,
+        full_vs_ceiling: full / ceiling,
+        peak_rss_mib: crate::bench::peak_rss_mib().unwrap_or(f64::NAN),
+    })
+}
+
+pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
+    let r = measure(a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}",
+        r.input, r.frames, r.model, r.device, r.batch, r.capacity
+    );
+    println!("stage                          frames/s");
+    println!("(a) decode to RGB            {:>10.1}", r.decode_fps);
+    println!(
+        "decode + clips + tokenize    {:>10.1}",
+        r.decode_clips_tokenize_fps
+    );
+    println!(
+        "(b) model only               {:>10.1}   ({:.2} clips/s)",
+        r.model_fps, r.model_clips_per_s
+    );
+    println!("full pipeline                {:>10.1}", r.full_pipeline_fps);
+    println!(
+        "ceiling 1/(1/a + 1/b)        {:>10.1}   full = {:.0}% of it",
+        r.ceiling_fps,
+        r.full_vs_ceiling * 100.0
+    );
+    println!("peak memory (RSS)            {:>10.1} MiB", r.peak_rss_mib);
+    Ok(())
+}
