@@ -71,6 +71,16 @@ impl AdamW {
         })
     }
 
+    /// Zero the moments and the step count (a new phase with a new loss).
+    pub fn reset(&mut self) -> Result<()> {
+        for s in &mut self.slots {
+            s.m = s.m.zeros_like()?;
+            s.v = s.v.zeros_like()?;
+        }
+        self.step = 0;
+        Ok(())
+    }
+
     pub fn steps(&self) -> u64 {
         self.step
     }
@@ -89,6 +99,10 @@ impl AdamW {
             let Some(g) = grads.get(s.var.as_tensor()) else {
                 continue;
             };
+            // A gradient can still hold the graph it came from (candle detaches the gradients
+            // it passes down, not every leaf's sum); the moments must not, or each step's
+            // moments would keep the previous step's graph, activations and all, alive.
+            let g = &g.detach();
             s.m = ((&s.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             s.v = ((&s.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&s.m / bc1)?;

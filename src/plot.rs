@@ -1,4 +1,5 @@
-//! PNG plots (plotters, pure Rust): accuracy against compute for `mone eval`.
+//! PNG plots (plotters, pure Rust): accuracy against compute for `mone eval`, expert maps,
+//! timelines and training curves.
 
 use std::path::Path;
 
@@ -326,4 +327,85 @@ pub fn timeline(
         Ok(())
     };
     draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+}
+
+/// The training curve: the loss (a moving average over 20 steps) and held-out top-1 at the
+/// tracked capacities against the step, with the phase boundaries marked.
+pub fn training_curve(points: &[crate::train::curve::Point], path: &Path) -> anyhow::Result<()> {
+    use crate::train::curve::CAPACITIES;
+    ensure_font()?;
+    anyhow::ensure!(!points.is_empty(), "no training steps to plot");
+    let last = points.iter().map(|p| p.step).max().unwrap_or(0).max(1) as f64;
+    let mut smooth = Vec::with_capacity(points.len());
+    let mut window = std::collections::VecDeque::new();
+    for p in points {
+        window.push_back(p.loss as f64);
+        if window.len() > 20 {
+            window.pop_front();
+        }
+        smooth.push((
+            p.step as f64,
+            window.iter().sum::<f64>() / window.len() as f64,
+        ));
+    }
+    let y_max = smooth.iter().map(|p| p.1).fold(0.1, f64::max) * 1.05;
+    let bounds: Vec<f64> = points
+        .windows(2)
+        .filter(|w| w[0].phase != w[1].phase)
+        .map(|w| w[1].step as f64)
+        .collect();
+    let root = BitMapBackend::new(path, (1100, 460)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(550);
+        let mut loss = ChartBuilder::on(&left)
+            .caption("Training loss", ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..last, 0f64..y_max)?;
+        loss.configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (20-step mean)")
+            .draw()?;
+        loss.draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))?;
+        for &b in &bounds {
+            loss.draw_series(LineSeries::new(vec![(b, 0.0), (b, y_max)], BLACK.mix(0.3)))?;
+        }
+        let mut acc = ChartBuilder::on(&right)
+            .caption("Held-out top-1 (phase boundaries grey)", ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..last, 0f64..100f64)?;
+        acc.configure_mesh()
+            .x_desc("step")
+            .y_desc("top-1 (%)")
+            .draw()?;
+        for &b in &bounds {
+            acc.draw_series(LineSeries::new(vec![(b, 0.0), (b, 100.0)], BLACK.mix(0.3)))?;
+        }
+        for (k, (&e_c, colour)) in CAPACITIES.iter().zip([RED, BLUE, GREEN]).enumerate() {
+            let series: Vec<(f64, f64)> = points
+                .iter()
+                .filter_map(|p| Some((p.step as f64, p.top1.as_ref()?.get(k)? * 100.0)))
+                .collect();
+            acc.draw_series(LineSeries::new(series.clone(), colour.stroke_width(2)))?
+                .label(format!("e_c {e_c}"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+            acc.draw_series(series.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+        }
+        acc.configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -63,6 +63,22 @@ fn eval_reads_a_rendered_folder_and_reports_every_capacity() {
     assert!(r.mone.windows(2).all(|w| w[1].gmacs < w[0].gmacs));
     // The same weights evaluated as a dense baseline score what MoNE scores at e_c 1 (alpha 0).
     assert_eq!(r.baselines[0].top1, r.mone[0].top1_learned);
+    // The uniform-width sub-models: the widest is the dense baseline (`Routing::Width`), and
+    // compute grows with the width, the widest costing what e_c 1 costs.
+    assert_eq!(r.uniform.len(), cfg.num_experts);
+    assert_eq!(r.uniform[cfg.num_experts - 1].top1, r.baselines[0].top1);
+    assert_eq!(
+        r.uniform.iter().map(|u| u.width).collect::<Vec<_>>(),
+        cfg.expert_widths()
+    );
+    assert!(r.uniform.windows(2).all(|w| w[0].gmacs < w[1].gmacs));
+    assert!((r.uniform[cfg.num_experts - 1].gmacs - r.mone[0].gmacs).abs() < 1e-12);
+    // Agreement with e_c 1 is total at e_c 1 and a share elsewhere.
+    assert_eq!(r.mone[0].agreement_with_full, 1.0);
+    assert!(r
+        .mone
+        .iter()
+        .all(|m| (0.0..=1.0).contains(&m.agreement_with_full)));
     // The decoded folder scores what the in-memory render scores (same frames, up to H.264).
     let set = eval::ClipSet::synthetic(&cfg, 4, 12);
     assert_eq!(
@@ -96,13 +112,13 @@ fn vmoe_trains_with_auto_superclasses_and_compares_side_by_side() {
     // Super-classes clustered from the dense model's confusion matrix, then a V-MoE run.
     let sc_dir = root.join("vmoe-sc");
     let a = mone::train::TrainArgs {
-        preset: "vivit-fe-tiny".into(),
+        preset: Some("vivit-fe-tiny".into()),
         kind: "vmoe".into(),
         experts: 3,
         moe_layers: 1,
         steps: 2,
-        batch: 4,
-        eval_count: 8,
+        batch: Some(4),
+        eval_count: Some(8),
         superclasses: Some("auto".into()),
         baseline: Some(dense.clone()),
         superclass_clips: 24,
@@ -375,5 +391,71 @@ fn fine_tunes_the_shipped_model_on_a_class_folder() {
     let o = run(&data);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("at least two classes"));
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[test]
+fn distills_the_shipped_model_on_an_unlabelled_nested_folder() {
+    let root = tmp("distill");
+    let all = root.join("all");
+    mone::cli::render_dataset(&mone::cli::DatasetRenderArgs {
+        out: all.clone(),
+        count: 4,
+        seed: 6,
+        format: "mp4".into(),
+        frames: 16,
+        size: 32,
+        fps: 12,
+    })
+    .unwrap();
+    // Any layout: videos at two depths, a labels file that must be ignored, and a file that
+    // is not a video (skipped with a warning).
+    let data = root.join("footage");
+    std::fs::create_dir_all(data.join("cam1/2026-12-01")).unwrap();
+    for i in 0..4 {
+        let name = format!("clip_{i:06}.mp4");
+        let to = if i % 2 == 0 {
+            data.join("cam1/2026-12-01").join(&name)
+        } else {
+            data.join(&name)
+        };
+        std::fs::copy(all.join(&name), to).unwrap();
+    }
+    std::fs::write(
+        data.join("labels.csv"),
+        "path,label\nclip_000001.mp4,nonsense\n",
+    )
+    .unwrap();
+    std::fs::write(data.join("cam1/notes.txt"), "not a video").unwrap();
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/mone-vivit-tiny-motion");
+    let out = root.join("out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args([
+            "train",
+            "--distill",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .arg("--init")
+        .arg(&shipped)
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("skipping") && err.contains("notes.txt"),
+        "{err}"
+    );
+    assert!(err.contains("4 unlabelled videos"), "{err}");
+    let student = model::load_model_dir(&out, &Device::Cpu).unwrap();
+    assert_eq!(student.labels, labels());
     std::fs::remove_dir_all(&root).ok();
 }

@@ -240,6 +240,8 @@ fn an_imported_model_fine_tunes_with_the_mone_recipe() {
         superclasses: None,
         router_weight: 0.3,
         balance_weight: 0.0,
+        phases: Vec::new(),
+        teacher: None,
     };
     let mut tr = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
     tr.init_from(&out).unwrap();

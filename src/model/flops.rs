@@ -41,8 +41,7 @@ fn dense_layer(cfg: &Config, tokens: u64) -> u64 {
 /// MoE layer runs `top_k` expert MLPs per temporal token.
 pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
     let e_c = if cfg.is_vmoe() { None } else { e_c };
-    let (d, m) = (cfg.hidden_size as u64, cfg.mlp_dim() as u64);
-    let (nt, n) = (cfg.temporal_tokens() as u64, cfg.spatial_tokens() as u64);
+    let n = cfg.spatial_tokens() as u64;
     let counts: Vec<u64> = match e_c {
         None => {
             let mut k = vec![0; cfg.num_experts];
@@ -54,6 +53,27 @@ pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
             .map(|k| k as u64)
             .collect(),
     };
+    Ok(macs_of_counts(cfg, &counts, e_c.is_some()))
+}
+
+/// MACs per clip with every routed token at nested width `j` (`Routing::Width(j)`; the
+/// router still runs).
+pub fn macs_uniform(cfg: &Config, j: usize) -> Result<Macs, ModelError> {
+    if j >= cfg.num_experts {
+        return Err(ModelError::Config(format!(
+            "width {j} out of range for {} experts",
+            cfg.num_experts
+        )));
+    }
+    let mut k = vec![0; cfg.num_experts];
+    k[j] = cfg.spatial_tokens() as u64;
+    Ok(macs_of_counts(cfg, &k, true))
+}
+
+/// MACs per clip with `counts[j]` tokens per temporal index at width j.
+fn macs_of_counts(cfg: &Config, counts: &[u64], routed: bool) -> Macs {
+    let (d, m) = (cfg.hidden_size as u64, cfg.mlp_dim() as u64);
+    let (nt, n) = (cfg.temporal_tokens() as u64, cfg.spatial_tokens() as u64);
     let widths = cfg.expert_widths();
     // Per token at width d_j: QKV 3*D*d_j + out D*d_j + fc1 M*d_j + fc2 M*d_j.
     let per_seq_linear: u64 = counts
@@ -66,9 +86,9 @@ pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
         // One encoder over every tubelet and the CLS token (always at full width).
         let l = cfg.joint_seq_len() as u64;
         let cls = l - nt * n;
-        return Ok(Macs {
+        return Macs {
             embedding: nt * n * cfg.tubelet_dim() as u64 * d,
-            router: if e_c.is_some() {
+            router: if routed {
                 nt * n * d * cfg.num_experts as u64
             } else {
                 0
@@ -77,11 +97,11 @@ pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
             spatial_attention: layers * 2 * l * l * d,
             temporal: 0,
             head: d * cfg.num_classes as u64,
-        });
+        };
     }
-    Ok(Macs {
+    let mut macs = Macs {
         embedding: nt * n * cfg.tubelet_dim() as u64 * d,
-        router: if e_c.is_some() {
+        router: if routed {
             nt * n * d * cfg.num_experts as u64
         } else {
             0
@@ -94,13 +114,11 @@ pub fn macs(cfg: &Config, e_c: Option<f64>) -> Result<Macs, ModelError> {
                 moe.layers as u64 * extra * cfg.temporal_seq_len() as u64
             }),
         head: d * cfg.num_classes as u64,
-    })
-    .map(|mut macs| {
-        if let Some(moe) = cfg.moe {
-            macs.router = d * moe.experts as u64;
-        }
-        macs
-    })
+    };
+    if let Some(moe) = cfg.moe {
+        macs.router = d * moe.experts as u64;
+    }
+    macs
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod mlp;
 pub mod moe;
 pub mod nested;
 pub mod profile;
+pub mod rewire;
 pub mod router;
 pub mod vivit;
 

@@ -6,145 +6,18 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use candle_core::Device;
 #[cfg(feature = "gst")]
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::dataset::{self, Rng};
+use crate::dataset::Rng;
 use crate::model::{Config, ForwardOptions, MoneVivit, Routing};
 
+mod clips;
+pub use clips::{list_folder, list_videos, ClipSet};
+
 pub const CAPACITIES: [f64; 7] = [1.0, 0.75, 0.5, 0.4, 0.3, 0.2, 0.15];
-
-/// Labelled clips at a model's input size: `frames[i]` holds T packed RGB frames.
-pub struct ClipSet {
-    pub frames: Vec<Vec<Vec<u8>>>,
-    pub labels: Vec<usize>,
-    pub size: usize,
-    /// Where the clips came from, for reports.
-    pub source: String,
-}
-
-impl ClipSet {
-    /// `count` clips of the procedural dataset with seed `seed`, rendered in memory.
-    pub fn synthetic(cfg: &Config, seed: u64, count: u64) -> Self {
-        let (frames, labels) = (0..count)
-            .map(|i| {
-                let p = dataset::plan(seed, i, cfg.frames);
-                (dataset::render(&p, cfg.image_size), p.label)
-            })
-            .unzip();
-        Self {
-            frames,
-            labels,
-            size: cfg.image_size,
-            source: format!("synthetic seed {seed}, {count} clips"),
-        }
-    }
-
-    /// A labelled folder (`labels.csv` of path,label, or one sub-folder per class) decoded
-    /// through the project's GStreamer source; labels must be among `classes`. Each video gives
-    /// its centre `cfg.frames` frames (repeating the last frame of a shorter one).
-    #[cfg(feature = "gst")]
-    pub fn folder(dir: &Path, cfg: &Config, classes: &[String]) -> anyhow::Result<Self> {
-        let entries = list_folder(dir)?;
-        anyhow::ensure!(
-            !entries.is_empty(),
-            "{} holds no labelled videos",
-            dir.display()
-        );
-        let (mut frames, mut labels) = (Vec::new(), Vec::new());
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        for (k, (path, label)) in entries.iter().enumerate() {
-            let idx = classes.iter().position(|c| c == label).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: label `{label}` is not one of the model's classes ({})",
-                    path.display(),
-                    classes.join(", ")
-                )
-            })?;
-            let decoded = crate::source::decode_file(path, cfg.image_size as u32, 512)
-                .with_context(|| format!("cannot decode {}", path.display()))?;
-            anyhow::ensure!(!decoded.is_empty(), "{}: no frames", path.display());
-            let t = cfg.frames;
-            let start = decoded.len().saturating_sub(t) / 2;
-            let clip: Vec<Vec<u8>> = (0..t)
-                .map(|i| decoded[(start + i).min(decoded.len() - 1)].rgb.to_vec())
-                .collect();
-            frames.push(clip);
-            labels.push(idx);
-            if tty {
-                eprint!("\rdecoded {}/{}", k + 1, entries.len());
-            }
-        }
-        if tty {
-            eprintln!();
-        }
-        Ok(Self {
-            frames,
-            labels,
-            size: cfg.image_size,
-            source: format!("{} ({} videos)", dir.display(), entries.len()),
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-}
-
-/// (video path, label name) pairs of a dataset folder: `labels.csv` (path,label; paths relative
-/// to the folder) if present, else every video in each sub-folder, labelled by the sub-folder.
-pub fn list_folder(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
-    let csv = dir.join("labels.csv");
-    if csv.exists() {
-        let text = std::fs::read_to_string(&csv)
-            .with_context(|| format!("cannot read {}", csv.display()))?;
-        let mut out = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || (n == 0 && line == "path,label") {
-                continue;
-            }
-            let (p, l) = line.rsplit_once(',').ok_or_else(|| {
-                anyhow::anyhow!("{}:{}: expected `path,label`", csv.display(), n + 1)
-            })?;
-            let path = dir.join(p.trim());
-            anyhow::ensure!(
-                path.exists(),
-                "{}:{}: {} does not exist",
-                csv.display(),
-                n + 1,
-                path.display()
-            );
-            out.push((path, l.trim().to_string()));
-        }
-        return Ok(out);
-    }
-    let mut out = Vec::new();
-    let mut classes: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .collect();
-    classes.sort_by_key(|e| e.file_name());
-    for c in classes {
-        let label = c.file_name().to_string_lossy().to_string();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(c.path())?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        out.extend(files.into_iter().map(|p| (p, label.clone())));
-    }
-    Ok(out)
-}
 
 /// How clips are altered before the model sees them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -165,6 +38,9 @@ pub struct Score {
     pub confusion: Vec<Vec<u64>>,
     /// A V-MoE's experts for every clip of the set, most probable first (empty for MoNE).
     pub experts: Vec<Vec<usize>>,
+    /// The predicted class of every clip of the set.
+    #[serde(skip)]
+    pub predictions: Vec<usize>,
 }
 
 impl Score {
@@ -208,6 +84,7 @@ pub fn score(
         total: vec![0; cfg.num_classes],
         confusion: vec![vec![0; cfg.num_classes]; cfg.num_classes],
         experts: Vec::new(),
+        predictions: Vec::with_capacity(set.len()),
     };
     for (chunk_i, idx) in (0..set.len())
         .collect::<Vec<_>>()
@@ -245,6 +122,7 @@ pub fn score(
         )?;
         let pred = out.logits.argmax(1)?.to_vec1::<u32>()?;
         for (&i, p) in idx.iter().zip(pred) {
+            s.predictions.push(p as usize);
             let y = set.labels[i];
             s.total[y] += 1;
             if p as usize == y {
@@ -265,12 +143,42 @@ pub fn score(
     Ok(s)
 }
 
+/// Every clip's predicted class (as [`score`] computes it, the labels unused).
+#[allow(clippy::too_many_arguments)]
+pub fn predictions(
+    m: &MoneVivit,
+    cfg: &Config,
+    set: &ClipSet,
+    e_c: f64,
+    routing: Routing,
+    batch: usize,
+    device: &Device,
+) -> anyhow::Result<Vec<usize>> {
+    Ok(score(m, cfg, set, e_c, routing, Input::AsIs, batch, device)?.predictions)
+}
+
+/// The share of equal entries of two prediction lists.
+pub fn agreement(a: &[usize], b: &[usize]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().min(b.len()).max(1) as f64
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
     pub capacity: f64,
     pub gmacs: f64,
     pub top1_learned: f64,
     pub top1_random: f64,
+    /// Top-1 agreement with the same model's own prediction at e_c 1.
+    pub agreement_with_full: f64,
+}
+
+/// Every token at one nested width (`Routing::Width`): the sub-models the experts are.
+#[derive(Clone, Debug, Serialize)]
+pub struct UniformRow {
+    pub width: usize,
+    pub gmacs: f64,
+    pub top1: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -287,6 +195,8 @@ pub struct Report {
     pub clips: usize,
     pub dense_gmacs: f64,
     pub mone: Vec<Row>,
+    /// The uniform-width sub-models, narrowest first.
+    pub uniform: Vec<UniformRow>,
     pub baselines: Vec<Baseline>,
     /// Time-shuffled clips at e_c 1: top-1 over all classes and over the classes that need
     /// temporal order (all but `static`).
@@ -511,7 +421,8 @@ pub struct EvalArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Where to write the accuracy-vs-GMACs plot (default: eval.png in the model folder).
+    /// Where to write the accuracy-vs-GMACs plot [default: eval.png in the current folder,
+    /// never inside the model folder].
     #[arg(long)]
     pub plot: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
@@ -552,6 +463,7 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
     let mut rows = Vec::new();
     // A V-MoE has no capacity to sweep.
     let sweep: &[f64] = if cfg.is_mone() { &CAPACITIES } else { &[] };
+    let mut full: Option<Vec<usize>> = None;
     for &e_c in sweep {
         let learned = score(
             &lm.model,
@@ -573,18 +485,47 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
             a.batch,
             &device,
         )?;
+        // The sweep starts at e_c 1: the reference of the agreement.
+        let reference = full.get_or_insert_with(|| learned.predictions.clone());
         let row = Row {
             capacity: e_c,
             gmacs: flops::macs(cfg, Some(e_c))?.gmacs(),
             top1_learned: learned.top1(),
             top1_random: random.top1(),
+            agreement_with_full: agreement(&learned.predictions, reference),
         };
         progress(&format!(
-            "e_c {e_c:.2}: learned {:.1}%, random {:.1}%",
+            "e_c {e_c:.2}: learned {:.1}%, random {:.1}%, agreement with e_c 1 {:.1}%",
             row.top1_learned * 100.0,
-            row.top1_random * 100.0
+            row.top1_random * 100.0,
+            row.agreement_with_full * 100.0
         ));
         rows.push(row);
+    }
+    let mut uniform = Vec::new();
+    if cfg.is_mone() {
+        for (j, &width) in cfg.expert_widths().iter().enumerate() {
+            let s = score(
+                &lm.model,
+                cfg,
+                &set,
+                1.0,
+                Routing::Width(j),
+                Input::AsIs,
+                a.batch,
+                &device,
+            )?;
+            let row = UniformRow {
+                width,
+                gmacs: flops::macs_uniform(cfg, j)?.gmacs(),
+                top1: s.top1(),
+            };
+            progress(&format!(
+                "every token at width {width}: {:.1}%",
+                row.top1 * 100.0
+            ));
+            uniform.push(row);
+        }
     }
     let shuffled = score(
         &lm.model,
@@ -667,12 +608,13 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
         clips: set.len(),
         dense_gmacs: flops::macs(cfg, None)?.gmacs(),
         mone: rows,
+        uniform,
         baselines,
         shuffled_top1: shuffled.top1(),
         shuffled_top1_ordered_classes: shuffled.top1_of(|k| Some(k) != static_idx),
         chance: 1.0 / cfg.num_classes as f64,
     };
-    let plot = a.plot.clone().unwrap_or_else(|| a.model.join("eval.png"));
+    let plot = a.plot.clone().unwrap_or_else(|| PathBuf::from("eval.png"));
     if !report.mone.is_empty() {
         match crate::plot::accuracy_vs_gmacs(&report, &plot) {
             Ok(()) => eprintln!("plot written to {}", plot.display()),
@@ -689,16 +631,28 @@ pub fn table(r: &Report) -> String {
         r.model, r.data, r.dense_gmacs
     );
     if !r.mone.is_empty() {
-        s += "| e_c | GMACs | top-1 MoNE | top-1 random router |\n|---|---|---|---|\n";
+        s += "| e_c | GMACs | top-1 MoNE | top-1 random router | agreement with e_c 1 |\n|---|---|---|---|---|\n";
     }
     for row in &r.mone {
         s += &format!(
-            "| {:.2} | {:.3} | {:.1}% | {:.1}% |\n",
+            "| {:.2} | {:.4} | {:.1}% | {:.1}% | {:.1}% |\n",
             row.capacity,
             row.gmacs,
             row.top1_learned * 100.0,
-            row.top1_random * 100.0
+            row.top1_random * 100.0,
+            row.agreement_with_full * 100.0
         );
+    }
+    if !r.uniform.is_empty() {
+        s += "\n| every token at width | GMACs | top-1 |\n|---|---|---|\n";
+        for u in &r.uniform {
+            s += &format!(
+                "| {} | {:.4} | {:.1}% |\n",
+                u.width,
+                u.gmacs,
+                u.top1 * 100.0
+            );
+        }
     }
     for b in &r.baselines {
         s += &format!(

@@ -1,12 +1,20 @@
-//! Training on the procedural motion dataset with the MoNE recipe: AdamW, warm-up plus cosine,
-//! a capacity drawn from {0.15, 0.25, ..., 0.95} every step (optionally after a phase that
-//! trains the nested widths jointly), and checkpoints that resume exactly. A Mobile V-MoE
-//! trains end to end, optionally with its router pulled towards super-classes
-//! (L = L_task + w * CE(router, super-class)).
+//! Training: AdamW through phases (`recipe`: dense, nested joint with in-place distillation,
+//! MoNE at an e_c drawn every step), each with warm-up plus cosine, optional channel
+//! rewiring when a phase starts, label-free distillation from a teacher model (`loss`), and
+//! checkpoints that resume exactly, across phase boundaries too. A Mobile V-MoE trains end to
+//! end, optionally with its router pulled towards super-classes
+//! (L = L_task + w * CE(router, super-class)). `cmd`: the `mone train` command.
+
+mod cmd;
+pub mod curve;
+pub mod loss;
+pub mod recipe;
+
+pub use cmd::{run, TrainArgs};
+pub use recipe::{Phase, PhaseKind, Recipe, CAPACITIES};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -15,8 +23,6 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{self, Rng, CLASSES};
 use crate::model::{self, Config, ForwardOptions, MoneVivit, Routing};
 use crate::optim::{AdamW, AdamWConfig};
-
-pub const CAPACITIES: [f64; 9] = [0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95];
 const CHECKPOINT: &str = "checkpoint.safetensors";
 const STATE: &str = "train_state.json";
 
@@ -58,6 +64,40 @@ pub struct TrainConfig {
     /// expert's summed router probability over the batch; 0: none.
     #[serde(default)]
     pub balance_weight: f64,
+    /// The phases (a recipe's); empty: the ones the flags above describe.
+    #[serde(default)]
+    pub phases: Vec<Phase>,
+    /// Label-free distillation: every pass learns this model's full-capacity output and the
+    /// labels are never read.
+    #[serde(default)]
+    pub teacher: Option<PathBuf>,
+}
+
+impl TrainConfig {
+    /// The phases this run goes through.
+    pub fn schedule(&self) -> Vec<Phase> {
+        if !self.phases.is_empty() {
+            return self.phases.clone();
+        }
+        let plain = |kind, steps| Phase::plain(kind, steps, self.lr, self.warmup);
+        if self.dense || self.model.is_vmoe() {
+            vec![plain(PhaseKind::Dense, self.steps)]
+        } else if self.nested_steps > 0 && self.nested_steps < self.steps {
+            vec![
+                plain(PhaseKind::Nested, self.nested_steps),
+                plain(PhaseKind::Mone, self.steps - self.nested_steps),
+            ]
+        } else if self.nested_steps > 0 {
+            vec![plain(PhaseKind::Nested, self.steps)]
+        } else {
+            vec![plain(PhaseKind::Mone, self.steps)]
+        }
+    }
+
+    /// Steps of all phases together.
+    pub fn total_steps(&self) -> u64 {
+        self.schedule().iter().map(|p| p.steps).sum()
+    }
 }
 
 fn default_router_weight() -> f64 {
@@ -134,20 +174,13 @@ pub fn folder_batch(
     ))
 }
 
-/// Learning rate at `step`: linear warm-up, then cosine to zero.
-pub fn lr_at(cfg: &TrainConfig, step: u64) -> f64 {
-    if step < cfg.warmup {
-        return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
-    }
-    let span = cfg.steps.saturating_sub(cfg.warmup).max(1) as f64;
-    let u = ((step - cfg.warmup) as f64 / span).min(1.0);
-    cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * u).cos())
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     step: u64,
     config: TrainConfig,
+    /// The last phase whose start (rewiring, fresh optimizer moments) has run.
+    #[serde(default)]
+    entered: Option<usize>,
 }
 
 pub struct Trainer {
@@ -158,6 +191,9 @@ pub struct Trainer {
     pub model: MoneVivit,
     opt: AdamW,
     pub step: u64,
+    entered: Option<usize>,
+    /// The label-free distillation teacher.
+    teacher: Option<model::LoadedModel>,
     device: Device,
 }
 
@@ -168,6 +204,7 @@ pub struct StepInfo {
     pub loss: f32,
     pub lr: f64,
     pub capacity: Option<f64>,
+    pub phase: PhaseKind,
 }
 
 impl Trainer {
@@ -211,6 +248,8 @@ impl Trainer {
             model,
             opt,
             step: 0,
+            entered: None,
+            teacher: None,
             device: device.clone(),
         })
     }
@@ -242,6 +281,7 @@ impl Trainer {
         }
         self.opt.load_state(&tensors)?;
         self.step = state.step;
+        self.entered = state.entered;
         Ok(true)
     }
 
@@ -296,6 +336,7 @@ impl Trainer {
         let st = State {
             step: self.step,
             config: self.cfg.clone(),
+            entered: self.entered,
         };
         std::fs::write(dir.join(STATE), serde_json::to_string_pretty(&st)?)?;
         Ok(())
@@ -321,69 +362,155 @@ impl Trainer {
         self.step_on(&x, &y)
     }
 
-    /// One optimisation step on the batch (x, y), with the step's capacity and learning rate.
+    /// Use `dir`'s model at full capacity as the teacher of label-free distillation.
+    pub fn set_teacher(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let t = model::load_model_dir(dir, &self.device)?;
+        anyhow::ensure!(
+            t.config.image_size == self.cfg.model.image_size
+                && t.config.frames == self.cfg.model.frames
+                && t.config.mean == self.cfg.model.mean
+                && t.config.std == self.cfg.model.std,
+            "the teacher {} takes other clips than the student",
+            dir.display()
+        );
+        anyhow::ensure!(
+            t.config.num_classes == self.cfg.model.num_classes,
+            "the teacher {} has {} classes, the student {}",
+            dir.display(),
+            t.config.num_classes,
+            self.cfg.model.num_classes
+        );
+        self.teacher = Some(t);
+        Ok(())
+    }
+
+    /// The teacher's full-capacity logits for `x` (no graph).
+    fn teacher_logits(&self, x: &Tensor) -> anyhow::Result<Option<Tensor>> {
+        let Some(t) = &self.teacher else {
+            return Ok(None);
+        };
+        let out = t.model.forward(x, &[1.0], &ForwardOptions::default())?;
+        Ok(Some(out.logits.detach()))
+    }
+
+    /// Permute the residual channels by their measured importance (`model::rewire`).
+    pub fn rewire(&mut self) -> anyhow::Result<Vec<usize>> {
+        let named = self.model.named_tensors();
+        let perm = model::rewire::order_by(&model::rewire::importance(&self.cfg.model, &named)?);
+        let permuted = model::rewire::permute(&self.cfg.model, &named, &perm)?;
+        for (name, var) in self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+        {
+            let t = permuted
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("the model lacks `{name}`"))?;
+            // (A var refuses a tensor that shares its storage: the unpermuted ones.)
+            var.set(&t.copy()?)?;
+        }
+        Ok(perm)
+    }
+
+    /// Run phase `i`'s start once: rewiring if it asks for it, and fresh optimizer moments
+    /// (the previous phase's moments belong to another loss).
+    fn enter(&mut self, i: usize, phase: &Phase) -> anyhow::Result<()> {
+        if self.entered == Some(i) {
+            return Ok(());
+        }
+        if phase.rewire {
+            self.rewire()?;
+        }
+        if self.entered.is_some() {
+            self.opt.reset()?;
+        }
+        self.entered = Some(i);
+        Ok(())
+    }
+
+    /// The phase and its step index of the next step.
+    pub fn phase(&self) -> Option<(usize, u64, Phase)> {
+        let phases = self.cfg.schedule();
+        recipe::locate(&phases, self.step).map(|(i, s)| (i, s, phases[i].clone()))
+    }
+
+    /// One optimisation step on the batch (x, y), with the step's phase, capacity and
+    /// learning rate. With a teacher, `y` is never read.
     pub fn step_on(&mut self, x: &Tensor, y: &Tensor) -> anyhow::Result<StepInfo> {
-        let (x, y) = (x.clone(), y.clone());
         let s = self.step;
+        let (pi, ps, phase) = self
+            .phase()
+            .ok_or_else(|| anyhow::anyhow!("step {s} is past the last phase"))?;
+        self.enter(pi, &phase)?;
+        let teacher = self.teacher_logits(x)?;
         let opts = |routing| ForwardOptions {
             routing,
             train: true,
             want_assignment: false,
         };
-        let (loss, capacity) = if self.cfg.model.is_vmoe() {
-            let out = self.model.forward(&x, &[1.0], &opts(Routing::Learned))?;
-            let task = candle_nn::loss::cross_entropy(&out.logits, &y)?;
-            let loss = match (&self.cfg.superclasses, &out.router_logits) {
-                (Some(sc), Some(logits)) => {
-                    let labels = y.to_vec1::<u32>()?;
-                    let target: Vec<u32> = labels
-                        .iter()
-                        .map(|&l| sc.get(l as usize).map(|&g| g as u32))
-                        .collect::<Option<_>>()
-                        .ok_or_else(|| anyhow::anyhow!("a label without a super-class"))?;
-                    let target = Tensor::from_vec(target, labels.len(), y.device())?;
-                    let router = candle_nn::loss::cross_entropy(logits, &target)?;
-                    (task + (router * self.cfg.router_weight)?)?
-                }
-                _ => task,
-            };
-            let loss = match (&out.router_logits, self.cfg.balance_weight) {
-                (Some(logits), w) if w > 0.0 => {
-                    let probs = candle_nn::ops::softmax(logits, 1)?;
-                    let imp = probs.sum(0)?;
-                    let mean = imp.mean_all()?;
-                    let var = imp.broadcast_sub(&mean)?.sqr()?.mean_all()?;
-                    (loss + ((var / mean.sqr()?)? * w)?)?
-                }
-                _ => loss,
-            };
-            (loss, None)
-        } else if self.cfg.dense {
-            let out = self.model.forward(
-                &x,
-                &[1.0],
-                &opts(Routing::Width(self.cfg.model.num_experts - 1)),
-            )?;
-            (candle_nn::loss::cross_entropy(&out.logits, &y)?, Some(1.0))
-        } else if s < self.cfg.nested_steps {
-            let mut total: Option<Tensor> = None;
-            for j in 0..self.cfg.model.num_experts {
-                let out = self.model.forward(&x, &[1.0], &opts(Routing::Width(j)))?;
-                let l = candle_nn::loss::cross_entropy(&out.logits, &y)?;
-                total = Some(match total {
-                    None => l,
-                    Some(t) => (t + l)?,
-                });
+        let ce = |logits: &Tensor| candle_nn::loss::cross_entropy(logits, y);
+        // The term a pass learns on its own: the teacher's output, or the labels.
+        let own = |logits: &Tensor| -> Result<Tensor> {
+            match &teacher {
+                Some(t) => loss::distill(t, logits),
+                None => ce(logits),
             }
-            (total.ok_or_else(|| anyhow::anyhow!("no experts"))?, None)
+        };
+        let widest = self.cfg.model.num_experts.saturating_sub(1);
+        let (loss, capacity) = if self.cfg.model.is_vmoe() {
+            (self.vmoe_loss(x, y)?, None)
         } else {
-            let mut rng = Rng::new(self.cfg.seed ^ s.wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let e_c = CAPACITIES[rng.below(CAPACITIES.len())];
-            let out = self.model.forward(&x, &[e_c], &opts(Routing::Learned))?;
-            (candle_nn::loss::cross_entropy(&out.logits, &y)?, Some(e_c))
+            match phase.kind {
+                PhaseKind::Dense => {
+                    let out = self
+                        .model
+                        .forward(x, &[1.0], &opts(Routing::Width(widest)))?;
+                    (own(&out.logits)?, Some(1.0))
+                }
+                PhaseKind::Nested => {
+                    let full = self
+                        .model
+                        .forward(x, &[1.0], &opts(Routing::Width(widest)))?;
+                    let mut total = own(&full.logits)?;
+                    let target = teacher.clone().unwrap_or_else(|| full.logits.detach());
+                    let widths = recipe::sandwich(self.cfg.model.num_experts, 2, self.cfg.seed ^ s);
+                    for j in widths.into_iter().filter(|&j| j != widest) {
+                        let out = self.model.forward(x, &[1.0], &opts(Routing::Width(j)))?;
+                        if phase.distill > 0.0 {
+                            total =
+                                (total + (loss::distill(&target, &out.logits)? * phase.distill)?)?;
+                        }
+                        if phase.ce > 0.0 && teacher.is_none() {
+                            total = (total + (ce(&out.logits)? * phase.ce)?)?;
+                        }
+                    }
+                    (total, None)
+                }
+                PhaseKind::Mone => {
+                    let e_c = recipe::capacity_at(self.cfg.seed, s);
+                    let student = if phase.distill > 0.0 {
+                        // In-place distillation from the same batch at e_c 1.
+                        let full = self.model.forward(x, &[1.0], &opts(Routing::Learned))?;
+                        let target = teacher.clone().unwrap_or_else(|| full.logits.detach());
+                        let out = self.model.forward(x, &[e_c], &opts(Routing::Learned))?;
+                        let mut total = (own(&full.logits)?
+                            + (loss::distill(&target, &out.logits)? * phase.distill)?)?;
+                        if phase.ce > 0.0 && teacher.is_none() {
+                            total = (total + (ce(&out.logits)? * phase.ce)?)?;
+                        }
+                        total
+                    } else {
+                        let out = self.model.forward(x, &[e_c], &opts(Routing::Learned))?;
+                        own(&out.logits)?
+                    };
+                    (student, Some(e_c))
+                }
+            }
         };
         let grads = loss.backward()?;
-        let lr = lr_at(&self.cfg, s);
+        let lr = phase.lr_at(ps);
         self.opt.set_lr(lr);
         self.opt.step(&grads)?;
         self.step += 1;
@@ -392,22 +519,58 @@ impl Trainer {
             loss: loss.to_scalar::<f32>()?,
             lr,
             capacity,
+            phase: phase.kind,
         })
     }
 
-    /// Top-1 accuracy on `count` held-out clips (dataset seed `seed`) at capacity `e_c`.
-    pub fn accuracy(
-        &self,
-        seed: u64,
-        count: u64,
-        e_c: f64,
-        routing: Routing,
-    ) -> anyhow::Result<f64> {
+    /// A V-MoE's loss: the task, plus the super-class and balance terms when set.
+    fn vmoe_loss(&self, x: &Tensor, y: &Tensor) -> anyhow::Result<Tensor> {
+        let opts = ForwardOptions {
+            routing: Routing::Learned,
+            train: true,
+            want_assignment: false,
+        };
+        let out = self.model.forward(x, &[1.0], &opts)?;
+        let task = candle_nn::loss::cross_entropy(&out.logits, y)?;
+        let loss = match (&self.cfg.superclasses, &out.router_logits) {
+            (Some(sc), Some(logits)) => {
+                let labels = y.to_vec1::<u32>()?;
+                let target: Vec<u32> = labels
+                    .iter()
+                    .map(|&l| sc.get(l as usize).map(|&g| g as u32))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| anyhow::anyhow!("a label without a super-class"))?;
+                let target = Tensor::from_vec(target, labels.len(), y.device())?;
+                let router = candle_nn::loss::cross_entropy(logits, &target)?;
+                (task + (router * self.cfg.router_weight)?)?
+            }
+            _ => task,
+        };
+        Ok(match (&out.router_logits, self.cfg.balance_weight) {
+            (Some(logits), w) if w > 0.0 => {
+                let probs = candle_nn::ops::softmax(logits, 1)?;
+                let imp = probs.sum(0)?;
+                let mean = imp.mean_all()?;
+                let var = imp.broadcast_sub(&mean)?.sqr()?.mean_all()?;
+                (loss + ((var / mean.sqr()?)? * w)?)?
+            }
+            _ => loss,
+        })
+    }
+
+    /// Top-1 on `count` held-out clips (dataset seed `seed`) at capacity `e_c`, and with a
+    /// teacher, the top-1 agreement with the teacher's full-capacity prediction.
+    pub fn held_out(&self, seed: u64, count: u64, e_c: f64) -> anyhow::Result<(f64, Option<f64>)> {
         let set = crate::eval::ClipSet::synthetic(&self.cfg.model, seed, count);
         let input = if self.cfg.single_frame {
             crate::eval::Input::SingleFrame
         } else {
             crate::eval::Input::AsIs
+        };
+        let routing = if self.cfg.dense {
+            Routing::Width(self.cfg.model.num_experts - 1)
+        } else {
+            Routing::Learned
         };
         let s = crate::eval::score(
             &self.model,
@@ -419,7 +582,22 @@ impl Trainer {
             self.cfg.batch,
             &self.device,
         )?;
-        Ok(s.top1())
+        let agree = match &self.teacher {
+            Some(t) => {
+                let reference = crate::eval::predictions(
+                    &t.model,
+                    &t.config,
+                    &set,
+                    1.0,
+                    Routing::Learned,
+                    self.cfg.batch,
+                    &self.device,
+                )?;
+                Some(crate::eval::agreement(&s.predictions, &reference))
+            }
+            None => None,
+        };
+        Ok((s.top1(), agree))
     }
 
     /// Write the trained model as a model folder.
@@ -428,386 +606,6 @@ impl Trainer {
         model::save_model_dir(dir, &self.cfg.model, &labels, &self.model.named_tensors())?;
         Ok(())
     }
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct TrainArgs {
-    /// Architecture preset (its classes are set to the dataset's 12).
-    #[arg(long, default_value = "vivit-fe-motion")]
-    pub preset: String,
-    /// Override the preset's input size (pixels).
-    #[arg(long)]
-    pub image_size: Option<usize>,
-    /// Override the preset's frames per clip.
-    #[arg(long)]
-    pub frames: Option<usize>,
-    /// Override the preset's width D.
-    #[arg(long)]
-    pub hidden_size: Option<usize>,
-    /// Override the preset's attention heads.
-    #[arg(long)]
-    pub heads: Option<usize>,
-    /// Override the preset's spatial depth L_s.
-    #[arg(long)]
-    pub spatial_layers: Option<usize>,
-    /// Override the preset's temporal depth L_t.
-    #[arg(long)]
-    pub temporal_layers: Option<usize>,
-    /// Output folder: checkpoints while training, then the model folder.
-    #[arg(long)]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 2600)]
-    pub steps: u64,
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    /// Peak learning rate. Small ViTs from scratch sit at chance for several hundred steps
-    /// before they find the moving object; with 1e-3 the loss fell more slowly than with 2e-4.
-    #[arg(long, default_value_t = 2e-4)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 50)]
-    pub warmup: u64,
-    #[arg(long, default_value_t = 0.05)]
-    pub weight_decay: f64,
-    /// Steps of the nested joint phase first.
-    #[arg(long, default_value_t = 0)]
-    pub nested_steps: u64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, default_value_t = 100)]
-    pub checkpoint_every: u64,
-    /// Held-out clips for the final evaluation (dataset seed + 1).
-    #[arg(long, default_value_t = 240)]
-    pub eval_count: u64,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Train the dense baseline (every token at full width) instead of MoNE.
-    #[arg(long)]
-    pub dense: bool,
-    /// Train the single-frame baseline: dense, on each clip's middle frame repeated.
-    #[arg(long)]
-    pub single_frame: bool,
-    /// Start from this model folder's weights (same architecture), e.g. MoNE from a trained
-    /// dense model, or fine-tuning on new data.
-    #[arg(long)]
-    pub init: Option<PathBuf>,
-    /// Train on a labelled folder of your own videos (labels.csv, or one sub-folder per
-    /// class) instead of the procedural dataset; usually with --init (fine-tuning).
-    #[arg(long)]
-    pub dataset: Option<PathBuf>,
-    /// Only write the model folder from the checkpoint in --out (e.g. of a stopped run).
-    #[arg(long)]
-    pub export: bool,
-    /// `mone` (nested experts per token) or `vmoe` (Mobile V-MoE: the preset's last temporal
-    /// layers become per-clip expert layers).
-    #[arg(long, default_value = "mone", value_parser = ["mone", "vmoe"])]
-    pub kind: String,
-    /// V-MoE: expert MLPs per MoE layer.
-    #[arg(long, default_value_t = 10)]
-    pub experts: usize,
-    /// V-MoE: how many of the last temporal layers are MoE layers.
-    #[arg(long, default_value_t = 2)]
-    pub moe_layers: usize,
-    /// V-MoE: experts per clip (1 or 2).
-    #[arg(long, default_value_t = 1)]
-    pub top_k: usize,
-    /// V-MoE: train the router towards super-classes: `auto` (cluster the confusion matrix of
-    /// --baseline on held-out clips) or a superclasses.json file. Without it the router
-    /// learns end to end.
-    #[arg(long)]
-    pub superclasses: Option<String>,
-    /// The dense model whose confusion matrix `--superclasses auto` clusters.
-    #[arg(long)]
-    pub baseline: Option<PathBuf>,
-    /// Weight of the super-class router loss.
-    #[arg(long, default_value_t = 0.3)]
-    pub router_weight: f64,
-    /// V-MoE: weight of the importance (load-balancing) loss, CV^2 of the experts' summed
-    /// router probabilities per batch (V-MoE's auxiliary loss); 0 = none.
-    #[arg(long, default_value_t = 0.0)]
-    pub balance_weight: f64,
-    /// Held-out clips (dataset seed + 2) for the baseline's confusion matrix.
-    #[arg(long, default_value_t = 1200)]
-    pub superclass_clips: u64,
-}
-
-/// `mone train`: train on the procedural dataset, resuming from `--out` when it holds a checkpoint.
-pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
-    let device = crate::device::open(&a.device)?;
-    let mut mcfg = Config::preset(&a.preset)?;
-    mcfg.num_classes = CLASSES.len();
-    let over = |v: Option<usize>, dst: &mut usize| {
-        if let Some(v) = v {
-            *dst = v;
-        }
-    };
-    over(a.image_size, &mut mcfg.image_size);
-    over(a.frames, &mut mcfg.frames);
-    over(a.hidden_size, &mut mcfg.hidden_size);
-    over(a.heads, &mut mcfg.num_heads);
-    over(a.spatial_layers, &mut mcfg.spatial_layers);
-    over(a.temporal_layers, &mut mcfg.temporal_layers);
-    if a.kind == "vmoe" && !mcfg.is_vmoe() {
-        mcfg.kind = model::config::KIND_VMOE.to_string();
-        mcfg.moe = Some(model::MoeConfig {
-            layers: a.moe_layers,
-            experts: a.experts,
-            top_k: a.top_k,
-        });
-    }
-    if let Some(dir) = &a.init {
-        // The architecture is the init model's (its classes may change below).
-        mcfg = model::io::read_config(&dir.join("config.json"))?;
-        mcfg.num_classes = CLASSES.len();
-    }
-    mcfg.validate()?;
-    anyhow::ensure!(
-        mcfg.is_vmoe() || (a.superclasses.is_none() && a.baseline.is_none()),
-        "--superclasses and --baseline are for V-MoE training (--kind vmoe)"
-    );
-    anyhow::ensure!(
-        !(mcfg.is_vmoe() && (a.dense || a.single_frame || a.nested_steps > 0)),
-        "--dense, --single-frame and --nested-steps are MoNE options, not for a V-MoE"
-    );
-    let mut classes = Vec::new();
-    if let Some(dir) = &a.dataset {
-        let mut names: Vec<String> = crate::eval::list_folder(dir)?
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect();
-        names.sort();
-        names.dedup();
-        anyhow::ensure!(
-            names.len() >= 2,
-            "{} needs at least two classes",
-            dir.display()
-        );
-        mcfg.num_classes = names.len();
-        classes = names;
-        // The same classes as the init model: keep its order, so its head carries over.
-        if let Some(init) = &a.init {
-            let theirs = model::io::read_labels(&init.join("labels.txt"), mcfg.num_classes).ok();
-            if let Some(theirs) = theirs {
-                let mut sorted = theirs.clone();
-                sorted.sort();
-                if sorted == classes {
-                    classes = theirs;
-                }
-            }
-        }
-    }
-    let cfg = TrainConfig {
-        model: mcfg,
-        steps: a.steps,
-        batch: a.batch,
-        lr: a.lr,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        nested_steps: a.nested_steps,
-        seed: a.seed,
-        checkpoint_every: a.checkpoint_every.max(1),
-        dense: a.dense || a.single_frame,
-        single_frame: a.single_frame,
-        init: a.init.clone(),
-        dataset: a.dataset.clone(),
-        classes: Vec::new(),
-        superclasses: None,
-        router_weight: a.router_weight,
-        balance_weight: a.balance_weight,
-    };
-    let superclasses = match (&a.superclasses, cfg.model.moe) {
-        (Some(spec), Some(moe)) => {
-            let labels = if classes.is_empty() {
-                CLASSES.iter().map(|s| s.to_string()).collect()
-            } else {
-                classes.clone()
-            };
-            let sc = superclasses_for(a, spec, &cfg.model, &labels, moe.experts, &device)?;
-            let index = sc.index(&labels, moe.experts)?;
-            std::fs::create_dir_all(&a.out)?;
-            sc.write(&a.out.join(crate::superclass::FILE))?;
-            for (g, group) in sc.groups.iter().enumerate() {
-                eprintln!("super-class {g}: {}", group.join(", "));
-            }
-            Some(index)
-        }
-        _ => None,
-    };
-    let cfg = TrainConfig {
-        classes,
-        superclasses,
-        router_weight: a.router_weight,
-        balance_weight: a.balance_weight,
-        ..cfg
-    };
-    let mut tr = Trainer::new(cfg, &device)?;
-    if let Some(dir) = &a.dataset {
-        #[cfg(feature = "gst")]
-        {
-            let set = crate::eval::ClipSet::folder(dir, &tr.cfg.model, &tr.cfg.classes)?;
-            eprintln!("training on {}", set.source);
-            tr.clips = Some(set);
-        }
-        #[cfg(not(feature = "gst"))]
-        anyhow::bail!("--dataset {} needs the `gst` feature", dir.display());
-    }
-    if tr.resume(&a.out)? {
-        eprintln!("resumed from {} at step {}", a.out.display(), tr.step);
-    } else if let Some(dir) = &a.init {
-        tr.init_from(dir)?;
-        eprintln!("weights initialised from {}", dir.display());
-    }
-    if a.export {
-        anyhow::ensure!(
-            tr.step > 0,
-            "{} holds no checkpoint of this config",
-            a.out.display()
-        );
-        tr.export(&a.out)?;
-        eprintln!(
-            "model folder (step {}) written to {}",
-            tr.step,
-            a.out.display()
-        );
-        return Ok(());
-    }
-    let t0 = Instant::now();
-    let start = tr.step;
-    // A bar on a terminal; a line every 10 steps in a log file.
-    let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-        let b = indicatif::ProgressBar::new(tr.cfg.steps).with_position(start);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let mut smooth: Option<f32> = None;
-    while tr.step < tr.cfg.steps {
-        let info = tr.step()?;
-        let done = tr.step - start;
-        smooth = Some(smooth.map_or(info.loss, |s| 0.95 * s + 0.05 * info.loss));
-        let msg = format!(
-            "loss {:.4} (avg {:.4})  lr {:.2e}  e_c {}  {:.1} clips/s",
-            info.loss,
-            smooth.unwrap_or(info.loss),
-            info.lr,
-            info.capacity.map_or(
-                if tr.cfg.model.is_vmoe() {
-                    "-"
-                } else {
-                    "nested"
-                }
-                .into(),
-                |c| format!("{c:.2}")
-            ),
-            (done * tr.cfg.batch as u64) as f64 / t0.elapsed().as_secs_f64()
-        );
-        match &bar {
-            Some(b) => {
-                b.set_position(tr.step);
-                b.set_message(msg);
-            }
-            None if info.step % 10 == 0 || tr.step == tr.cfg.steps => {
-                eprintln!("step {}/{}  {msg}", tr.step, tr.cfg.steps)
-            }
-            None => {}
-        }
-        if tr.step % tr.cfg.checkpoint_every == 0 || tr.step == tr.cfg.steps {
-            tr.save_checkpoint(&a.out)?;
-        }
-    }
-    if let Some(b) = bar {
-        b.finish();
-    }
-    tr.export(&a.out)?;
-    if tr.clips.is_some() {
-        tr.export(&a.out)?;
-        eprintln!(
-            "model folder written to {}; evaluate it on held-out videos with `mone eval --dataset`",
-            a.out.display()
-        );
-        return Ok(());
-    }
-    // A dense or single-frame model has no trained router: only full width means anything.
-    let caps: &[f64] = if tr.cfg.dense || tr.cfg.model.is_vmoe() {
-        &[1.0]
-    } else {
-        &[1.0, 0.5, 0.3, 0.15]
-    };
-    for &e_c in caps {
-        let acc = tr.accuracy(a.seed + 1, a.eval_count, e_c, Routing::Learned)?;
-        if tr.cfg.model.is_vmoe() {
-            eprintln!("held-out top-1: {:.1}%", acc * 100.0);
-        } else {
-            eprintln!("held-out top-1 at e_c {e_c}: {:.1}%", acc * 100.0);
-        }
-    }
-    eprintln!("model folder written to {}", a.out.display());
-    Ok(())
-}
-
-/// Super-classes from a file, or (`auto`) clustered from `--baseline`'s confusion matrix on
-/// held-out clips: the procedural dataset's seed + 2, or the training folder itself.
-fn superclasses_for(
-    a: &TrainArgs,
-    spec: &str,
-    cfg: &Config,
-    labels: &[String],
-    experts: usize,
-    device: &Device,
-) -> anyhow::Result<crate::superclass::Superclasses> {
-    use crate::superclass::{from_confusion, Superclasses};
-    if spec != "auto" {
-        return Ok(Superclasses::read(Path::new(spec))?);
-    }
-    let Some(dir) = &a.baseline else {
-        anyhow::bail!("--superclasses auto needs --baseline DIR: a dense model of the same classes whose confusion matrix is clustered");
-    };
-    let b = model::load_model_dir(dir, device)?;
-    anyhow::ensure!(
-        b.labels == labels,
-        "{} predicts other classes (or another order) than the V-MoE being trained",
-        dir.display()
-    );
-    let set = match &a.dataset {
-        #[cfg(feature = "gst")]
-        Some(d) => crate::eval::ClipSet::folder(d, &b.config, labels)?,
-        #[cfg(not(feature = "gst"))]
-        Some(d) => anyhow::bail!("--dataset {} needs the `gst` feature", d.display()),
-        None => crate::eval::ClipSet::synthetic(&b.config, a.seed + 2, a.superclass_clips),
-    };
-    anyhow::ensure!(
-        b.config.image_size == cfg.image_size && b.config.frames == cfg.frames,
-        "{} takes other clips than the V-MoE",
-        dir.display()
-    );
-    eprintln!(
-        "confusion matrix of {} on {} ...",
-        dir.display(),
-        set.source
-    );
-    let routing = if b.config.is_mone() {
-        Routing::Width(b.config.num_experts - 1)
-    } else {
-        Routing::Learned
-    };
-    let s = crate::eval::score(
-        &b.model,
-        &b.config,
-        &set,
-        1.0,
-        routing,
-        crate::eval::Input::AsIs,
-        32,
-        device,
-    )?;
-    eprintln!("baseline top-1 there: {:.1}%", s.top1() * 100.0);
-    Ok(from_confusion(
-        &s.confusion,
-        labels,
-        experts,
-        format!("{} on {}", dir.display(), set.source),
-    ))
 }
 
 #[cfg(test)]
@@ -835,6 +633,8 @@ mod tests {
             superclasses: None,
             router_weight: 0.3,
             balance_weight: 0.0,
+            phases: Vec::new(),
+            teacher: None,
         }
     }
 
@@ -858,20 +658,6 @@ mod tests {
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
-    }
-
-    #[test]
-    fn schedule_warms_up_then_decays() {
-        let c = TrainConfig {
-            warmup: 10,
-            steps: 110,
-            lr: 1.0,
-            ..tiny_cfg(110)
-        };
-        assert!((lr_at(&c, 0) - 0.1).abs() < 1e-12);
-        assert!((lr_at(&c, 9) - 1.0).abs() < 1e-12);
-        assert!((lr_at(&c, 60) - 0.5).abs() < 1e-9);
-        assert!(lr_at(&c, 109) < 0.01);
     }
 
     #[test]
@@ -1046,6 +832,191 @@ mod tests {
         resumed.export(&dir.join("model")).unwrap();
         let loaded = model::load_model_dir(&dir.join("model"), &Device::Cpu).unwrap();
         assert_eq!(loaded.labels.len(), 12);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn copy_weights(from: &Trainer, to: &Trainer) {
+        for (name, var) in to.varmap.data().lock().unwrap().iter() {
+            let src = from.varmap.data().lock().unwrap()[name]
+                .as_tensor()
+                .copy()
+                .unwrap();
+            var.set(&src).unwrap();
+        }
+    }
+
+    fn phased_cfg() -> TrainConfig {
+        let p = |kind, steps| Phase {
+            distill: 1.0,
+            ce: 0.5,
+            ..Phase::plain(kind, steps, 1e-3, 1)
+        };
+        TrainConfig {
+            phases: vec![
+                p(PhaseKind::Dense, 2),
+                Phase {
+                    rewire: true,
+                    ..p(PhaseKind::Nested, 2)
+                },
+                p(PhaseKind::Mone, 2),
+            ],
+            nested_steps: 0,
+            ..tiny_cfg(6)
+        }
+    }
+
+    #[test]
+    fn a_phase_boundary_resumes_bit_for_bit() {
+        let dir = std::env::temp_dir().join(format!("mone-phase-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = phased_cfg();
+        assert_eq!(cfg.total_steps(), 6);
+        let mut straight = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..6 {
+            let info = straight.step().unwrap();
+            assert!(info.loss.is_finite());
+            kinds.push(info.phase);
+        }
+        use PhaseKind::*;
+        assert_eq!(kinds, [Dense, Dense, Nested, Nested, Mone, Mone]);
+        // Stopped at each boundary (before the rewiring phase and before MoNE) and inside one.
+        for stop in [2, 3, 4] {
+            let mut first = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+            let fresh = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+            copy_weights(&fresh, &first);
+            let mut reference = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+            copy_weights(&fresh, &reference);
+            for _ in 0..stop {
+                first.step().unwrap();
+            }
+            first.save_checkpoint(&dir).unwrap();
+            let mut resumed = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
+            assert!(resumed.resume(&dir).unwrap());
+            for _ in stop..6 {
+                resumed.step().unwrap();
+            }
+            for _ in 0..6 {
+                reference.step().unwrap();
+            }
+            assert_eq!(weights(&resumed), weights(&reference), "stopped at {stop}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn rewiring_keeps_the_full_width_function_and_moves_important_channels_first() {
+        let mut m = Config::preset("vivit-fe-tiny").unwrap();
+        m.num_classes = CLASSES.len();
+        let mut tr = Trainer::new(
+            TrainConfig {
+                model: m.clone(),
+                ..tiny_cfg(4)
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        // A few steps so that the weights (and the importance) are not the initial ones.
+        for _ in 0..3 {
+            tr.step().unwrap();
+        }
+        let idx: Vec<u64> = (0..6).collect();
+        let (x, _) = synthetic_batch(&m, 9, &idx, &Device::Cpu, false).unwrap();
+        let logits = |tr: &Trainer, routing| {
+            tr.model
+                .forward(
+                    &x,
+                    &[1.0],
+                    &ForwardOptions {
+                        routing,
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+                .logits
+        };
+        let widest = Routing::Width(m.num_experts - 1);
+        let before = logits(&tr, widest);
+        let narrow_before = logits(&tr, Routing::Width(0));
+        let imp = model::rewire::importance(&m, &tr.model.named_tensors()).unwrap();
+        let perm = tr.rewire().unwrap();
+        assert_ne!(perm, (0..m.hidden_size).collect::<Vec<_>>());
+        let after = logits(&tr, widest);
+        let diff = (&before - &after)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "full-width logits moved by {diff}");
+        // The narrowest width now reads other channels: its function changed.
+        let narrow_diff = (&narrow_before - &logits(&tr, Routing::Width(0)))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(narrow_diff > 1e-4, "{narrow_diff}");
+        // The D/8 most important channels are the first D/8 now, most important first.
+        let d8 = m.hidden_size / 8;
+        let mut top: Vec<usize> = (0..m.hidden_size).collect();
+        top.sort_by(|&a, &b| imp[b].total_cmp(&imp[a]));
+        assert_eq!(&perm[..d8], &top[..d8]);
+        let imp2 = model::rewire::importance(&m, &tr.model.named_tensors()).unwrap();
+        assert!(imp2.windows(2).all(|w| w[0] >= w[1] - 1e-5), "{imp2:?}");
+    }
+
+    #[test]
+    fn label_free_distillation_moves_the_student_towards_the_teacher() {
+        let dir = std::env::temp_dir().join(format!("mone-distill-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut m = Config::preset("vivit-fe-tiny").unwrap();
+        m.num_classes = 5;
+        let teacher = model::random_model(&m, &Device::Cpu).unwrap();
+        let labels: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+        // A confident teacher (a random head gives near-uniform outputs at every width).
+        let mut w = teacher.named_tensors();
+        let head = (&w["head.weight"] * 40.0).unwrap();
+        w.insert("head.weight".into(), head);
+        model::save_model_dir(&dir, &m, &labels, &w).unwrap();
+        let cfg = TrainConfig {
+            model: m.clone(),
+            phases: vec![Phase {
+                distill: 1.0,
+                ..Phase::plain(PhaseKind::Mone, 30, 2e-3, 1)
+            }],
+            classes: labels.clone(),
+            teacher: Some(dir.clone()),
+            ..tiny_cfg(30)
+        };
+        // A student of its own random initialisation: far from the teacher.
+        let mut tr = Trainer::new(cfg, &Device::Cpu).unwrap();
+        tr.set_teacher(&dir).unwrap();
+        let idx: Vec<u64> = (0..8).collect();
+        let (x, _) = synthetic_batch(&m, 1, &idx, &Device::Cpu, false).unwrap();
+        // Labels that are out of range: a run that read them would fail.
+        let y = Tensor::from_vec(vec![99u32; 8], 8, &Device::Cpu).unwrap();
+        let t = tr.teacher_logits(&x).unwrap().unwrap();
+        let kl = |tr: &Trainer| {
+            let out = tr
+                .model
+                .forward(&x, &[0.3], &ForwardOptions::default())
+                .unwrap();
+            loss::distill(&t, &out.logits)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let before = kl(&tr);
+        for _ in 0..30 {
+            assert!(tr.step_on(&x, &y).unwrap().loss.is_finite());
+        }
+        let after = kl(&tr);
+        assert!(after < 0.5 * before, "KL at e_c 0.3: {before} -> {after}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
