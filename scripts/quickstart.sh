@@ -30,3 +30,17 @@ for line in open(sys.argv[2]):
     print(f"{name}: {truth.get(name)} -> {top} {'ok' if ok else 'MISS'}")
 print(f"{hits}/{n} correct")
 PY
+# The same weights at half the compute: one held-out clip at e_c 1.0 and 0.5.
+echo "--- clip_000004.mp4 (approaching) at full capacity and at half ---" >&2
+for C in 1.0 0.5; do
+  "$MONE" classify "$CLIPS/clip_000004.mp4" --model "$MODEL" --capacity "$C" --topk 1 \
+    --out "target/demo/capacity_$C.jsonl" 2>/dev/null
+  python3 - "$C" "target/demo/capacity_$C.jsonl" >&2 <<'PY' || true
+import json, sys
+for line in open(sys.argv[2]):
+    e = json.loads(line)
+    if e.get("type") == "video" and e.get("labels"):
+        top = e["labels"][0]
+        print(f"e_c {sys.argv[1]}: {top['label']} ({top['score']:.2f})")
+PY
+done

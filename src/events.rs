@@ -170,6 +170,32 @@ pub fn redact(uri: &str) -> String {
     uri.to_string()
 }
 
+/// Redact the credentials of every URI inside free text (GStreamer's error messages quote
+/// the location, user-info included): `scheme://user:pass@host` becomes `scheme://***@host`.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the path, or where the URI itself ends in the text.
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || "\"'<>)]},;".contains(c))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Where events go: JSON Lines on stdout or appended to a file, flushed per event.
 pub struct JsonLinesSink {
     out: Box<dyn Write + Send>,
@@ -231,6 +257,23 @@ impl EventSink for JsonLinesSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redacts_every_uri_in_free_text() {
+        let t = "Could not open resource for reading: rtmp://user:secret@127.0.0.1:1/live \
+                 (debug: location \"rtsp://admin:pw@cam/x\"), then srt://a:b@h:9 and http://host/ok";
+        let r = redact_text(t);
+        assert!(
+            !r.contains("secret") && !r.contains("pw@") && !r.contains("a:b"),
+            "{r}"
+        );
+        assert!(r.contains("rtmp://***@127.0.0.1:1/live"), "{r}");
+        assert!(r.contains("rtsp://***@cam/x"), "{r}");
+        assert!(r.contains("srt://***@h:9"), "{r}");
+        assert!(r.contains("http://host/ok"), "{r}");
+        assert_eq!(redact_text("no uri here: a@b"), "no uri here: a@b");
+        assert_eq!(redact_text("ends in file://"), "ends in file://");
+    }
 
     #[test]
     fn redacts_credentials_only() {

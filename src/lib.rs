@@ -14,8 +14,8 @@
 //! - [`controller`] (pure: latency profile, slow-down estimate, per-batch capacity, size and
 //!   shedding), [`metrics`] (telemetry, Prometheus text) and `http` (the HTTP API): holding a
 //!   latency target on live streams.
-//! - [`bench`] (model), `bench_pipeline`, `bench_adaptive` and [`bench_gemm`]: the `mone bench`
-//!   measurements.
+//! - [`bench`] (model), `bench_pipeline`, `bench_adaptive`, [`bench_gemm`] and [`bench_train`]
+//!   (training memory): the `mone bench` measurements.
 //! - [`device`]: choosing the compute device.
 
 pub mod bench;
@@ -24,6 +24,7 @@ pub mod bench_adaptive;
 pub mod bench_gemm;
 #[cfg(feature = "gst")]
 pub mod bench_pipeline;
+pub mod bench_train;
 #[cfg(feature = "gst")]
 pub mod cli;
 pub mod clip;

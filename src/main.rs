@@ -146,6 +146,8 @@ enum BenchCommand {
     Model(mone::bench::ModelBenchArgs),
     /// GFLOP/s of the nested layers' products on one preset's dense and expert-group shapes.
     Gemm(mone::bench_gemm::GemmBenchArgs),
+    /// Resident memory and clips/s over training steps of one phase (flat memory check).
+    Train(mone::bench_train::TrainBenchArgs),
     /// Frames/s of decode, model and the full pipeline on one long input, in one run.
     #[cfg(feature = "gst")]
     Pipeline(mone::bench_pipeline::PipelineBenchArgs),
@@ -201,6 +203,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Infer(a) => mone::infer::run(&a).map(|_| 0)?,
         Command::Bench(BenchCommand::Model(a)) => mone::bench::run_model_bench(&a).map(|_| 0)?,
+        Command::Bench(BenchCommand::Train(a)) => {
+            purge_after(1000);
+            mone::bench_train::run_train_bench(&a).map(|_| 0)?
+        }
         Command::Bench(BenchCommand::Gemm(a)) => mone::bench_gemm::run_gemm_bench(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Pipeline(a)) => {

@@ -477,6 +477,8 @@ impl StreamCtx {
                     stop_bounded(p, self.opts.eos_timeout);
                 }
             }
+            // GStreamer's messages quote the location, credentials included.
+            let reason = crate::events::redact_text(&reason);
             if !self.live {
                 error = Some(reason);
                 break;
@@ -1074,6 +1076,8 @@ impl Worker<'_, '_> {
             }
             let mut st = self.streams.remove(i);
             let (frames, dropped, error) = st.end.take().unwrap_or((0, 0, None));
+            // GStreamer's messages quote the location, credentials included.
+            let error = error.map(|e| crate::events::redact_text(&e));
             if let Some(h) = st.handle.take() {
                 let _ = h.join();
             }
@@ -1395,7 +1399,7 @@ pub fn run(
     };
     for s in streams {
         if let Err(e) = w.add(s) {
-            let reason = e.to_string();
+            let reason = crate::events::redact_text(&e.to_string());
             w.write(&Event::StreamError {
                 stream: s.name.clone(),
                 reason: reason.clone(),

@@ -286,18 +286,23 @@ impl SourcePipeline {
                 dec.set_property("uri", uri);
                 let transport = opts.rtsp_transport;
                 dec.connect("source-setup", false, move |args| {
-                    if let Some(src) = args.get(1).and_then(|v| v.get::<gst::Element>().ok()) {
-                        if src.has_property("protocols") {
+                    // The source element depends on the URI scheme (rtspsrc, srtsrc, souphttpsrc,
+                    // ...), and a property of one name has other types in each (srtsrc's
+                    // latency is a gint, rtspsrc's a guint); this runs inside GStreamer, where a
+                    // panic cannot unwind and would abort every stream.
+                    let setup = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        if let Some(src) = args.get(1).and_then(|v| v.get::<gst::Element>().ok()) {
                             let p = match transport {
                                 RtspTransport::Tcp => "tcp",
                                 RtspTransport::Udp => "udp",
                                 RtspTransport::Auto => "udp+tcp",
                             };
-                            src.set_property_from_str("protocols", p);
+                            set_checked(&src, "protocols", p);
+                            set_checked(&src, "latency", "200");
                         }
-                        if src.has_property("latency") {
-                            src.set_property("latency", 200u32);
-                        }
+                    }));
+                    if setup.is_err() {
+                        eprintln!("warning: the source element could not be configured");
                     }
                     None
                 });
@@ -622,6 +627,31 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
     // 600-clip folder took 10 minutes).
     p.stop(Duration::ZERO);
     result.map(|_| frames)
+}
+
+/// Set `name` on an element we did not create from its string form, typed by the element's own
+/// property spec; a missing property or a value it does not take is skipped, never a panic.
+fn set_checked(el: &gst::Element, name: &str, value: &str) -> bool {
+    let Some(pspec) = el.find_property(name) else {
+        return false;
+    };
+    if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) {
+        return false;
+    }
+    match gst::glib::Value::deserialize_with_pspec(value, &pspec) {
+        Ok(v) if v.type_().is_a(pspec.value_type()) => {
+            el.set_property_from_value(name, &v);
+            true
+        }
+        _ => {
+            eprintln!(
+                "warning: {} does not take {name} = {value}; left at its default",
+                el.factory()
+                    .map_or("the source".into(), |f| f.name().to_string())
+            );
+            false
+        }
+    }
 }
 
 #[cfg(test)]

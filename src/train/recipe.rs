@@ -172,7 +172,7 @@ pub struct RunSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("cannot read the recipe {path}: {source}")]
+    #[error("cannot read the recipe {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
