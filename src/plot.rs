@@ -390,6 +390,9 @@ pub fn training_curve(points: &[crate::train::curve::Point], path: &Path) -> any
                 .iter()
                 .filter_map(|p| Some((p.step as f64, p.top1.as_ref()?.get(k)? * 100.0)))
                 .collect();
+            if series.is_empty() {
+                continue;
+            }
             acc.draw_series(LineSeries::new(series.clone(), colour.stroke_width(2)))?
                 .label(format!("e_c {e_c}"))
                 .legend(move |(x, y)| {

@@ -662,6 +662,8 @@ struct Worker<'a, 'h> {
     last_stats: Instant,
     /// The current stats interval's figures of streams that have ended.
     retired: Interval,
+    /// The last interval's figures of streams that ended during it, for the next stats event.
+    retired_streams: Vec<StreamStats>,
     /// When recent clips arrived (dropped ones included), for the arrival rate.
     arrivals: VecDeque<Instant>,
     control_closed: bool,
@@ -1121,6 +1123,10 @@ impl Worker<'_, '_> {
                 .frames_seen
                 .load(Ordering::Relaxed)
                 .saturating_sub(st.interval.frames_at_start);
+            // Its fps over the part of the interval it lived through.
+            let secs = self.last_stats.elapsed().as_secs_f64().max(1e-9);
+            let last = self.stream_stats(&st, secs);
+            self.retired_streams.push(last);
             self.retired.merge(&st.interval);
             self.done += 1;
             self.progress();
@@ -1144,11 +1150,15 @@ impl Worker<'_, '_> {
     fn stats(&mut self) -> Result<(), RuntimeError> {
         let secs = self.last_stats.elapsed().as_secs_f64().max(1e-9);
         self.last_stats = Instant::now();
-        let streams: Vec<StreamStats> = self
+        let live: Vec<StreamStats> = self
             .streams
             .iter()
             .map(|s| self.stream_stats(s, secs))
             .collect();
+        // Streams that ended in this interval come first, with their final figures.
+        let ended = std::mem::take(&mut self.retired_streams);
+        let ended_fps: f64 = ended.iter().map(|s| s.fps).sum();
+        let streams: Vec<StreamStats> = ended.into_iter().chain(live).collect();
         let mut all = std::mem::take(&mut self.retired);
         for s in &self.streams {
             all.merge(&s.interval);
@@ -1159,7 +1169,9 @@ impl Worker<'_, '_> {
             &mut lat,
             streams
                 .iter()
-                .fold(all.retired_frames as f64 / secs, |a, s| a + s.fps),
+                .fold(all.retired_frames as f64 / secs - ended_fps, |a, s| {
+                    a + s.fps
+                }),
             streams.iter().map(|s| s.queue_depth).sum(),
             &all,
             self.target_ms(),
@@ -1394,6 +1406,7 @@ pub fn run(
         done: 0,
         last_stats: Instant::now(),
         retired: Interval::default(),
+        retired_streams: Vec::new(),
         arrivals: VecDeque::new(),
         control_closed: false,
     };

@@ -199,6 +199,12 @@ fn an_overloaded_live_pipeline_keeps_latency_bounded_and_counts_drops() {
             assert!(sum <= total.clips);
         }
     }
+    // The last stats event, after the streams ended, still carries each one's final interval.
+    let Some(Event::Stats { total, streams, .. }) = stats.last() else {
+        unreachable!()
+    };
+    assert_eq!(streams.len(), 3, "{streams:?}");
+    assert_eq!(streams.iter().map(|s| s.clips).sum::<u64>(), total.clips);
 
     // Adaptive: capacity comes down and nearly every clip makes the 400 ms target.
     let (events, _) = run_slow(true, 6.0);

@@ -54,6 +54,7 @@ fn eval_reads_a_rendered_folder_and_reports_every_capacity() {
         compare: Vec::new(),
         superclasses: None,
         latency_clips: 4,
+        teacher: Some(mdir.clone()),
     };
     let r = eval::run(&args).unwrap();
     assert_eq!(r.clips, 12);
@@ -75,6 +76,11 @@ fn eval_reads_a_rendered_folder_and_reports_every_capacity() {
     assert!((r.uniform[cfg.num_experts - 1].gmacs - r.mone[0].gmacs).abs() < 1e-12);
     // Agreement with e_c 1 is total at e_c 1 and a share elsewhere.
     assert_eq!(r.mone[0].agreement_with_full, 1.0);
+    // The model as its own teacher: the same agreement.
+    assert!(r
+        .mone
+        .iter()
+        .all(|m| m.agreement_with_teacher == Some(m.agreement_with_full)));
     assert!(r
         .mone
         .iter()
@@ -165,6 +171,7 @@ fn vmoe_trains_with_auto_superclasses_and_compares_side_by_side() {
         compare: vec![dense.clone()],
         superclasses: None,
         latency_clips: 3,
+        teacher: None,
     };
     let r = eval::run(&args).unwrap();
     assert!(r.mone.is_empty(), "a V-MoE has no capacity sweep");

@@ -171,6 +171,9 @@ pub struct Row {
     pub top1_random: f64,
     /// Top-1 agreement with the same model's own prediction at e_c 1.
     pub agreement_with_full: f64,
+    /// Top-1 agreement with `--teacher`'s prediction at full capacity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement_with_teacher: Option<f64>,
 }
 
 /// Every token at one nested width (`Routing::Width`): the sub-models the experts are.
@@ -418,6 +421,10 @@ pub struct EvalArgs {
     /// Clips timed one at a time for the batch-1 latency of compared models.
     #[arg(long, default_value_t = 64)]
     pub latency_clips: usize,
+    /// A model (e.g. the teacher of a label-free conversion) whose full-capacity predictions
+    /// every capacity is compared with: top-1 agreement.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -464,6 +471,27 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
     // A V-MoE has no capacity to sweep.
     let sweep: &[f64] = if cfg.is_mone() { &CAPACITIES } else { &[] };
     let mut full: Option<Vec<usize>> = None;
+    let teacher = match &a.teacher {
+        Some(dir) => {
+            let t = model::load_model_dir(dir, &device)?;
+            anyhow::ensure!(
+                t.config.image_size == cfg.image_size && t.config.frames == cfg.frames,
+                "the teacher {} takes other clips than {}",
+                dir.display(),
+                a.model.display()
+            );
+            Some(predictions(
+                &t.model,
+                &t.config,
+                &set,
+                1.0,
+                Routing::Learned,
+                a.batch,
+                &device,
+            )?)
+        }
+        None => None,
+    };
     for &e_c in sweep {
         let learned = score(
             &lm.model,
@@ -493,12 +521,18 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<Report> {
             top1_learned: learned.top1(),
             top1_random: random.top1(),
             agreement_with_full: agreement(&learned.predictions, reference),
+            agreement_with_teacher: teacher.as_ref().map(|t| agreement(&learned.predictions, t)),
         };
         progress(&format!(
-            "e_c {e_c:.2}: learned {:.1}%, random {:.1}%, agreement with e_c 1 {:.1}%",
+            "e_c {e_c:.2}: learned {:.1}%, random {:.1}%, agreement with e_c 1 {:.1}%{}",
             row.top1_learned * 100.0,
             row.top1_random * 100.0,
-            row.agreement_with_full * 100.0
+            row.agreement_with_full * 100.0,
+            row.agreement_with_teacher
+                .map_or(String::new(), |t| format!(
+                    ", with the teacher {:.1}%",
+                    t * 100.0
+                ))
         ));
         rows.push(row);
     }
@@ -635,13 +669,17 @@ pub fn table(r: &Report) -> String {
     }
     for row in &r.mone {
         s += &format!(
-            "| {:.2} | {:.4} | {:.1}% | {:.1}% | {:.1}% |\n",
+            "| {:.2} | {:.4} | {:.1}% | {:.1}% | {:.1}% |",
             row.capacity,
             row.gmacs,
             row.top1_learned * 100.0,
             row.top1_random * 100.0,
             row.agreement_with_full * 100.0
         );
+        if let Some(t) = row.agreement_with_teacher {
+            s += &format!(" agreement with the teacher {:.1}% |", t * 100.0);
+        }
+        s += "\n";
     }
     if !r.uniform.is_empty() {
         s += "\n| every token at width | GMACs | top-1 |\n|---|---|---|\n";
