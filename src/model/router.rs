@@ -42,9 +42,13 @@ impl Router {
         }
     }
 
-    /// alpha kept in [0, 1), shape (1,).
+    /// alpha kept in [0, 1), shape (1,). The clamp passes its gradient straight through: a
+    /// plain clamp has none below 0, so an alpha that one step pushed negative stayed there
+    /// and the router never learned again (its only gradient is through alpha * r).
     pub fn alpha(&self) -> Result<Tensor> {
-        self.alpha.to_dtype(DType::F32)?.clamp(0f32, 0.999f32)
+        let a = self.alpha.to_dtype(DType::F32)?;
+        let clamped = a.clamp(0f32, 0.999f32)?;
+        a.clone() + (clamped - a)?.detach()
     }
 }
 
@@ -255,5 +259,32 @@ mod tests {
     fn group_order_is_stable_and_grouped() {
         let assign = [1u8, 0, 3, 0, 1, 2];
         assert_eq!(group_order(&assign, 1, 6, 4), vec![1, 3, 0, 4, 5, 2]);
+    }
+
+    #[test]
+    fn a_negative_alpha_still_gets_its_gradient_and_passes_it_to_the_router() {
+        use candle_core::{Device, Var};
+        let dev = Device::Cpu;
+        let alpha = Var::new(&[-0.0002f32], &dev).unwrap();
+        let w = Var::new(&[[0.3f32, -0.1], [0.2, 0.4]], &dev).unwrap();
+        let r = Router {
+            router: Linear::new(w.as_tensor().clone(), None),
+            alpha: alpha.as_tensor().clone(),
+        };
+        let a = r.alpha().unwrap();
+        // The value is clamped...
+        assert_eq!(a.to_vec1::<f32>().unwrap(), [0.0]);
+        // ...and the MLP scale (alpha * r + 1) still sends gradients to alpha and the router.
+        let x = Tensor::new(&[[1.0f32, 2.0], [0.5, -1.0]], &dev).unwrap();
+        let p = r.probs(&x, true).unwrap().narrow(1, 1, 1).unwrap();
+        let scale = (p.broadcast_mul(&a).unwrap() + 1.0).unwrap();
+        let loss = (scale * Tensor::new(&[[3.0f32], [-1.0]], &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let ga = g.get(alpha.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!(ga.abs() > 1e-3, "alpha gradient {ga}");
+        assert!(g.get(w.as_tensor()).is_some());
     }
 }
