@@ -49,25 +49,10 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> anyhow::Result<Vec<(u64, f64)>> {
         ..Phase::plain(kind, a.steps, 1e-4, 20)
     };
     let cfg = TrainConfig {
-        model,
         steps: a.steps,
         batch: a.batch,
-        lr: 1e-4,
-        warmup: 20,
-        weight_decay: 0.05,
-        nested_steps: 0,
-        seed: 0,
-        checkpoint_every: u64::MAX,
-        dense: false,
-        single_frame: false,
-        init: None,
-        dataset: None,
-        classes: Vec::new(),
-        superclasses: None,
-        router_weight: 0.3,
-        balance_weight: 0.0,
         phases: vec![phase],
-        teacher: None,
+        ..TrainConfig::for_model(model)
     };
     let mut tr = Trainer::new(cfg, &Device::Cpu)?;
     println!(

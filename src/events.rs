@@ -158,16 +158,7 @@ pub fn now() -> String {
 
 /// Replace a URI's user-info (credentials) with `***`.
 pub fn redact(uri: &str) -> String {
-    if let Some((scheme, rest)) = uri.split_once("://") {
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        if let Some((_, host)) = authority.rsplit_once('@') {
-            return format!("{scheme}://***@{host}{path}");
-        }
-    }
-    uri.to_string()
+    redact_text(uri)
 }
 
 /// Redact the credentials of every URI inside free text (GStreamer's error messages quote
@@ -178,9 +169,10 @@ pub fn redact_text(text: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        // The authority ends at the path, or where the URI itself ends in the text.
+        // The authority ends at the path, or where the URI itself ends in the text (a space,
+        // a quote or an angle bracket; commas and brackets may be in a password).
         let end = tail
-            .find(|c: char| c == '/' || c.is_whitespace() || "\"'<>)]},;".contains(c))
+            .find(|c: char| c == '/' || c.is_whitespace() || "\"'<>".contains(c))
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
@@ -273,6 +265,7 @@ mod tests {
         assert!(r.contains("http://host/ok"), "{r}");
         assert_eq!(redact_text("no uri here: a@b"), "no uri here: a@b");
         assert_eq!(redact_text("ends in file://"), "ends in file://");
+        assert_eq!(redact_text("rtsp://u:p,a)ss@h/x"), "rtsp://***@h/x");
     }
 
     #[test]

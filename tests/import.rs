@@ -223,25 +223,14 @@ fn an_imported_model_fine_tunes_with_the_mone_recipe() {
     let mut mcfg = model::io::read_config(&out.join("config.json")).unwrap();
     mcfg.num_classes = mone::dataset::CLASSES.len();
     let cfg = TrainConfig {
-        model: mcfg,
         steps: 60,
         batch: 4,
         lr: 2e-3,
         warmup: 1,
         weight_decay: 0.0,
-        nested_steps: 0,
         seed: 1,
-        checkpoint_every: 100,
-        dense: false,
-        single_frame: false,
         init: Some(out.clone()),
-        dataset: None,
-        classes: Vec::new(),
-        superclasses: None,
-        router_weight: 0.3,
-        balance_weight: 0.0,
-        phases: Vec::new(),
-        teacher: None,
+        ..TrainConfig::for_model(mcfg)
     };
     let mut tr = Trainer::new(cfg.clone(), &Device::Cpu).unwrap();
     tr.init_from(&out).unwrap();

@@ -60,7 +60,7 @@ fn default_top_k() -> usize {
     1
 }
 
-/// The sparse part of a Mobile V-MoE (Daxberger et al. 2023; mone.md section 8).
+/// The sparse part of a Mobile V-MoE (Daxberger et al. 2023, "Mobile V-MoEs").
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MoeConfig {
     /// The last L layers of the temporal transformer are MoE layers.

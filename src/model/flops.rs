@@ -129,7 +129,7 @@ mod tests {
     fn vivit_b16_matches_the_papers_arithmetic() {
         let cfg = Config::preset("vivit-fe-b16").unwrap();
         let dense = macs(&cfg, None).unwrap();
-        // mone.md: about 283 GMACs at 224 px, 32 frames.
+        // The MoNE paper (Jain et al. 2024): about 283 GMACs for ViViT-B/16 at 224 px, 32 frames.
         assert!((dense.gmacs() - 282.0).abs() < 2.0, "{}", dense.gmacs());
         let r05 = dense.total() as f64 / macs(&cfg, Some(0.5)).unwrap().total() as f64;
         let r03 = dense.total() as f64 / macs(&cfg, Some(0.3)).unwrap().total() as f64;

@@ -42,7 +42,7 @@ impl Norm {
         let _p = scope(Part::Norm);
         let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
         if train && cpu_f32 {
-            // With its own backward (candle's fused layer norm has none: stack.md).
+            // Our kernel, with a backward: candle 0.11's fused layer norm has none.
             x.contiguous()?.apply_op3(
                 &self.weight,
                 &self.bias,

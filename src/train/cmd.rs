@@ -343,8 +343,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     } else {
         &[1.0, 0.5, 0.3, 0.15]
     };
-    for &e_c in caps {
-        let (acc, agree) = tr.held_out(seed + 1, eval_count, e_c)?;
+    for (&e_c, (acc, agree)) in caps.iter().zip(tr.held_out_at(seed + 1, eval_count, caps)?) {
         if tr.cfg.model.is_vmoe() {
             eprintln!("held-out top-1: {:.1}%", acc * 100.0);
         } else if let Some(agree) = agree {
@@ -387,7 +386,6 @@ fn train_loop(
     // Dense and V-MoE models have no capacity to track; folder runs no held-out set.
     let tracked = !tr.cfg.model.is_vmoe() && !tr.cfg.dense;
     while tr.step < total {
-        let (pi, _, _) = tr.phase().ok_or_else(|| anyhow::anyhow!("no phase"))?;
         let info = tr.step()?;
         let done = tr.step - start;
         smooth = Some(smooth.map_or(info.loss, |s| 0.95 * s + 0.05 * info.loss));
@@ -402,18 +400,15 @@ fn train_loop(
             && (tr.step.is_multiple_of(eval_every) || tr.step == total)
         {
             let caps: &[f64] = if tracked { &curve::CAPACITIES } else { &[1.0] };
-            let mut top1 = Vec::new();
-            for &e_c in caps {
-                top1.push(tr.held_out(tr.cfg.seed + 1, eval_count, e_c)?.0);
-            }
-            point.top1 = Some(top1);
+            let top1 = tr.held_out_at(tr.cfg.seed + 1, eval_count, caps)?;
+            point.top1 = Some(top1.into_iter().map(|(acc, _)| acc).collect());
         }
         let evaluated = point.top1.clone();
         curve.push(point)?;
         let msg = format!(
             "{} {}/{}  loss {:.4} (avg {:.4})  lr {:.2e}  e_c {}  {:.1} clips/s",
             info.phase.name(),
-            pi + 1,
+            info.phase_index + 1,
             phases.len(),
             info.loss,
             smooth.unwrap_or(info.loss),

@@ -13,16 +13,6 @@ pub fn distill(teacher_logits: &Tensor, student_logits: &Tensor) -> Result<Tenso
     (lt.exp()? * (lt - ls)?)?.sum(D::Minus1)?.mean_all()
 }
 
-/// Top-1 agreement of two (B, classes) logits.
-pub fn agreement(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let (pa, pb) = (
-        a.argmax(D::Minus1)?.to_vec1::<u32>()?,
-        b.argmax(D::Minus1)?.to_vec1::<u32>()?,
-    );
-    let same = pa.iter().zip(&pb).filter(|(x, y)| x == y).count();
-    Ok(same as f64 / pa.len().max(1) as f64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,13 +48,5 @@ mod tests {
             assert!((gs[0][k] - (ps[0][k] - pt[0][k]) / 2.0).abs() < 1e-5);
         }
         assert!(g.get(&t).is_none());
-    }
-
-    #[test]
-    fn agreement_counts_equal_argmaxes() {
-        let dev = Device::Cpu;
-        let a = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [1.0, 0.0]], &dev).unwrap();
-        let b = Tensor::new(&[[2.0f32, 0.0], [1.0, 0.0], [3.0, 1.0]], &dev).unwrap();
-        assert!((agreement(&a, &b).unwrap() - 2.0 / 3.0).abs() < 1e-12);
     }
 }

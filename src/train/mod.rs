@@ -74,6 +74,32 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// A MoNE run of `model` with the `mone train` defaults (batch 32, AdamW at 2e-4 with 50
+    /// warm-up steps and weight decay 0.05, 2,600 steps, seed 0) on the procedural dataset.
+    pub fn for_model(model: Config) -> Self {
+        Self {
+            model,
+            steps: 2600,
+            batch: 32,
+            lr: 2e-4,
+            warmup: 50,
+            weight_decay: 0.05,
+            nested_steps: 0,
+            seed: 0,
+            checkpoint_every: 100,
+            dense: false,
+            single_frame: false,
+            init: None,
+            dataset: None,
+            classes: Vec::new(),
+            superclasses: None,
+            router_weight: default_router_weight(),
+            balance_weight: 0.0,
+            phases: Vec::new(),
+            teacher: None,
+        }
+    }
+
     /// The phases this run goes through.
     pub fn schedule(&self) -> Vec<Phase> {
         if !self.phases.is_empty() {
@@ -205,6 +231,8 @@ pub struct StepInfo {
     pub lr: f64,
     pub capacity: Option<f64>,
     pub phase: PhaseKind,
+    /// The phase's index in the schedule.
+    pub phase_index: usize,
 }
 
 impl Trainer {
@@ -520,6 +548,7 @@ impl Trainer {
             lr,
             capacity,
             phase: phase.kind,
+            phase_index: pi,
         })
     }
 
@@ -558,9 +587,15 @@ impl Trainer {
         })
     }
 
-    /// Top-1 on `count` held-out clips (dataset seed `seed`) at capacity `e_c`, and with a
-    /// teacher, the top-1 agreement with the teacher's full-capacity prediction.
-    pub fn held_out(&self, seed: u64, count: u64, e_c: f64) -> anyhow::Result<(f64, Option<f64>)> {
+    /// Top-1 on `count` held-out clips (dataset seed `seed`) at each capacity of `caps`, and
+    /// with a teacher, the top-1 agreement with the teacher's full-capacity prediction. The
+    /// clips are rendered, and the teacher run, once for all capacities.
+    pub fn held_out_at(
+        &self,
+        seed: u64,
+        count: u64,
+        caps: &[f64],
+    ) -> anyhow::Result<Vec<(f64, Option<f64>)>> {
         let set = crate::eval::ClipSet::synthetic(&self.cfg.model, seed, count);
         let input = if self.cfg.single_frame {
             crate::eval::Input::SingleFrame
@@ -572,32 +607,36 @@ impl Trainer {
         } else {
             Routing::Learned
         };
-        let s = crate::eval::score(
-            &self.model,
-            &self.cfg.model,
-            &set,
-            e_c,
-            routing,
-            input,
-            self.cfg.batch,
-            &self.device,
-        )?;
-        let agree = match &self.teacher {
-            Some(t) => {
-                let reference = crate::eval::predictions(
-                    &t.model,
-                    &t.config,
+        let reference = match &self.teacher {
+            Some(t) => Some(crate::eval::predictions(
+                &t.model,
+                &t.config,
+                &set,
+                1.0,
+                Routing::Learned,
+                self.cfg.batch,
+                &self.device,
+            )?),
+            None => None,
+        };
+        caps.iter()
+            .map(|&e_c| {
+                let s = crate::eval::score(
+                    &self.model,
+                    &self.cfg.model,
                     &set,
-                    1.0,
-                    Routing::Learned,
+                    e_c,
+                    routing,
+                    input,
                     self.cfg.batch,
                     &self.device,
                 )?;
-                Some(crate::eval::agreement(&s.predictions, &reference))
-            }
-            None => None,
-        };
-        Ok((s.top1(), agree))
+                let agree = reference
+                    .as_ref()
+                    .map(|r| crate::eval::agreement(&s.predictions, r));
+                Ok((s.top1(), agree))
+            })
+            .collect()
     }
 
     /// Write the trained model as a model folder.
@@ -616,25 +655,14 @@ mod tests {
         let mut m = Config::preset("vivit-fe-tiny").unwrap();
         m.num_classes = CLASSES.len();
         TrainConfig {
-            model: m,
             steps,
             batch: 4,
             lr: 1e-3,
             warmup: 2,
-            weight_decay: 0.05,
             nested_steps: 2,
             seed: 3,
             checkpoint_every: 3,
-            dense: false,
-            single_frame: false,
-            init: None,
-            dataset: None,
-            classes: Vec::new(),
-            superclasses: None,
-            router_weight: 0.3,
-            balance_weight: 0.0,
-            phases: Vec::new(),
-            teacher: None,
+            ..TrainConfig::for_model(m)
         }
     }
 
@@ -935,31 +963,26 @@ mod tests {
                 .unwrap()
                 .logits
         };
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         let widest = Routing::Width(m.num_experts - 1);
         let before = logits(&tr, widest);
         let narrow_before = logits(&tr, Routing::Width(0));
         let imp = model::rewire::importance(&m, &tr.model.named_tensors()).unwrap();
         let perm = tr.rewire().unwrap();
         assert_ne!(perm, (0..m.hidden_size).collect::<Vec<_>>());
-        let after = logits(&tr, widest);
-        let diff = (&before - &after)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&before, &logits(&tr, widest));
         assert!(diff < 1e-5, "full-width logits moved by {diff}");
         // The narrowest width now reads other channels: its function changed.
-        let narrow_diff = (&narrow_before - &logits(&tr, Routing::Width(0)))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let narrow_diff = max_diff(&narrow_before, &logits(&tr, Routing::Width(0)));
         assert!(narrow_diff > 1e-4, "{narrow_diff}");
         // The D/8 most important channels are the first D/8 now, most important first.
         let d8 = m.hidden_size / 8;
@@ -1001,6 +1024,9 @@ mod tests {
         // Labels that are out of range: a run that read them would fail.
         let y = Tensor::from_vec(vec![99u32; 8], 8, &Device::Cpu).unwrap();
         let t = tr.teacher_logits(&x).unwrap().unwrap();
+        assert!(candle_nn::loss::cross_entropy(&t, &y)
+            .and_then(|l| l.to_scalar::<f32>())
+            .map_or(true, |l| !l.is_finite()));
         let kl = |tr: &Trainer| {
             let out = tr
                 .model
