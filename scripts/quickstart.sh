@@ -33,6 +33,7 @@ PY
 # The same weights at half the compute: one held-out clip at e_c 1.0 and 0.5.
 echo "--- clip_000004.mp4 (approaching) at full capacity and at half ---" >&2
 for C in 1.0 0.5; do
+  rm -f "target/demo/capacity_$C.jsonl"   # classify appends
   "$MONE" classify "$CLIPS/clip_000004.mp4" --model "$MODEL" --capacity "$C" --topk 1 \
     --out "target/demo/capacity_$C.jsonl" 2>/dev/null
   python3 - "$C" "target/demo/capacity_$C.jsonl" >&2 <<'PY' || true
