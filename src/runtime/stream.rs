@@ -1,0 +1,287 @@
+//! One input's thread: source -> clip windows -> tokenizer, reconnecting live inputs with
+//! back-off, into the stream's bounded queue.
+
+use super::*;
+
+pub(super) struct ClipMsg {
+    pub(super) clip_index: u64,
+    pub(super) frames: [u64; 2],
+    pub(super) padded: usize,
+    pub(super) pts: [u64; 2],
+    pub(super) data: Vec<f32>,
+    /// When the clip's last frame was pulled from the source: latency runs from here.
+    pub(super) arrived: Instant,
+}
+
+pub(super) enum StreamMsg {
+    Clip(ClipMsg),
+    End {
+        frames: u64,
+        dropped: u64,
+        error: Option<String>,
+    },
+}
+
+pub(super) struct StreamCtx {
+    pub(super) idx: usize,
+    pub(super) name: String,
+    pub(super) input: Input,
+    pub(super) live: bool,
+    pub(super) sopts: SourceOptions,
+    pub(super) spec: ClipSpec,
+    pub(super) mean: [f32; 3],
+    pub(super) std: [f32; 3],
+    pub(super) opts: RuntimeOptions,
+    pub(super) tx: Sender<StreamMsg>,
+    /// A second handle on the stream's own queue, to drop its oldest clip in live mode.
+    pub(super) oldest: Receiver<StreamMsg>,
+    pub(super) events: Sender<Event>,
+    /// This stream's own stop flag (removal, or the run stopping).
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) frames_seen: Arc<AtomicU64>,
+    pub(super) dropped_live: Arc<AtomicU64>,
+    pub(super) model: String,
+    pub(super) device: String,
+}
+
+pub(super) fn jitter(seed: &mut u64) -> f64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    (*seed >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Stop a pipeline, but never wait on it for more than the EOS timeout plus two seconds: a
+/// wedged element (seen with a truncated MP4) must not hang the stream's thread. A pipeline that
+/// does not stop in time is left to its helper thread.
+pub(super) fn stop_bounded(p: SourcePipeline, eos_timeout: Duration) {
+    let (tx, rx) = bounded::<()>(1);
+    let spawned = std::thread::Builder::new()
+        .name("source-stop".into())
+        .spawn(move || {
+            p.stop(eos_timeout);
+            let _ = tx.send(());
+        });
+    if spawned.is_ok() {
+        let _ = rx.recv_timeout(eos_timeout + Duration::from_secs(2));
+    }
+}
+
+/// Sleep in short steps so a stop request is seen quickly; false if stopped.
+pub(super) fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(
+            Duration::from_millis(20).min(end.saturating_duration_since(Instant::now())),
+        );
+    }
+    !stop.load(Ordering::Relaxed)
+}
+
+impl StreamCtx {
+    pub(super) fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    /// Queue a clip: files block (backpressure), live streams drop their oldest queued clip.
+    /// Returns false when the worker is gone.
+    pub(super) fn send_clip(&self, clip: Clip, arrived: Instant, dropped: &mut u64) -> bool {
+        let msg = StreamMsg::Clip(ClipMsg {
+            clip_index: clip.index,
+            frames: [clip.first_frame(), clip.last_frame()],
+            padded: clip.padded,
+            pts: [clip.pts_start_ns(), clip.pts_end_ns()],
+            data: tokenizer::clip_to_chw(&clip, self.mean, self.std),
+            arrived,
+        });
+        if !self.live {
+            return self.tx.send(msg).is_ok();
+        }
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+            Err(TrySendError::Full(msg)) => {
+                if let Ok(StreamMsg::Clip(_)) = self.oldest.try_recv() {
+                    *dropped += 1;
+                    self.dropped_live.fetch_add(1, Ordering::Relaxed);
+                }
+                match self.tx.try_send(msg) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => {
+                        *dropped += 1;
+                        self.dropped_live.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                    Err(TrySendError::Disconnected(_)) => false,
+                }
+            }
+        }
+    }
+
+    pub(super) fn run(self) {
+        let mut asm = ClipAssembler::new(self.spec);
+        let (mut frames, mut dropped) = (0u64, 0u64);
+        let mut error: Option<String> = None;
+        let mut attempt = 0u32;
+        let mut offline_since: Option<Instant> = None;
+        let mut started = false;
+        // The stream's own timeline: monotonic across reconnects.
+        let mut timeline_end = 0u64;
+        let mut last_pts: Option<u64> = None;
+        let mut seed =
+            0x2545_F491_4F6C_DD1Du64 ^ ((self.idx as u64 + 1) << 32) ^ std::process::id() as u64;
+        let stop = &self.stop;
+        'outer: loop {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let reason: String;
+            match SourcePipeline::new(&self.input, &self.sopts)
+                .and_then(|p| p.start_in_background().map(|_| p))
+            {
+                Err(e) => reason = e.to_string(),
+                Ok(mut p) => {
+                    if !started {
+                        started = true;
+                        self.emit(Event::StreamStarted {
+                            stream: self.name.clone(),
+                            time: now(),
+                            model: self.model.clone(),
+                            device: self.device.clone(),
+                            live: self.live,
+                        });
+                    }
+                    let mut last_frame_at = Instant::now();
+                    let mut session_first: Option<u64> = None;
+                    let session_offset = timeline_end;
+                    reason = loop {
+                        if stop.load(Ordering::Relaxed) {
+                            stop_bounded(p, self.opts.eos_timeout);
+                            break 'outer;
+                        }
+                        match p.pull(Duration::from_millis(100)) {
+                            Pulled::Frame(mut f) => {
+                                last_frame_at = Instant::now();
+                                self.frames_seen.fetch_add(1, Ordering::Relaxed);
+                                if let Some(t0) = offline_since.take() {
+                                    self.emit(Event::Reconnected {
+                                        stream: self.name.clone(),
+                                        attempt,
+                                        offline_ms: t0.elapsed().as_millis() as u64,
+                                        time: now(),
+                                    });
+                                    attempt = 0;
+                                }
+                                // First session: the input's own PTS. After a reconnect: continue
+                                // from where the previous session ended.
+                                let first = *session_first.get_or_insert(f.pts_ns);
+                                let mut pts = if session_offset == 0 && last_pts.is_none() {
+                                    f.pts_ns
+                                } else {
+                                    session_offset + f.pts_ns.saturating_sub(first)
+                                };
+                                if let Some(lp) = last_pts {
+                                    if pts <= lp {
+                                        pts = lp + 1;
+                                    }
+                                }
+                                last_pts = Some(pts);
+                                f.pts_ns = pts;
+                                timeline_end = timeline_end.max(pts + f.duration_ns.max(1));
+                                f.index = frames;
+                                frames += 1;
+                                if let Some(clip) = asm.push(f) {
+                                    if !self.send_clip(clip, last_frame_at, &mut dropped) {
+                                        stop_bounded(p, self.opts.eos_timeout);
+                                        break 'outer;
+                                    }
+                                    // Time blocked on a full queue (backpressure) is not a stall.
+                                    last_frame_at = Instant::now();
+                                }
+                            }
+                            Pulled::Idle => {
+                                let idle = last_frame_at.elapsed();
+                                if self.live && idle >= self.opts.watchdog {
+                                    break format!(
+                                        "no frames for {:.1} s",
+                                        self.opts.watchdog.as_secs_f64()
+                                    );
+                                }
+                                if !self.live && idle >= self.opts.stall_timeout {
+                                    error = Some(format!(
+                                        "the input stalled: no frame, end or error for {:.1} s",
+                                        self.opts.stall_timeout.as_secs_f64()
+                                    ));
+                                    stop_bounded(p, self.opts.eos_timeout);
+                                    break 'outer;
+                                }
+                            }
+                            Pulled::Eos => {
+                                if self.live {
+                                    break "the source ended".to_string();
+                                }
+                                if frames == 0 {
+                                    error = Some(
+                                        "no video frames decoded (not a video, or no video stream)"
+                                            .into(),
+                                    );
+                                }
+                                stop_bounded(p, self.opts.eos_timeout);
+                                break 'outer;
+                            }
+                            Pulled::Error(e) => {
+                                if self.live {
+                                    break e;
+                                }
+                                error = Some(e);
+                                stop_bounded(p, self.opts.eos_timeout);
+                                break 'outer;
+                            }
+                        }
+                    };
+                    stop_bounded(p, self.opts.eos_timeout);
+                }
+            }
+            // GStreamer's messages quote the location, credentials included.
+            let reason = crate::events::redact_text(&reason);
+            if !self.live {
+                error = Some(reason);
+                break;
+            }
+            // Live: offline, then reconnect with exponential back-off and jitter.
+            if offline_since.is_none() {
+                offline_since = Some(Instant::now());
+                self.emit(Event::Offline {
+                    stream: self.name.clone(),
+                    reason: reason.clone(),
+                    time: now(),
+                });
+            }
+            attempt += 1;
+            if self.opts.max_reconnects.is_some_and(|m| attempt > m) {
+                error = Some(format!(
+                    "gave up after {} reconnect attempts: {reason}",
+                    attempt - 1
+                ));
+                break;
+            }
+            let base =
+                self.opts.backoff_initial.as_secs_f64() * 2f64.powi(attempt.min(20) as i32 - 1);
+            let wait = base.min(self.opts.backoff_max.as_secs_f64()) * (0.5 + jitter(&mut seed));
+            if !sleep_unless_stopped(Duration::from_secs_f64(wait), stop) {
+                break;
+            }
+        }
+        if let Some(clip) = asm.finish() {
+            self.send_clip(clip, Instant::now(), &mut dropped);
+        }
+        let _ = self.tx.send(StreamMsg::End {
+            frames,
+            dropped,
+            error,
+        });
+    }
+}

@@ -1,0 +1,749 @@
+//! The inference worker: pulls clips from every stream's queue, batches them oldest first
+//! (on the controller's deadline when there is one), writes events and stats.
+
+use super::*;
+
+#[derive(Default)]
+pub(super) struct Interval {
+    pub(super) latencies: Vec<f64>,
+    pub(super) capacity_sum: f64,
+    pub(super) clips: u64,
+    pub(super) within: u64,
+    pub(super) dropped: u64,
+    pub(super) shed: u64,
+    pub(super) frames_at_start: u64,
+    /// Frames decoded in the interval by streams that have ended since it began.
+    pub(super) retired_frames: u64,
+}
+
+pub(super) struct StreamState {
+    pub(super) name: String,
+    pub(super) live: bool,
+    pub(super) rx: Receiver<StreamMsg>,
+    pub(super) queue: VecDeque<ClipMsg>,
+    /// The End message, once received.
+    pub(super) end: Option<(u64, u64, Option<String>)>,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) frames_seen: Arc<AtomicU64>,
+    pub(super) dropped_live: Arc<AtomicU64>,
+    /// Drops (producer side) already accounted.
+    pub(super) dropped_seen: u64,
+    /// Drops in the worker's queue and sheds.
+    pub(super) dropped_here: u64,
+    pub(super) shed: u64,
+    pub(super) handle: Option<JoinHandle<()>>,
+    pub(super) clips: u64,
+    pub(super) prob_sum: Vec<f64>,
+    pub(super) interval: Interval,
+}
+
+pub(super) fn topk(probs: &[f32], labels: &[String], k: usize) -> Vec<LabelScore> {
+    let mut idx: Vec<usize> = (0..probs.len()).collect();
+    idx.sort_by(|&a, &b| {
+        probs[b]
+            .partial_cmp(&probs[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    idx.into_iter()
+        .take(k)
+        .map(|i| LabelScore {
+            label: labels
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("class {i}")),
+            score: probs[i],
+        })
+        .collect()
+}
+
+pub(super) struct Worker<'a, 'h> {
+    pub(super) model: &'a dyn Classifier,
+    pub(super) model_name: &'a str,
+    pub(super) device: &'a Device,
+    pub(super) dev_name: String,
+    pub(super) opts: &'a RuntimeOptions,
+    pub(super) spec: ClipSpec,
+    pub(super) sopts: SourceOptions,
+    pub(super) sink: &'a mut dyn EventSink,
+    pub(super) hooks: Hooks<'h>,
+    pub(super) ev_tx: Sender<Event>,
+    pub(super) ev_rx: Receiver<Event>,
+    pub(super) streams: Vec<StreamState>,
+    pub(super) controller: Option<Controller>,
+    pub(super) summary: Summary,
+    pub(super) t_start: Instant,
+    pub(super) spawned: usize,
+    pub(super) done: usize,
+    pub(super) last_stats: Instant,
+    /// The current stats interval's figures of streams that have ended.
+    pub(super) retired: Interval,
+    /// The last interval's figures of streams that ended during it, for the next stats event.
+    pub(super) retired_streams: Vec<StreamStats>,
+    /// When recent clips arrived (dropped ones included), for the arrival rate.
+    pub(super) arrivals: VecDeque<Instant>,
+    pub(super) control_closed: bool,
+}
+
+/// Clips per millisecond over the last two seconds of `arrivals` (pruned here).
+pub(super) fn arrival_rate(arrivals: &mut VecDeque<Instant>, now: Instant) -> Option<f64> {
+    const WINDOW: Duration = Duration::from_secs(2);
+    while arrivals
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) > WINDOW)
+    {
+        arrivals.pop_front();
+    }
+    let first = *arrivals.front()?;
+    // A short history (a stream just started) is measured over at least 250 ms.
+    let span = now
+        .saturating_duration_since(first)
+        .max(Duration::from_millis(250));
+    Some(arrivals.len() as f64 / (span.as_secs_f64() * 1e3))
+}
+
+impl Interval {
+    pub(super) fn merge(&mut self, o: &Interval) {
+        self.latencies.extend_from_slice(&o.latencies);
+        self.capacity_sum += o.capacity_sum;
+        self.clips += o.clips;
+        self.within += o.within;
+        self.dropped += o.dropped;
+        self.shed += o.shed;
+        self.retired_frames += o.retired_frames;
+    }
+}
+
+impl Worker<'_, '_> {
+    pub(super) fn target_ms(&self) -> Option<f64> {
+        self.controller
+            .as_ref()
+            .map(|c| c.settings.latency_target_ms)
+    }
+
+    pub(super) fn capacity(&self) -> f64 {
+        self.controller
+            .as_ref()
+            .map_or(self.opts.capacity, |c| c.capacity())
+    }
+
+    pub(super) fn progress(&mut self) {
+        let p = Progress {
+            clips: self.summary.clips,
+            streams_done: self.done,
+            streams: self.spawned,
+            elapsed: self.t_start.elapsed(),
+        };
+        if let Some(f) = self.hooks.progress.as_mut() {
+            f(&p);
+        }
+    }
+
+    /// Start a stream; errors (a bad input spec, a duplicate id) are returned and also written
+    /// as `stream_error` + `stream_ended` for streams given at start-up.
+    pub(super) fn add(&mut self, s: &StreamSpec) -> Result<(), ControlError> {
+        if self.streams.iter().any(|st| st.name == s.name) {
+            return Err(ControlError::Duplicate(s.name.clone()));
+        }
+        let input = Input::parse(&s.input)
+            .map_err(|e| ControlError::BadInput(e.to_string().replace(&s.input, &s.name)))?;
+        let cfg = self.model.config();
+        let live = input.is_live();
+        let (tx, rx) = bounded(self.opts.queue);
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames_seen = Arc::new(AtomicU64::new(0));
+        let dropped_live = Arc::new(AtomicU64::new(0));
+        let ctx = StreamCtx {
+            idx: self.spawned,
+            name: s.name.clone(),
+            input,
+            live,
+            sopts: self.sopts.clone(),
+            spec: self.spec,
+            mean: cfg.mean,
+            std: cfg.std,
+            opts: self.opts.clone(),
+            tx,
+            oldest: rx.clone(),
+            events: self.ev_tx.clone(),
+            stop: stop.clone(),
+            frames_seen: frames_seen.clone(),
+            dropped_live: dropped_live.clone(),
+            model: self.model_name.to_string(),
+            device: self.dev_name.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("source-{}", self.spawned))
+            .spawn(move || ctx.run())
+            .map_err(|e| {
+                ControlError::BadInput(format!("cannot start the stream's thread: {e}"))
+            })?;
+        self.spawned += 1;
+        self.summary.inputs += 1;
+        if let Some(t) = &self.hooks.telemetry {
+            t.set_stream(StreamInfo {
+                id: s.name.clone(),
+                uri: redact(&s.input),
+                live,
+                state: "starting".into(),
+                ..Default::default()
+            });
+        }
+        self.streams.push(StreamState {
+            name: s.name.clone(),
+            live,
+            rx,
+            queue: VecDeque::new(),
+            end: None,
+            stop,
+            frames_seen,
+            dropped_live,
+            dropped_seen: 0,
+            dropped_here: 0,
+            shed: 0,
+            handle: Some(handle),
+            clips: 0,
+            prob_sum: vec![0.0; cfg.num_classes],
+            interval: Interval::default(),
+        });
+        Ok(())
+    }
+
+    pub(super) fn remove(&mut self, id: &str) -> Result<(), ControlError> {
+        match self.streams.iter().find(|s| s.name == id) {
+            Some(s) => {
+                s.stop.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(ControlError::NotFound(id.to_string())),
+        }
+    }
+
+    pub(super) fn write(&mut self, e: &Event) -> Result<(), RuntimeError> {
+        if let Some(t) = &self.hooks.telemetry {
+            let state = match e {
+                Event::StreamStarted { stream, .. } | Event::Reconnected { stream, .. } => {
+                    Some((stream, "running"))
+                }
+                Event::Offline { stream, .. } => Some((stream, "offline")),
+                _ => None,
+            };
+            if let Some((stream, st)) = state {
+                t.update_stream(stream, |i| i.state = st.into());
+            }
+        }
+        self.sink.write(e)?;
+        Ok(())
+    }
+
+    pub(super) fn drain_events(&mut self) -> Result<(), RuntimeError> {
+        while let Ok(e) = self.ev_rx.try_recv() {
+            self.write(&e)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn dropped(&mut self, i: usize, count: u64, shed: bool) {
+        if count == 0 {
+            return;
+        }
+        let st = &mut self.streams[i];
+        if shed {
+            st.shed += count;
+            st.interval.shed += count;
+        } else {
+            st.interval.dropped += count;
+        }
+        if let Some(t) = &self.hooks.telemetry {
+            if self.controller.is_some() {
+                t.slo_misses(count);
+            }
+        }
+        if let Some(f) = self.hooks.on_clip.as_mut() {
+            f(&ClipOutcome::Dropped {
+                stream: &st.name,
+                count,
+                shed,
+                at: Instant::now(),
+            });
+        }
+    }
+
+    /// Move clips from the streams' channels into their queues. Files: only while their queue
+    /// has room (backpressure reaches the source). Live: everything, the oldest dropped beyond
+    /// the queue size.
+    pub(super) fn pull(&mut self) -> bool {
+        let mut took = false;
+        for i in 0..self.streams.len() {
+            let cap = self.opts.queue;
+            loop {
+                let st = &mut self.streams[i];
+                if st.end.is_some() || (!st.live && st.queue.len() >= cap) {
+                    break;
+                }
+                match st.rx.try_recv() {
+                    Ok(StreamMsg::Clip(c)) => {
+                        took = true;
+                        self.arrivals.push_back(c.arrived);
+                        st.queue.push_back(c);
+                        if st.live && st.queue.len() > cap {
+                            st.queue.pop_front();
+                            st.dropped_here += 1;
+                            self.dropped(i, 1, false);
+                        }
+                    }
+                    Ok(StreamMsg::End {
+                        frames,
+                        dropped,
+                        error,
+                    }) => {
+                        took = true;
+                        st.end = Some((frames, dropped, error));
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        st.end = Some((
+                            st.frames_seen.load(Ordering::Relaxed),
+                            st.dropped_live.load(Ordering::Relaxed),
+                            Some("source thread stopped unexpectedly".into()),
+                        ));
+                    }
+                }
+            }
+            let st = &mut self.streams[i];
+            let d = st.dropped_live.load(Ordering::Relaxed);
+            let new = d.saturating_sub(st.dropped_seen);
+            st.dropped_seen = d;
+            let now = Instant::now();
+            self.arrivals.extend(std::iter::repeat_n(now, new as usize));
+            self.dropped(i, new, false);
+        }
+        took
+    }
+
+    /// (stream, position in its queue) of every queued clip, oldest first, with its wait.
+    pub(super) fn queued(&self, now: Instant) -> Vec<(usize, f64)> {
+        let mut all: Vec<(usize, Instant)> = self
+            .streams
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.queue.iter().map(move |c| (i, c.arrived)))
+            .collect();
+        all.sort_by_key(|(_, a)| *a);
+        all.into_iter()
+            .map(|(i, a)| (i, now.saturating_duration_since(a).as_secs_f64() * 1e3))
+            .collect()
+    }
+
+    /// Milliseconds until the queued clips must be flushed (0: now; None: nothing queued).
+    pub(super) fn flush_in_ms(&self, queued: &[(usize, f64)]) -> Option<f64> {
+        let oldest = queued.first()?.1;
+        let ending = self
+            .streams
+            .iter()
+            .any(|s| (s.end.is_some() || s.stop.load(Ordering::Relaxed)) && !s.queue.is_empty());
+        if ending || self.hooks.stop.load(Ordering::Relaxed) {
+            return Some(0.0);
+        }
+        let max_wait = self.opts.max_wait.as_secs_f64() * 1e3 - oldest;
+        let by_size = match &self.controller {
+            Some(c) => {
+                let waits: Vec<f64> = queued.iter().map(|q| q.1).collect();
+                c.flush_in_ms(&waits)
+            }
+            None if queued.len() >= self.opts.batch => 0.0,
+            None => f64::INFINITY,
+        };
+        Some(by_size.min(max_wait).max(0.0))
+    }
+
+    pub(super) fn run_batch(&mut self, queued: &[(usize, f64)]) -> Result<(), RuntimeError> {
+        let rate = arrival_rate(&mut self.arrivals, Instant::now());
+        let (shed, n, capacity) = match self.controller.as_mut() {
+            Some(c) => {
+                if let Some(r) = rate {
+                    c.set_arrival_rate(r);
+                }
+                let waits: Vec<f64> = queued.iter().map(|q| q.1).collect();
+                let p = c.plan(&waits);
+                (p.shed, p.batch, p.capacity)
+            }
+            None => (0, queued.len().min(self.opts.batch), self.opts.capacity),
+        };
+        // Shed the oldest live clips the controller gave up on; a file's clip is never shed.
+        let mut order: Vec<usize> = Vec::with_capacity(queued.len());
+        let mut shed_left = shed;
+        let mut shed_per_stream = vec![0u64; self.streams.len()];
+        for (i, _) in queued {
+            if shed_left > 0 && self.streams[*i].live {
+                shed_left -= 1;
+                shed_per_stream[*i] += 1;
+            } else {
+                order.push(*i);
+            }
+        }
+        for (i, k) in shed_per_stream.iter().enumerate() {
+            for _ in 0..*k {
+                self.streams[i].queue.pop_front();
+            }
+            self.streams[i].dropped_here += k;
+            self.dropped(i, *k, true);
+        }
+        let n = n.min(order.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let batch: Vec<(usize, ClipMsg)> = order[..n]
+            .iter()
+            .filter_map(|i| self.streams[*i].queue.pop_front().map(|c| (*i, c)))
+            .collect();
+        let started = Instant::now();
+        let cfg = self.model.config();
+        let (t, hw) = (cfg.frames, cfg.image_size);
+        let refs: Vec<&[f32]> = batch.iter().map(|(_, c)| c.data.as_slice()).collect();
+        let x = tokenizer::batch(&refs, t, hw, hw, self.device)?;
+        let Classified {
+            probs,
+            capacity: caps,
+            experts,
+        } = self.model.classify_detailed(&x, capacity)?;
+        let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+        let target = self.target_ms();
+        for (k, (i, c)) in batch.iter().enumerate() {
+            let labels = topk(&probs[k], self.model.labels(), self.opts.topk);
+            let ran_at = caps.get(k).copied().unwrap_or(capacity);
+            let st = &mut self.streams[*i];
+            st.clips += 1;
+            st.prob_sum
+                .iter_mut()
+                .zip(&probs[k])
+                .for_each(|(a, p)| *a += *p as f64);
+            self.summary.clips += 1;
+            let queue_ms = started.duration_since(c.arrived).as_secs_f64() * 1e3;
+            let e2e = c.arrived.elapsed().as_secs_f64() * 1e3;
+            let e = Event::Clip {
+                event_id: format!("{}#{}", st.name, c.clip_index),
+                stream: st.name.clone(),
+                clip_index: c.clip_index,
+                pts_start_ns: c.pts[0],
+                pts_end_ns: c.pts[1],
+                frames: c.frames,
+                padded_frames: c.padded,
+                labels,
+                capacity: ran_at,
+                experts: experts.get(k).map_or_else(Vec::new, |e| {
+                    e.iter()
+                        .map(|&(expert, weight)| ExpertUse { expert, weight })
+                        .collect()
+                }),
+                model: self.model_name.to_string(),
+                latency_ms: Latency {
+                    queue_ms,
+                    inference_ms,
+                    end_to_end_ms: e2e,
+                },
+                time: now(),
+            };
+            self.sink.write(&e)?;
+            let st = &mut self.streams[*i];
+            st.interval.latencies.push(e2e);
+            st.interval.capacity_sum += ran_at;
+            st.interval.clips += 1;
+            let within = target.is_none_or(|t| e2e <= t);
+            st.interval.within += within as u64;
+            if let Some(tel) = &self.hooks.telemetry {
+                tel.clip(
+                    [queue_ms, inference_ms, e2e],
+                    target.is_some().then_some(within),
+                );
+            }
+            if let Some(f) = self.hooks.on_clip.as_mut() {
+                f(&ClipOutcome::Classified {
+                    stream: &st.name,
+                    clip_index: c.clip_index,
+                    data: &c.data,
+                    probs: &probs[k],
+                    capacity: ran_at,
+                    latency_ms: e2e,
+                    arrived: c.arrived,
+                });
+            }
+        }
+        let service_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut slowdown = 1.0;
+        if let Some(c) = self.controller.as_mut() {
+            c.observe(capacity, batch.len(), service_ms);
+            slowdown = c.slowdown.factor();
+        }
+        if let Some(tel) = &self.hooks.telemetry {
+            tel.batch(capacity, slowdown);
+        }
+        self.progress();
+        Ok(())
+    }
+
+    /// Streams whose source has ended and whose queue is empty: final events, thread joined,
+    /// resources released.
+    pub(super) fn finish_streams(&mut self) -> Result<(), RuntimeError> {
+        let mut i = 0;
+        while i < self.streams.len() {
+            let st = &self.streams[i];
+            if st.end.is_none() || !st.queue.is_empty() {
+                i += 1;
+                continue;
+            }
+            let mut st = self.streams.remove(i);
+            let (frames, dropped, error) = st.end.take().unwrap_or((0, 0, None));
+            // GStreamer's messages quote the location, credentials included.
+            let error = error.map(|e| crate::events::redact_text(&e));
+            if let Some(h) = st.handle.take() {
+                let _ = h.join();
+            }
+            let dropped_total = dropped.max(st.dropped_seen) + st.dropped_here;
+            self.summary.frames += frames;
+            self.summary.dropped_clips += dropped_total;
+            if let Some(reason) = &error {
+                self.write(&Event::StreamError {
+                    stream: st.name.clone(),
+                    reason: reason.clone(),
+                    time: now(),
+                })?;
+                self.summary.failed.push((st.name.clone(), reason.clone()));
+            }
+            if !st.live && st.clips > 0 {
+                let avg: Vec<f32> = st
+                    .prob_sum
+                    .iter()
+                    .map(|p| (*p / st.clips as f64) as f32)
+                    .collect();
+                self.write(&Event::Video {
+                    event_id: format!("{}#video", st.name),
+                    stream: st.name.clone(),
+                    clips: st.clips,
+                    labels: topk(&avg, self.model.labels(), self.opts.topk),
+                    model: self.model_name.to_string(),
+                    time: now(),
+                })?;
+            }
+            self.write(&Event::StreamEnded {
+                stream: st.name.clone(),
+                clips: st.clips,
+                frames,
+                dropped_clips: dropped_total,
+                time: now(),
+            })?;
+            if let Some(t) = &self.hooks.telemetry {
+                t.remove_stream(&st.name);
+            }
+            st.interval.retired_frames = st
+                .frames_seen
+                .load(Ordering::Relaxed)
+                .saturating_sub(st.interval.frames_at_start);
+            // Its fps over the part of the interval it lived through.
+            let secs = self.last_stats.elapsed().as_secs_f64().max(1e-9);
+            let last = self.stream_stats(&st, secs);
+            self.retired_streams.push(last);
+            self.retired.merge(&st.interval);
+            self.done += 1;
+            self.progress();
+        }
+        Ok(())
+    }
+
+    pub(super) fn stream_stats(&self, st: &StreamState, secs: f64) -> StreamStats {
+        let iv = &st.interval;
+        let frames = st.frames_seen.load(Ordering::Relaxed);
+        summarize(
+            st.name.clone(),
+            &mut iv.latencies.clone(),
+            (frames.saturating_sub(iv.frames_at_start)) as f64 / secs,
+            st.queue.len(),
+            iv,
+            self.target_ms(),
+        )
+    }
+
+    pub(super) fn stats(&mut self) -> Result<(), RuntimeError> {
+        let secs = self.last_stats.elapsed().as_secs_f64().max(1e-9);
+        self.last_stats = Instant::now();
+        let live: Vec<StreamStats> = self
+            .streams
+            .iter()
+            .map(|s| self.stream_stats(s, secs))
+            .collect();
+        // Streams that ended in this interval come first, with their final figures.
+        let ended = std::mem::take(&mut self.retired_streams);
+        let ended_fps: f64 = ended.iter().map(|s| s.fps).sum();
+        let streams: Vec<StreamStats> = ended.into_iter().chain(live).collect();
+        let mut all = std::mem::take(&mut self.retired);
+        for s in &self.streams {
+            all.merge(&s.interval);
+        }
+        let mut lat = std::mem::take(&mut all.latencies);
+        let total = summarize(
+            "*".into(),
+            &mut lat,
+            streams
+                .iter()
+                .fold(all.retired_frames as f64 / secs - ended_fps, |a, s| {
+                    a + s.fps
+                }),
+            streams.iter().map(|s| s.queue_depth).sum(),
+            &all,
+            self.target_ms(),
+        );
+        self.update_gauges();
+        if let Some(t) = &self.hooks.telemetry {
+            for s in &streams {
+                t.update_stream(&s.stream, |i| i.fps = s.fps);
+            }
+        }
+        for s in &mut self.streams {
+            s.interval = Interval {
+                frames_at_start: s.frames_seen.load(Ordering::Relaxed),
+                ..Default::default()
+            };
+        }
+        let e = Event::Stats {
+            interval_s: secs,
+            latency_target_ms: self.target_ms(),
+            capacity: self.capacity(),
+            slowdown: self.controller.as_ref().map(|c| c.slowdown.factor()),
+            streams,
+            total,
+            time: now(),
+        };
+        self.write(&e)
+    }
+
+    /// Refresh the per-stream gauges (between stats events).
+    pub(super) fn update_gauges(&self) {
+        if let Some(t) = &self.hooks.telemetry {
+            for st in &self.streams {
+                t.update_stream(&st.name, |i| {
+                    i.clips = st.clips;
+                    i.frames = st.frames_seen.load(Ordering::Relaxed);
+                    i.dropped_clips = st.dropped_seen + st.dropped_here - st.shed;
+                    i.shed_clips = st.shed;
+                    i.queue_depth = st.queue.len();
+                });
+            }
+        }
+    }
+
+    pub(super) fn handle_control(&mut self) -> bool {
+        let Some(rx) = self.hooks.control.clone() else {
+            return false;
+        };
+        let mut any = false;
+        loop {
+            let cmd = match rx.try_recv() {
+                Ok(c) => c,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    // Nobody can send any more; stop selecting on it (it would always be ready).
+                    self.control_closed = true;
+                    break;
+                }
+            };
+            any = true;
+            match cmd {
+                Control::Add { stream, reply } => {
+                    let r = if self.hooks.stop.load(Ordering::Relaxed) {
+                        Err(ControlError::Stopping)
+                    } else {
+                        self.add(&stream)
+                    };
+                    let _ = reply.send(r);
+                }
+                Control::Remove { id, reply } => {
+                    let _ = reply.send(self.remove(&id));
+                }
+            }
+        }
+        any
+    }
+
+    pub(super) fn wait(&self, timeout: Duration) {
+        let mut sel = Select::new();
+        for st in &self.streams {
+            if st.end.is_none() && (st.live || st.queue.len() < self.opts.queue) {
+                sel.recv(&st.rx);
+            }
+        }
+        sel.recv(&self.ev_rx);
+        if let Some(c) = self.hooks.control.as_ref().filter(|_| !self.control_closed) {
+            sel.recv(c);
+        }
+        let _ = sel.ready_timeout(timeout);
+    }
+
+    pub(super) fn main_loop(&mut self) -> Result<(), RuntimeError> {
+        loop {
+            self.drain_events()?;
+            let controlled = self.handle_control();
+            if self.hooks.stop.load(Ordering::Relaxed) {
+                for s in &self.streams {
+                    s.stop.store(true, Ordering::Relaxed);
+                }
+            }
+            let took = self.pull();
+            let now = Instant::now();
+            let queued = self.queued(now);
+            let flush_in = self.flush_in_ms(&queued);
+            let flushed = flush_in == Some(0.0);
+            if flushed {
+                self.run_batch(&queued)?;
+            }
+            self.drain_events()?;
+            self.finish_streams()?;
+            if let Some(iv) = self.opts.stats_interval {
+                if self.last_stats.elapsed() >= iv {
+                    self.stats()?;
+                }
+            }
+            let stopping = self.hooks.stop.load(Ordering::Relaxed);
+            if self.streams.is_empty() && (self.hooks.control.is_none() || stopping) {
+                return Ok(());
+            }
+            if !took && !flushed && !controlled {
+                self.update_gauges();
+                let mut wait = flush_in.unwrap_or(100.0).min(100.0);
+                if let Some(iv) = self.opts.stats_interval {
+                    wait =
+                        wait.min(iv.saturating_sub(self.last_stats.elapsed()).as_secs_f64() * 1e3);
+                }
+                self.wait(Duration::from_secs_f64(wait.max(0.5) / 1e3));
+            }
+        }
+    }
+}
+
+pub(super) fn summarize(
+    stream: String,
+    latencies: &mut [f64],
+    fps: f64,
+    queue_depth: usize,
+    iv: &Interval,
+    target: Option<f64>,
+) -> StreamStats {
+    let judged = iv.clips + iv.dropped + iv.shed;
+    let pct = |l: &mut [f64], p| percentile(l, p).unwrap_or(0.0);
+    StreamStats {
+        stream,
+        fps,
+        clips: iv.clips,
+        queue_depth,
+        dropped_clips: iv.dropped,
+        shed_clips: iv.shed,
+        mean_capacity: (iv.clips > 0).then(|| iv.capacity_sum / iv.clips as f64),
+        latency_ms: (!latencies.is_empty()).then(|| LatencyPercentiles {
+            p50: pct(latencies, 50.0),
+            p95: pct(latencies, 95.0),
+            p99: pct(latencies, 99.0),
+        }),
+        slo_attainment: match target {
+            Some(_) if judged > 0 => Some(iv.within as f64 / judged as f64),
+            _ => None,
+        },
+    }
+}
