@@ -33,7 +33,8 @@ for cycle in $(seq 1 "$CYCLES"); do
   done
   sleep 1
   for i in $(seq 1 "$N"); do curl -sf -o /dev/null -XDELETE "localhost:$PORT/streams/s$i"; done
-  sleep 0.5
+  # DELETE answers 202 (stopping): the ids are free once the streams are gone.
+  for _ in $(seq 1 100); do [[ "$(curl -s "localhost:$PORT/streams")" == "[]" ]] && break; sleep 0.1; done
   if (( cycle == 1 || cycle % 10 == 0 )); then sample "cycle $cycle"; fi
 done
 echo "streams left: $(curl -s localhost:$PORT/streams)"

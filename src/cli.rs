@@ -59,6 +59,10 @@ pub struct ClassifyArgs {
     /// Flush a partial batch after its oldest clip waited this long.
     #[arg(long, default_value_t = 200)]
     pub max_wait_ms: u64,
+    /// A network input that fails transiently (refused, lost, timed out) is retried with
+    /// back-off this many times in a row before it fails (about 2.5 minutes at 10).
+    #[arg(long, default_value_t = 10)]
+    pub max_reconnects: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -146,8 +150,8 @@ fn print_summary(s: &Summary) {
         s.dropped_clips,
         s.failed.len()
     );
-    for (name, reason) in &s.failed {
-        eprintln!("  failed: {name}: {reason}");
+    for (name, f) in &s.failed {
+        eprintln!("  failed: {name}: {}: {}", f.class, f.reason);
     }
 }
 
@@ -158,7 +162,8 @@ struct Extras {
     dtype: Option<String>,
     controller: Option<ControllerSettings>,
     reprofile: bool,
-    http: Option<String>,
+    /// Listen address and access rules of the HTTP API.
+    http: Option<(String, crate::http::ApiAccess)>,
 }
 
 fn cache_dir() -> Option<PathBuf> {
@@ -269,13 +274,19 @@ fn run_streams(
     let mut control_rx = None;
     let _server = match &extras.http {
         None => None,
-        Some(listen) => {
+        Some((listen, access)) => {
             let (tx, rx) = crossbeam_channel::unbounded();
             control_rx = Some(rx);
-            let s = crate::http::serve(listen, telemetry.clone(), tx)?;
+            let guarded = access.token.is_some();
+            let s = crate::http::serve(listen, access.clone(), telemetry.clone(), tx)?;
             eprintln!(
-                "mone: HTTP API on http://{} (/healthz, /metrics, /streams)",
-                s.addr
+                "mone: HTTP API on http://{} (/healthz, /metrics, /streams), {}",
+                s.addr,
+                if guarded {
+                    "bearer token required"
+                } else {
+                    "no token: loopback only"
+                }
             );
             Some(s)
         }
@@ -358,6 +369,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
             ResizeArg::Crop => Resize::Crop,
             ResizeArg::Letterbox => Resize::Letterbox,
         },
+        max_reconnects: Some(a.max_reconnects),
         ..RuntimeOptions::default()
     };
     let streams: Vec<StreamSpec> = a.inputs.iter().map(|i| StreamSpec::from_input(i)).collect();
@@ -383,7 +395,10 @@ pub fn run_pipeline(path: &Path) -> anyhow::Result<i32> {
         dtype: Some(cfg.model.dtype.clone()),
         controller: cfg.controller_settings().map_err(anyhow::Error::msg)?,
         reprofile: cfg.controller.as_ref().is_some_and(|c| c.reprofile),
-        http: cfg.http.as_ref().map(|h| h.listen.clone()),
+        http: match &cfg.http {
+            Some(h) => Some((h.listen.clone(), h.access().map_err(anyhow::Error::msg)?)),
+            None => None,
+        },
     };
     let s = run_streams(
         &cfg.model.dir,

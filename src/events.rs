@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::failure::{ErrorClass, Failure};
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LabelScore {
     pub label: String,
@@ -103,14 +105,21 @@ pub enum Event {
         dropped_clips: u64,
         time: String,
     },
+    /// The stream failed for good: a permanent error, a file's error, or too many reconnects.
     StreamError {
         stream: String,
+        error_class: ErrorClass,
         reason: String,
+        /// GStreamer's own text, redacted (empty when the failure is mone's finding).
+        detail: String,
         time: String,
     },
+    /// A network input failed transiently and will be reconnected.
     Offline {
         stream: String,
+        error_class: ErrorClass,
         reason: String,
+        detail: String,
         time: String,
     },
     Reconnected {
@@ -148,6 +157,27 @@ impl EventSink for Vec<Event> {
     }
     fn written(&self) -> u64 {
         self.len() as u64
+    }
+}
+
+impl Event {
+    pub fn stream_error(stream: &str, f: &Failure) -> Self {
+        Event::StreamError {
+            stream: stream.to_string(),
+            error_class: f.class,
+            reason: f.reason.clone(),
+            detail: f.detail.clone(),
+            time: now(),
+        }
+    }
+    pub fn offline(stream: &str, f: &Failure) -> Self {
+        Event::Offline {
+            stream: stream.to_string(),
+            error_class: f.class,
+            reason: f.reason.clone(),
+            detail: f.detail.clone(),
+            time: now(),
+        }
     }
 }
 
@@ -332,12 +362,16 @@ mod tests {
             },
             Event::StreamError {
                 stream: "s".into(),
+                error_class: ErrorClass::NoVideo,
                 reason: "r".into(),
+                detail: "d".into(),
                 time: t.clone(),
             },
             Event::Offline {
                 stream: "s".into(),
+                error_class: ErrorClass::ConnectionRefused,
                 reason: "r".into(),
+                detail: String::new(),
                 time: t.clone(),
             },
             Event::Reconnected {
@@ -414,7 +448,9 @@ mod tests {
     fn events_round_trip_with_a_type_tag() {
         let e = Event::StreamError {
             stream: "s".into(),
+            error_class: ErrorClass::Timeout,
             reason: "r".into(),
+            detail: String::new(),
             time: now(),
         };
         let j = serde_json::to_string(&e).unwrap();

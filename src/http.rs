@@ -2,22 +2,107 @@
 //! `GET /streams`, `POST /streams` (`{"uri": ..., "id": ...}`), `DELETE /streams/{id}`. It runs
 //! on its own thread with a one-thread tokio runtime, reads [`Telemetry`] and asks the runtime
 //! to add or remove streams through [`Control`] messages.
+//!
+//! Access ([`ApiAccess`]): with a token, every route but `/healthz` (and `/metrics` when left
+//! open) wants `Authorization: Bearer <token>`; without one the API may bind loopback only. A
+//! new stream's URI scheme must be allowed, a file only under an allowed folder, and the answer
+//! to a path outside those never tells whether it exists.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use crossbeam_channel::Sender;
 use serde::Deserialize;
 
+use crate::events::redact_text;
 use crate::metrics::Telemetry;
 use crate::runtime::{Control, ControlError, StreamSpec};
+
+/// Who may use the API and what it may add.
+#[derive(Clone, Debug)]
+pub struct ApiAccess {
+    /// The bearer token; None: open, and loopback only.
+    pub token: Option<String>,
+    /// URI schemes `POST /streams` takes (`test` for test sources); files are governed by
+    /// `allow_dirs` alone.
+    pub allow_schemes: Vec<String>,
+    /// Folders under which a file may be added (none: no files).
+    pub allow_dirs: Vec<std::path::PathBuf>,
+    /// Largest request body, bytes; beyond it: 413.
+    pub body_limit: usize,
+    /// `/metrics` without the token (for Prometheus scrapers).
+    pub open_metrics: bool,
+}
+
+impl Default for ApiAccess {
+    fn default() -> Self {
+        Self {
+            token: None,
+            allow_schemes: ["rtsp", "rtsps", "http", "https", "srt", "test"]
+                .map(String::from)
+                .to_vec(),
+            allow_dirs: Vec::new(),
+            body_limit: 64 * 1024,
+            open_metrics: false,
+        }
+    }
+}
+
+/// Equal bytes, in time that depends on the lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why `POST /streams` refuses an input by policy (403), or None.
+fn refused_by_policy(access: &ApiAccess, input: &str) -> Option<String> {
+    let scheme = if input.starts_with("test:") {
+        "test".to_string()
+    } else if let Some((s, _)) = input.split_once("://") {
+        s.to_ascii_lowercase()
+    } else {
+        "file".to_string()
+    };
+    if scheme != "file" && !access.allow_schemes.iter().any(|a| a == &scheme) {
+        return Some(format!(
+            "`{scheme}` inputs are not allowed here (allowed: {}; see [http] allow_schemes)",
+            access.allow_schemes.join(", ")
+        ));
+    }
+    if scheme != "file" {
+        return None;
+    }
+    let path = std::path::Path::new(input.strip_prefix("file://").unwrap_or(input));
+    let outside =
+        || Some("files may be added only under the folders in [http] allow_dirs".to_string());
+    // Lexically first: no `..`, and relative paths are never under an absolute folder.
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return outside();
+    }
+    let under = |p: &std::path::Path| access.allow_dirs.iter().any(|d| p.starts_with(d));
+    if !under(path) {
+        return outside();
+    }
+    // Then through symlinks, when it exists (inside an allowed folder, a missing file may say so).
+    match std::fs::canonicalize(path) {
+        Ok(real) if !under(&real) => outside(),
+        _ => None,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -27,12 +112,17 @@ pub enum HttpError {
     Bind(String, std::io::Error),
     #[error("HTTP API: {0}")]
     Runtime(std::io::Error),
+    #[error("HTTP API: {0} is not a loopback address, and no token is set: set [http] token_file or MONE_API_TOKEN, or listen on 127.0.0.1")]
+    Open(String),
+    #[error("HTTP API: the token is empty")]
+    EmptyToken,
 }
 
 #[derive(Clone)]
 struct AppState {
     telemetry: Arc<Telemetry>,
     control: Sender<Control>,
+    access: Arc<ApiAccess>,
 }
 
 #[derive(Deserialize)]
@@ -61,7 +151,33 @@ impl Drop for HttpServer {
 }
 
 fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(serde_json::json!({ "error": message }))).into_response()
+    (
+        status,
+        Json(serde_json::json!({ "error": redact_text(&message) })),
+    )
+        .into_response()
+}
+
+async fn authorize(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let open = path == "/healthz" || (path == "/metrics" && s.access.open_metrics);
+    if let (Some(token), false) = (&s.access.token, open) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.trim().as_bytes(), token.as_bytes()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(serde_json::json!({ "error": "a valid bearer token is required" })),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Send a control message and wait for the runtime's answer (it answers between batches).
@@ -88,7 +204,7 @@ async fn ask(
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => {
             let status = match e {
-                ControlError::Duplicate(_) => StatusCode::CONFLICT,
+                ControlError::Duplicate(_) | ControlError::StillStopping(_) => StatusCode::CONFLICT,
                 ControlError::BadInput(_) => StatusCode::BAD_REQUEST,
                 ControlError::NotFound(_) => StatusCode::NOT_FOUND,
                 ControlError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
@@ -111,17 +227,40 @@ async fn metrics(State(s): State<AppState>) -> Response {
 }
 
 async fn list(State(s): State<AppState>) -> Response {
-    Json(s.telemetry.streams()).into_response()
+    let mut streams = s.telemetry.streams();
+    for i in &mut streams {
+        i.id = redact_text(&i.id);
+        i.uri = redact_text(&i.uri);
+    }
+    Json(streams).into_response()
 }
 
-async fn add(State(s): State<AppState>, body: Option<Json<AddStream>>) -> Response {
-    let Some(Json(a)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "send JSON: {\"uri\": \"rtsp://...\", \"id\": \"name\"}".into(),
-        );
+async fn add(
+    State(s): State<AppState>,
+    body: Result<Json<AddStream>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let a = match body {
+        Ok(Json(a)) => a,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is over {} bytes ([http] body_limit)",
+                    s.access.body_limit
+                ),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "send JSON: {\"uri\": \"rtsp://...\", \"id\": \"name\"}".into(),
+            )
+        }
     };
-    let mut spec = StreamSpec::from_input(&a.uri);
+    if let Some(why) = refused_by_policy(&s.access, a.uri.trim()) {
+        return error(StatusCode::FORBIDDEN, why);
+    }
+    let mut spec = StreamSpec::from_input(a.uri.trim());
     if let Some(id) = a.id {
         if id.trim().is_empty() {
             return error(StatusCode::BAD_REQUEST, "id must not be empty".into());
@@ -147,7 +286,11 @@ async fn remove(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     })
     .await
     {
-        Ok(()) => Json(serde_json::json!({ "removed": id })).into_response(),
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "id": id, "state": "stopping" })),
+        )
+            .into_response(),
         Err(r) => r,
     }
 }
@@ -155,12 +298,19 @@ async fn remove(State(s): State<AppState>, Path(id): Path<String>) -> Response {
 /// Bind `listen` and serve on a background thread.
 pub fn serve(
     listen: &str,
+    access: ApiAccess,
     telemetry: Arc<Telemetry>,
     control: Sender<Control>,
 ) -> Result<HttpServer, HttpError> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| HttpError::Address(listen.to_string()))?;
+    if access.token.is_none() && !addr.ip().is_loopback() {
+        return Err(HttpError::Open(listen.to_string()));
+    }
+    if access.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(HttpError::EmptyToken);
+    }
     let std_listener =
         std::net::TcpListener::bind(addr).map_err(|e| HttpError::Bind(listen.to_string(), e))?;
     std_listener
@@ -177,7 +327,18 @@ pub fn serve(
         .route("/metrics", get(metrics))
         .route("/streams", get(list).post(add))
         .route("/streams/{id}", delete(remove))
-        .with_state(AppState { telemetry, control });
+        .layer(DefaultBodyLimit::max(access.body_limit));
+    let state = AppState {
+        telemetry,
+        control,
+        access: Arc::new(access),
+    };
+    let app = app
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .with_state(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let listener = {
         let _guard = rt.enter();
@@ -201,4 +362,53 @@ pub fn serve(
         shutdown: Some(tx),
         thread: Some(thread),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"ab"));
+        assert!(!same(b"", b"a"));
+    }
+
+    #[test]
+    fn the_policy_takes_allowed_schemes_and_files_under_allowed_folders_only() {
+        let dir = std::env::temp_dir().join(format!("mone-http-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = std::fs::canonicalize(&dir).unwrap();
+        let access = ApiAccess {
+            allow_dirs: vec![dir.clone()],
+            ..ApiAccess::default()
+        };
+        assert_eq!(refused_by_policy(&access, "rtsp://cam/x"), None);
+        assert_eq!(refused_by_policy(&access, "test:pattern=ball"), None);
+        assert!(refused_by_policy(&access, "udp://0.0.0.0:5000").is_some());
+        assert!(refused_by_policy(&access, "fd://0").is_some());
+        let inside = dir.join("a.mp4");
+        assert_eq!(
+            refused_by_policy(&access, &inside.display().to_string()),
+            None
+        );
+        let uri = format!("file://{}", inside.display());
+        assert_eq!(refused_by_policy(&access, &uri), None);
+        // Outside, existing or not, the same answer.
+        let a = refused_by_policy(&access, "/etc/passwd");
+        let b = refused_by_policy(&access, "/etc/no-such-file");
+        assert!(a.is_some());
+        assert_eq!(a, b);
+        let escape = format!("{}/../../etc/passwd", dir.display());
+        assert_eq!(refused_by_policy(&access, &escape), a);
+        assert_eq!(refused_by_policy(&access, "relative.mp4"), a);
+        // A symlink inside that points outside.
+        let link = dir.join("link.mp4");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        assert_eq!(refused_by_policy(&access, &link.display().to_string()), a);
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

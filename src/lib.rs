@@ -6,7 +6,8 @@
 //! - [`import`] (`mone import-hf`: transformers ViViT/VideoMAE checkpoints as model folders)
 //!   and [`infer`] (`mone infer`: logits for a raw input tensor, for parity checks).
 //! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
-//!   [`events`], `pipeline`, `cli`: the streaming pipeline from inputs to JSON events.
+//!   [`events`], [`failure`] (error classes), `pipeline`, `cli`: the streaming pipeline from
+//!   inputs to JSON events.
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
 //!   [`train`] (the MoNE and V-MoE training loop with exact-resume checkpoints), and
 //!   [`superclass`] (confusion matrix -> clustered super-classes for V-MoE's router): training.
@@ -33,6 +34,7 @@ pub mod dataset;
 pub mod device;
 pub mod eval;
 pub mod events;
+pub mod failure;
 #[cfg(feature = "gst")]
 pub mod http;
 pub mod import;

@@ -143,7 +143,8 @@ impl Telemetry {
         self.with(|s| {
             let mut o = String::new();
             let esc = |v: &str| {
-                v.replace('\\', "\\\\")
+                crate::events::redact_text(v)
+                    .replace('\\', "\\\\")
                     .replace('"', "\\\"")
                     .replace('\n', "\\n")
             };

@@ -94,6 +94,71 @@ pub struct ControllerSection {
 pub struct HttpSection {
     /// Address to bind, e.g. "127.0.0.1:9464".
     pub listen: String,
+    /// A file holding the bearer token (else the MONE_API_TOKEN variable; neither: loopback
+    /// only, no token).
+    pub token_file: Option<PathBuf>,
+    /// URI schemes `POST /streams` takes; default rtsp, rtsps, http, https, srt, test.
+    pub allow_schemes: Option<Vec<String>>,
+    /// Folders under which `POST /streams` may add files; default none.
+    #[serde(default)]
+    pub allow_dirs: Vec<PathBuf>,
+    /// Largest request body in bytes; default 65536.
+    pub body_limit: Option<usize>,
+    /// Serve /metrics without the token (Prometheus scrapers); default false.
+    #[serde(default)]
+    pub open_metrics: bool,
+}
+
+impl HttpSection {
+    /// Who may use the API: the token read now (file, then MONE_API_TOKEN), folders resolved.
+    pub fn access(&self) -> Result<crate::http::ApiAccess, String> {
+        let token = match &self.token_file {
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|e| format!("[http] token_file {}: {e}", p.display()))?;
+                Some(t.trim().to_string())
+            }
+            None => std::env::var("MONE_API_TOKEN")
+                .ok()
+                .map(|t| t.trim().to_string()),
+        };
+        let mut a = crate::http::ApiAccess {
+            token,
+            ..Default::default()
+        };
+        if a.token.as_deref() == Some("") {
+            return Err("[http] the API token is empty".into());
+        }
+        if let Some(s) = &self.allow_schemes {
+            a.allow_schemes = s.iter().map(|s| s.to_ascii_lowercase()).collect();
+        }
+        a.allow_dirs = self
+            .allow_dirs
+            .iter()
+            .map(|d| {
+                std::fs::canonicalize(d)
+                    .map_err(|e| format!("[http] allow_dirs {}: {e}", d.display()))
+            })
+            .collect::<Result<_, _>>()?;
+        if let Some(n) = self.body_limit {
+            if n == 0 {
+                return Err("[http] body_limit must be at least 1".into());
+            }
+            a.body_limit = n;
+        }
+        a.open_metrics = self.open_metrics;
+        let addr: std::net::SocketAddr = self
+            .listen
+            .parse()
+            .map_err(|e| format!("[http] listen `{}`: {e} (want IP:PORT)", self.listen))?;
+        if a.token.is_none() && !addr.ip().is_loopback() {
+            return Err(format!(
+                "[http] listen {} is not a loopback address, and no token is set: set [http] token_file or MONE_API_TOKEN, or listen on 127.0.0.1",
+                self.listen
+            ));
+        }
+        Ok(a)
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -335,6 +400,45 @@ mod tests {
         let s = c.controller_settings().unwrap().unwrap();
         assert_eq!((s.latency_target_ms, s.min_capacity), (1000.0, 0.25));
         assert_eq!(c.http.unwrap().listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn the_http_access_rules_come_from_the_config() {
+        let dir = std::env::temp_dir().join(format!("mone-http-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "  abc123\n").unwrap();
+        let section = |extra: &str| {
+            let text = format!(
+                "[model]\ndir='m'\n[http]\nlisten='0.0.0.0:9464'\n{extra}\n[[streams]]\nuri='x'"
+            );
+            PipelineConfig::parse(&text).unwrap().http.unwrap()
+        };
+        let a = section(&format!(
+            "token_file='{}'\nallow_schemes=['RTSP']\nallow_dirs=['{}']\nbody_limit=100\nopen_metrics=true",
+            token.display(),
+            dir.display()
+        ))
+        .access()
+        .unwrap();
+        assert_eq!(a.token.as_deref(), Some("abc123"));
+        assert_eq!(a.allow_schemes, ["rtsp"]);
+        assert_eq!(a.allow_dirs, [std::fs::canonicalize(&dir).unwrap()]);
+        assert_eq!((a.body_limit, a.open_metrics), (100, true));
+        let missing = section("token_file='/no/such/token'").access().unwrap_err();
+        assert!(missing.contains("token_file"), "{missing}");
+        let bad_dir = section(&format!(
+            "token_file='{}'\nallow_dirs=['/no/such/dir']",
+            token.display()
+        ))
+        .access()
+        .unwrap_err();
+        assert!(bad_dir.contains("allow_dirs"), "{bad_dir}");
+        if std::env::var_os("MONE_API_TOKEN").is_none() {
+            let open = section("").access().unwrap_err();
+            assert!(open.contains("loopback"), "{open}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -12,6 +12,7 @@ use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 
 use crate::clip::Frame;
+use crate::failure::{self, Domain, ErrorClass, Failure, Probe, RawError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -21,6 +22,18 @@ pub enum SourceError {
     Invalid(String, String),
     #[error("GStreamer: {0}")]
     Gst(String),
+}
+
+impl SourceError {
+    /// The failure a stream reports when its pipeline cannot even be built.
+    pub fn failure(&self) -> Failure {
+        let class = match self {
+            SourceError::NotFound(_) => ErrorClass::NotFound,
+            SourceError::Invalid(..) => ErrorClass::BadUri,
+            SourceError::Gst(_) => ErrorClass::Internal,
+        };
+        Failure::new(class, self.to_string(), "")
+    }
 }
 
 /// How frames are fitted to the model's square input.
@@ -156,21 +169,43 @@ impl Input {
         Ok(Input::Uri(uri.to_string()))
     }
 
-    /// Live inputs run in real time, reconnect when they fail and may drop clips.
+    /// The URI scheme, lower case (`test` for a test source).
+    pub fn scheme(&self) -> String {
+        match self {
+            Input::Test(_) => "test".into(),
+            Input::Uri(u) => u
+                .split_once(':')
+                .map_or(String::new(), |(s, _)| s.to_ascii_lowercase()),
+        }
+    }
+
+    /// Live inputs run in real time, reconnect when they fail and may drop clips. An HTTP input
+    /// is live only when it turns out to have no duration (a camera's stream, live HLS): see
+    /// [`Input::liveness_known`] and [`SourcePipeline::has_duration`].
     pub fn is_live(&self) -> bool {
         match self {
             Input::Test(t) => t.live,
-            Input::Uri(u) => {
-                let l = u.to_ascii_lowercase();
-                l.starts_with("rtsp://")
-                    || l.starts_with("rtsps://")
-                    || l.starts_with("rtspt://")
-                    || l.starts_with("udp://")
-                    || l.starts_with("srt://")
-            }
+            Input::Uri(_) => LIVE_SCHEMES.contains(&self.scheme().as_str()),
         }
     }
+
+    /// False for inputs whose liveness shows only once they play (HTTP).
+    pub fn liveness_known(&self) -> bool {
+        !matches!(self.scheme().as_str(), "http" | "https")
+    }
+
+    /// Inputs read over a network: transient failures (refused, lost, timed out) reconnect.
+    pub fn is_network(&self) -> bool {
+        let s = self.scheme();
+        LIVE_SCHEMES.contains(&s.as_str()) || matches!(s.as_str(), "http" | "https")
+    }
 }
+
+/// Schemes whose sources are live streams (no duration, real time).
+const LIVE_SCHEMES: &[&str] = &[
+    "rtsp", "rtspu", "rtspt", "rtsph", "rtsps", "rtspsu", "rtspst", "rtspsh", "udp", "rtp", "srt",
+    "rist", "rtmp", "rtmps", "rtmpt", "rtmpe", "rtmpte", "rtmpts", "rtmfp", "icy", "icyx", "rfb",
+];
 
 pub fn init() -> Result<(), SourceError> {
     gst::init().map_err(|e| SourceError::Gst(format!("cannot initialise GStreamer: {e}")))
@@ -183,7 +218,7 @@ pub enum Pulled {
     /// Nothing within the timeout.
     Idle,
     Eos,
-    Error(String),
+    Error(Failure),
 }
 
 /// One running pipeline.
@@ -194,6 +229,8 @@ pub struct SourcePipeline {
     width: usize,
     height: usize,
     index: u64,
+    /// The URI, for probing its host when a network source fails without saying why.
+    uri: Option<String>,
 }
 
 fn fraction(fps: f64) -> gst::Fraction {
@@ -282,6 +319,14 @@ impl SourcePipeline {
                 gst::Element::link_many([&src, &cf, &queue]).map_err(gerr)?;
             }
             Input::Uri(uri) => {
+                // Any source element refuses a URI it cannot parse (rtspsrc: a user without a
+                // password); uridecodebin would report it only once playing.
+                if let Err(e) = gst::Element::make_from_uri(gst::URIType::Src, uri, None) {
+                    return Err(SourceError::Invalid(
+                        crate::events::redact_text(uri),
+                        format!("no GStreamer source takes this URI ({e})"),
+                    ));
+                }
                 let dec = make("uridecodebin")?;
                 dec.set_property("uri", uri);
                 let transport = opts.rtsp_transport;
@@ -306,6 +351,15 @@ impl SourcePipeline {
                     }
                     None
                 });
+                // An HTTP camera's MJPEG (multipart/x-mixed-replace) never says it has no more
+                // parts, and decodebin waits for that before it exposes the video.
+                if let Some(bin) = dec.dynamic_cast_ref::<gst::Bin>() {
+                    bin.connect_deep_element_added(|_, _, el| {
+                        if el.factory().is_some_and(|f| f.name() == "multipartdemux") {
+                            set_checked(el, "single-stream", "true");
+                        }
+                    });
+                }
                 let queue_weak = queue.downgrade();
                 dec.connect_pad_added(move |_, pad| {
                     let Some(queue) = queue_weak.upgrade() else {
@@ -335,6 +389,10 @@ impl SourcePipeline {
             width: opts.width as usize,
             height: opts.height as usize,
             index: 0,
+            uri: match input {
+                Input::Uri(u) => Some(u.clone()),
+                Input::Test(_) => None,
+            },
         })
     }
 
@@ -345,26 +403,41 @@ impl SourcePipeline {
             .map_err(|_| SourceError::Gst("the pipeline refused to start".into()))
     }
 
-    fn bus_error(&self) -> Option<String> {
+    fn bus_error(&self) -> Option<Failure> {
         while let Some(msg) = self.bus.pop_filtered(&[gst::MessageType::Error]) {
             if let gst::MessageView::Error(e) = msg.view() {
-                let src = e.src().map(|s| s.name().to_string()).unwrap_or_default();
                 let dbg = e.debug().map(|d| d.to_string()).unwrap_or_default();
-                let short = dbg
+                let debug = dbg
                     .lines()
-                    .next()
-                    .unwrap_or("")
+                    .map(without_position)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
                     .chars()
-                    .take(200)
+                    .take(300)
                     .collect::<String>();
-                return Some(if short.is_empty() {
-                    format!("{} ({src})", e.error())
-                } else {
-                    format!("{} ({src}: {short})", e.error())
-                });
+                let raw = RawError {
+                    domain: domain_of(&e.error()),
+                    code: code_of(&e.error()),
+                    message: e.error().message().to_string(),
+                    debug,
+                    element: e.src().map(|s| s.name().to_string()).unwrap_or_default(),
+                };
+                let uri = self.uri.clone();
+                return Some(failure::classify(&raw, self.index > 0, move || {
+                    uri.as_deref().map_or(Probe::Skipped, probe)
+                }));
             }
         }
         None
+    }
+
+    /// Whether the pipeline knows the input's duration (asked once it plays): an HTTP input
+    /// without one is a live stream.
+    pub fn has_duration(&self) -> bool {
+        self.pipeline
+            .query_duration::<gst::ClockTime>()
+            .is_some_and(|d| d > gst::ClockTime::ZERO)
     }
 
     /// Start without waiting: some elements (an HTTP source whose server stalls, say) block the
@@ -398,7 +471,11 @@ impl SourcePipeline {
         {
             Some(sample) => match self.frame(&sample) {
                 Ok(f) => Pulled::Frame(f),
-                Err(e) => Pulled::Error(e),
+                Err(e) => Pulled::Error(Failure::new(
+                    ErrorClass::Internal,
+                    "a decoded frame could not be read",
+                    e,
+                )),
             },
             None => {
                 if let Some(e) = self.bus_error() {
@@ -485,7 +562,9 @@ fn encoder_chain(format: &str) -> Result<&'static str, SourceError> {
         "mkv" => "video/x-raw,format=I420 ! x264enc speed-preset=ultrafast key-int-max=30 ! h264parse ! matroskamux",
         "webm" => "vp8enc deadline=1 ! webmmux",
         "avi" => "jpegenc ! avimux",
-        other => return Err(SourceError::Invalid(other.into(), "format must be mp4, mkv, webm or avi".into())),
+        // What HTTP cameras serve: multipart/x-mixed-replace JPEG.
+        "mjpeg" => "jpegenc ! multipartmux boundary=frame",
+        other => return Err(SourceError::Invalid(other.into(), "format must be mp4, mkv, webm, avi or mjpeg".into())),
     })
 }
 
@@ -613,7 +692,7 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
                 }
             }
             Pulled::Eos => break Ok(()),
-            Pulled::Error(e) => break Err(SourceError::Gst(format!("{spec}: {e}"))),
+            Pulled::Error(e) => break Err(SourceError::Gst(format!("{spec}: {e}: {}", e.detail))),
             Pulled::Idle => {
                 idle += 1;
                 if idle > 150 {
@@ -627,6 +706,87 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
     // 600-clip folder took 10 minutes).
     p.stop(Duration::ZERO);
     result.map(|_| frames)
+}
+
+/// A debug line without GStreamer's source position and element path
+/// (`../gst/x.c(12): func (): /GstPipeline:p/GstX:x:`), which say nothing to a user.
+fn without_position(line: &str) -> &str {
+    let Some(c) = line.find(".c(") else {
+        return line.trim();
+    };
+    let rest = &line[c..];
+    let Some(f) = rest.find("(): ") else {
+        return line.trim();
+    };
+    let rest = &rest[f + 4..];
+    if !rest.starts_with('/') {
+        return rest.trim();
+    }
+    // The element path ends at the first ": " (or the line).
+    match rest.find(": ") {
+        Some(i) => rest[i + 2..].trim(),
+        None => "",
+    }
+}
+
+fn domain_of(e: &gst::glib::Error) -> Domain {
+    if e.kind::<gst::CoreError>().is_some() {
+        Domain::Core
+    } else if e.kind::<gst::LibraryError>().is_some() {
+        Domain::Library
+    } else if e.kind::<gst::ResourceError>().is_some() {
+        Domain::Resource
+    } else if e.kind::<gst::StreamError>().is_some() {
+        Domain::Stream
+    } else {
+        Domain::Other
+    }
+}
+
+/// The error enum's variant in snake case (`NotAuthorized` -> `not_authorized`).
+fn code_of(e: &gst::glib::Error) -> String {
+    let name = if let Some(k) = e.kind::<gst::CoreError>() {
+        format!("{k:?}")
+    } else if let Some(k) = e.kind::<gst::LibraryError>() {
+        format!("{k:?}")
+    } else if let Some(k) = e.kind::<gst::ResourceError>() {
+        format!("{k:?}")
+    } else if let Some(k) = e.kind::<gst::StreamError>() {
+        format!("{k:?}")
+    } else {
+        String::new()
+    };
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// Connect to a network URI's host to learn why its source failed (refused, unresolved, timed
+/// out); a short timeout, since the stream thread waits for it.
+fn probe(uri: &str) -> Probe {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let Some((host, port)) = failure::host_port(uri) else {
+        return Probe::Skipped;
+    };
+    let at = format!("{host}:{port}");
+    let Some(addr) = (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        return Probe::Unresolved(host);
+    };
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+        Ok(_) => Probe::Reachable,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Probe::Refused(at),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Probe::TimedOut(at),
+        Err(_) => Probe::Refused(at),
+    }
 }
 
 /// Set `name` on an element we did not create from its string form, typed by the element's own
@@ -657,6 +817,22 @@ fn set_checked(el: &gst::Element, name: &str, value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_text_loses_its_source_position() {
+        assert_eq!(
+            without_position("../ext/soup/gstsouphttpsrc.c(1683): gst_soup_http_src_parse_status (): /GstPipeline:pipeline0/GstURIDecodeBin:uridecodebin0/GstSoupHTTPSrc:source:"),
+            ""
+        );
+        assert_eq!(
+            without_position("../gst/rtsp/gstrtspsrc.c(8336): gst_rtspsrc_retrieve_sdp (): /GstPipeline:p/GstRTSPSrc:source: Failed to connect."),
+            "Failed to connect."
+        );
+        assert_eq!(
+            without_position("no known streams found"),
+            "no known streams found"
+        );
+    }
 
     #[test]
     fn parses_inputs() {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use mone::controller::{ControllerSettings, LatencyProfile};
 use mone::events::Event;
+use mone::http::ApiAccess;
 use mone::metrics::{parse_prometheus, Telemetry};
 use mone::model::{self, Config, LoadedModel};
 use mone::runtime::{self, Classifier, ControlOptions, Hooks, RuntimeOptions, StreamSpec};
@@ -230,14 +231,25 @@ fn an_overloaded_live_pipeline_keeps_latency_bounded_and_counts_drops() {
 }
 
 fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_as(addr, method, path, body, None)
+}
+
+fn http_as(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    // A refused body may be answered before it is all sent.
+    let _ = write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    );
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out
@@ -255,7 +267,14 @@ fn streams_are_added_and_removed_through_the_http_api() {
     let model = tiny();
     let telemetry = Arc::new(Telemetry::new(None));
     let (tx, rx) = crossbeam_channel::unbounded();
-    let server = mone::http::serve("127.0.0.1:0", telemetry.clone(), tx).unwrap();
+    let files = std::env::temp_dir().join(format!("mone-api-files-{}", std::process::id()));
+    std::fs::create_dir_all(&files).unwrap();
+    let files = std::fs::canonicalize(&files).unwrap();
+    let access = ApiAccess {
+        allow_dirs: vec![files.clone()],
+        ..ApiAccess::default()
+    };
+    let server = mone::http::serve("127.0.0.1:0", access, telemetry.clone(), tx).unwrap();
     let addr = server.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let events = Arc::new(Mutex::new(Vec::<Event>::new()));
@@ -295,7 +314,15 @@ fn streams_are_added_and_removed_through_the_http_api() {
         r#"{"uri": "test:pattern=snow,live=true", "id": "door"}"#,
     );
     assert_eq!(code, 409, "a second stream with the same id");
+    // Outside the allowed folder a path is refused without saying whether it exists.
     let (code, body) = http(addr, "POST", "/streams", r#"{"uri": "/no/such/file.mp4"}"#);
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        http(addr, "POST", "/streams", r#"{"uri": "/etc/passwd"}"#),
+        (code, body)
+    );
+    let missing = serde_json::json!({ "uri": files.join("missing.mp4") }).to_string();
+    let (code, body) = http(addr, "POST", "/streams", &missing);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("no such file"), "{body}");
     let (code, _) = http(addr, "POST", "/streams", "not json");
@@ -327,7 +354,9 @@ fn streams_are_added_and_removed_through_the_http_api() {
             && l["stage"] == "end_to_end"
             && *v > 0.0));
     assert_eq!(http(addr, "DELETE", "/streams/nope", "").0, 404);
-    assert_eq!(http(addr, "DELETE", "/streams/door", "").0, 200);
+    let (code, body) = http(addr, "DELETE", "/streams/door", "");
+    assert_eq!(code, 202, "{body}");
+    assert!(body.contains(r#""state":"stopping""#), "{body}");
     // Removal releases it: gone from the list, the run keeps going with no streams.
     let t0 = Instant::now();
     while http(addr, "GET", "/streams", "").1 != "[]" {
@@ -338,6 +367,7 @@ fn streams_are_added_and_removed_through_the_http_api() {
     stop.store(true, Ordering::Relaxed);
     let summary = worker.join().unwrap();
     drop(server);
+    std::fs::remove_dir_all(&files).ok();
     assert_eq!(summary.inputs, 1);
     assert!(summary.failed.is_empty(), "{:?}", summary.failed);
     let ev = events.lock().unwrap();
@@ -363,4 +393,166 @@ fn streams_are_added_and_removed_through_the_http_api() {
         *clips, clip_events,
         "every queued clip was classified before the end"
     );
+}
+
+#[test]
+fn delete_answers_stopping_until_the_stream_is_gone() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // 400 ms a batch of 2 and a queue of 8 kept full (6 after a batch): draining takes three
+    // batches, and the worker answers between batches, so each request below sees it stopping.
+    let model = Slow {
+        inner: tiny(),
+        base_ms: 400.0,
+        per_clip_ms: 0.0,
+    };
+    let telemetry = Arc::new(Telemetry::new(None));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let server =
+        mone::http::serve("127.0.0.1:0", ApiAccess::default(), telemetry.clone(), tx).unwrap();
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let stop = stop.clone();
+        let telemetry = telemetry.clone();
+        std::thread::spawn(move || {
+            let mut sink: Vec<Event> = Vec::new();
+            let mut hooks = Hooks::new(stop);
+            hooks.control = Some(rx);
+            hooks.telemetry = Some(telemetry);
+            let opts = RuntimeOptions {
+                batch: 2,
+                queue: 8,
+                max_wait: Duration::from_millis(10),
+                ..RuntimeOptions::default()
+            };
+            runtime::run(&model, "slow", &Device::Cpu, &[], &opts, &mut sink, hooks).unwrap();
+            sink
+        })
+    };
+    let add = r#"{"uri": "test:pattern=ball,fps=400,live=true,width=32,height=32", "id": "yard"}"#;
+    assert_eq!(http(addr, "POST", "/streams", add).0, 201);
+    let state = || -> Option<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&http(addr, "GET", "/streams", "").1).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == "yard")
+            .map(|s| s["state"].as_str().unwrap().to_string())
+    };
+    let queued = || -> u64 {
+        let list: serde_json::Value =
+            serde_json::from_str(&http(addr, "GET", "/streams", "").1).unwrap();
+        list[0]["queue_depth"].as_u64().unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    while !(state().as_deref() == Some("running") && queued() >= 6) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never filled its queue: {}",
+            http(addr, "GET", "/streams", "").1
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = http(addr, "DELETE", "/streams/yard", "");
+    assert_eq!(code, 202, "{body}");
+    assert!(body.contains(r#""state":"stopping""#), "{body}");
+    assert_eq!(state().as_deref(), Some("stopping"));
+    // Idempotent while stopping, and the id is not free yet.
+    assert_eq!(http(addr, "DELETE", "/streams/yard", "").0, 202);
+    let (code, body) = http(addr, "POST", "/streams", add);
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("still stopping"), "{body}");
+    let t0 = Instant::now();
+    while state().is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never went");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http(addr, "DELETE", "/streams/yard", "").0, 404);
+    assert_eq!(http(addr, "POST", "/streams", add).0, 201);
+    stop.store(true, Ordering::Relaxed);
+    let events = worker.join().unwrap();
+    drop(server);
+    let ended = events
+        .iter()
+        .filter(|e| matches!(e, Event::StreamEnded { .. }))
+        .count();
+    assert_eq!(ended, 2, "one stream_ended per stream");
+}
+
+#[test]
+fn the_api_wants_its_token_and_takes_only_allowed_inputs() {
+    let telemetry = Arc::new(Telemetry::new(None));
+    let (tx, _rx) = crossbeam_channel::unbounded();
+    // Without a token the API may not listen beyond loopback.
+    assert!(mone::http::serve(
+        "0.0.0.0:0",
+        ApiAccess::default(),
+        telemetry.clone(),
+        tx.clone()
+    )
+    .is_err());
+    let token = "correct horse battery staple";
+    let access = ApiAccess {
+        token: Some(token.into()),
+        ..ApiAccess::default()
+    };
+    let server =
+        mone::http::serve("127.0.0.1:0", access.clone(), telemetry.clone(), tx.clone()).unwrap();
+    let addr = server.addr;
+    assert_eq!(http(addr, "GET", "/healthz", "").0, 200);
+    for path in ["/streams", "/metrics"] {
+        assert_eq!(http(addr, "GET", path, "").0, 401, "{path}");
+        assert_eq!(
+            http_as(addr, "GET", path, "", Some("wrong")).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            http_as(addr, "GET", path, "", Some(&token[..10])).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(http_as(addr, "GET", path, "", Some(token)).0, 200, "{path}");
+    }
+    assert_eq!(http(addr, "DELETE", "/streams/x", "").0, 401);
+    assert_eq!(
+        http(addr, "POST", "/streams", r#"{"uri": "test:pattern=ball"}"#).0,
+        401
+    );
+    let post = |uri: &str| {
+        http_as(
+            addr,
+            "POST",
+            "/streams",
+            &serde_json::json!({ "uri": uri }).to_string(),
+            Some(token),
+        )
+    };
+    // Schemes outside the allow-list, and files (no folder is allowed).
+    for uri in ["udp://0.0.0.0:5000", "fd://0", "v4l2:///dev/video0"] {
+        let (code, body) = post(uri);
+        assert_eq!(code, 403, "{uri}: {body}");
+        assert!(body.contains("allow_schemes"), "{body}");
+    }
+    let passwd = post("file:///etc/passwd");
+    assert_eq!(passwd.0, 403);
+    assert_eq!(post("file:///etc/no-such-file"), passwd);
+    assert_eq!(post("/etc/passwd"), passwd);
+    // An oversized body.
+    let big = format!(
+        r#"{{"uri": "test:pattern=ball", "id": "{}"}}"#,
+        "x".repeat(70_000)
+    );
+    assert_eq!(http_as(addr, "POST", "/streams", &big, Some(token)).0, 413);
+    drop(server);
+    // Metrics left open for scrapers; the rest still wants the token.
+    let open = ApiAccess {
+        open_metrics: true,
+        ..access
+    };
+    let server = mone::http::serve("0.0.0.0:0", open, telemetry, tx).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
+    assert_eq!(http(addr, "GET", "/metrics", "").0, 200);
+    assert_eq!(http(addr, "GET", "/streams", "").0, 401);
 }

@@ -80,3 +80,315 @@ fn credentials_in_a_failing_uri_never_reach_events_or_the_summary() {
     }
     assert!(stdout.contains("***@127.0.0.1"), "{stdout}");
 }
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::Device;
+use mone::events::Event;
+use mone::failure::ErrorClass;
+use mone::runtime::{self, RuntimeOptions, StreamSpec};
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("mone-hardening-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn gst_write(desc: &str) {
+    use gstreamer::prelude::*;
+    gstreamer::init().unwrap();
+    let p = gstreamer::parse::launch(desc).unwrap();
+    p.set_state(gstreamer::State::Playing).unwrap();
+    let bus = p.bus().unwrap();
+    let msg = bus
+        .timed_pop_filtered(
+            gstreamer::ClockTime::from_seconds(30),
+            &[gstreamer::MessageType::Eos, gstreamer::MessageType::Error],
+        )
+        .unwrap();
+    assert!(
+        matches!(msg.view(), gstreamer::MessageView::Eos(_)),
+        "{desc}"
+    );
+    p.set_state(gstreamer::State::Null).unwrap();
+}
+
+/// Run `specs` through the runtime with no retries; every event, as JSON text too.
+fn run_once(specs: &[StreamSpec], opts: RuntimeOptions) -> (Vec<Event>, String) {
+    let loaded = mone::model::load_model_dir(&model(), &Device::Cpu).unwrap();
+    let mut events: Vec<Event> = Vec::new();
+    runtime::run(
+        &loaded,
+        "tiny",
+        &Device::Cpu,
+        specs,
+        &opts,
+        &mut events,
+        runtime::Hooks::new(Arc::new(AtomicBool::new(false))),
+    )
+    .unwrap();
+    let text = events
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    (events, text)
+}
+
+#[test]
+fn real_failing_inputs_end_in_the_error_class_a_user_can_act_on() {
+    let dir = tmpdir("classes");
+    let audio = dir.join("audio.ogg");
+    gst_write(&format!(
+        "audiotestsrc num-buffers=40 ! audioconvert ! vorbisenc ! oggmux ! filesink location={}",
+        audio.display()
+    ));
+    let text = dir.join("notes.mp4");
+    std::fs::write(&text, "not a video at all\n").unwrap();
+    let good = dir.join("good.mp4");
+    mone::source::write_test_video(&good, "ball", 40, 25, 64, 64, "mp4").unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = dir.join("truncated.mp4");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let server = common::rtsp::Server::start_with(0, Some(("viewer", "right")));
+    let port = dead_port();
+    let inputs = [
+        (audio.display().to_string(), ErrorClass::NoVideo),
+        (text.display().to_string(), ErrorClass::NoVideo),
+        (truncated.display().to_string(), ErrorClass::CorruptData),
+        (
+            format!("http://user:secret@127.0.0.1:{port}/x.mp4"),
+            ErrorClass::ConnectionRefused,
+        ),
+        (
+            format!("rtsp://viewer:wrongpass@127.0.0.1:{}/cam", server.port),
+            ErrorClass::AuthFailed,
+        ),
+        (
+            format!("rtsp://127.0.0.1:{}/cam", server.port),
+            ErrorClass::AuthFailed,
+        ),
+        (
+            "rtsp://onlyuser@127.0.0.1:1/cam".to_string(),
+            ErrorClass::BadUri,
+        ),
+        (
+            dir.join("missing.mp4").display().to_string(),
+            ErrorClass::NotFound,
+        ),
+    ];
+    let specs: Vec<StreamSpec> = inputs
+        .iter()
+        .map(|(i, _)| StreamSpec::from_input(i))
+        .collect();
+    let opts = RuntimeOptions {
+        max_reconnects: Some(0),
+        watchdog: Duration::from_secs(3),
+        ..RuntimeOptions::default()
+    };
+    let t0 = Instant::now();
+    let (events, text) = run_once(&specs, opts);
+    // Permanent errors are never retried, and the transient one has no retries here.
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let classes: HashMap<&str, (ErrorClass, &str, &str)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamError {
+                stream,
+                error_class,
+                reason,
+                detail,
+                ..
+            } => Some((
+                stream.as_str(),
+                (*error_class, reason.as_str(), detail.as_str()),
+            )),
+            _ => None,
+        })
+        .collect();
+    for (spec, (_, want)) in specs.iter().zip(&inputs) {
+        let got = classes.get(spec.name.as_str());
+        assert_eq!(
+            got.map(|g| g.0),
+            Some(*want),
+            "{}: {got:?}\n{text}",
+            spec.name
+        );
+        assert!(!got.unwrap().1.is_empty());
+    }
+    // Only the refused connection was transient: it alone went offline first.
+    let offline: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Offline { stream, .. } => Some(stream.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(offline, [specs[3].name.as_str()], "{text}");
+    for secret in ["secret", "wrongpass"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// An HTTP camera: multipart JPEG with no length, paced at about 25 frames a second.
+fn mjpeg_camera(data: Vec<u8>, stop: Arc<AtomicBool>) -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let t = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.0 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n",
+            );
+            // Frames are about 1 kB each: 1 kB every 40 ms is real time.
+            'send: while !stop.load(Ordering::Relaxed) {
+                for chunk in data.chunks(1024) {
+                    if stop.load(Ordering::Relaxed) || s.write_all(chunk).is_err() {
+                        break 'send;
+                    }
+                    std::thread::sleep(Duration::from_millis(40));
+                }
+            }
+        }
+    });
+    (port, t)
+}
+
+#[test]
+fn an_http_camera_is_live_and_an_http_file_is_not() {
+    use std::sync::atomic::Ordering;
+    let dir = tmpdir("http-live");
+    let mjpeg = dir.join("cam.mjpeg");
+    mone::source::write_test_video(&mjpeg, "ball", 50, 25, 64, 64, "mjpeg").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (port, server) = mjpeg_camera(std::fs::read(&mjpeg).unwrap(), stop.clone());
+    let file = dir.join("file.mp4");
+    mone::source::write_test_video(&file, "ball", 40, 25, 64, 64, "mp4").unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let fl = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fport = fl.local_addr().unwrap().port();
+    let files = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Ok((mut s, _)) = fl.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let head = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: {}\r\n\r\n",
+                bytes.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&bytes);
+        }
+    });
+    let camera = format!("http://127.0.0.1:{port}/video.mjpg");
+    let served = format!("http://127.0.0.1:{fport}/file.mp4");
+    let specs = [
+        StreamSpec::from_input(&camera),
+        StreamSpec::from_input(&served),
+    ];
+    let run_stop = Arc::new(AtomicBool::new(false));
+    let rs = run_stop.clone();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(5));
+        rs.store(true, Ordering::Relaxed);
+    });
+    let loaded = mone::model::load_model_dir(&model(), &Device::Cpu).unwrap();
+    let mut events: Vec<Event> = Vec::new();
+    let opts = RuntimeOptions {
+        max_reconnects: Some(0),
+        ..RuntimeOptions::default()
+    };
+    runtime::run(
+        &loaded,
+        "tiny",
+        &Device::Cpu,
+        &specs,
+        &opts,
+        &mut events,
+        runtime::Hooks::new(run_stop),
+    )
+    .unwrap();
+    stopper.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    files.join().unwrap();
+    let live: HashMap<&str, bool> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::StreamStarted { stream, live, .. } => Some((stream.as_str(), *live)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(live.get(camera.as_str()), Some(&true), "{events:#?}");
+    assert_eq!(live.get(served.as_str()), Some(&false), "{events:#?}");
+    // The file ran to its end (a video event); the camera until stopped, with clips.
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Video { stream, .. } if stream == &served)));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Clip { stream, .. } if stream == &camera)));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::StreamError { .. })),
+        "{events:#?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn an_http_camera_that_refuses_is_reconnected_up_to_max_reconnects() {
+    let specs = [StreamSpec::from_input(&format!(
+        "http://127.0.0.1:{}/video.mjpg",
+        dead_port()
+    ))];
+    let opts = RuntimeOptions {
+        max_reconnects: Some(2),
+        backoff_initial: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(100),
+        ..RuntimeOptions::default()
+    };
+    let (events, text) = run_once(&specs, opts);
+    match events
+        .iter()
+        .find(|e| matches!(e, Event::StreamError { .. }))
+    {
+        Some(Event::StreamError {
+            error_class,
+            reason,
+            ..
+        }) => {
+            assert_eq!(*error_class, ErrorClass::ConnectionRefused, "{text}");
+            assert!(
+                reason.contains("gave up after 2 reconnect attempts"),
+                "{text}"
+            );
+        }
+        _ => panic!("no stream_error: {text}"),
+    }
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Offline { .. }))
+            .count(),
+        1,
+        "{text}"
+    );
+}

@@ -294,76 +294,8 @@ fn a_clip_from_the_stream_equals_the_same_clip_assembled_offline() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-mod rtsp {
-    use gstreamer as gst;
-    use gstreamer_rtsp_server as rtsp_server;
-    use rtsp_server::prelude::*;
-
-    /// An RTSP server on 127.0.0.1 with its own GLib main loop thread.
-    pub struct Server {
-        server: rtsp_server::RTSPServer,
-        source: Option<gst::glib::SourceId>,
-        main_loop: gst::glib::MainLoop,
-        ctx: gst::glib::MainContext,
-        thread: Option<std::thread::JoinHandle<()>>,
-        pub port: i32,
-    }
-
-    impl Server {
-        pub fn start(port: i32) -> Server {
-            gst::init().unwrap();
-            let ctx = gst::glib::MainContext::new();
-            let main_loop = gst::glib::MainLoop::new(Some(&ctx), false);
-            let server = rtsp_server::RTSPServer::new();
-            server.set_address("127.0.0.1");
-            server.set_service(&port.to_string());
-            let factory = rtsp_server::RTSPMediaFactory::new();
-            factory.set_launch(
-                "( videotestsrc is-live=true pattern=ball ! video/x-raw,width=160,height=120,framerate=25/1 ! \
-                 x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 ! rtph264pay name=pay0 pt=96 )",
-            );
-            factory.set_shared(true);
-            server.mount_points().unwrap().add_factory("/cam", factory);
-            let source = server.attach(Some(&ctx)).unwrap();
-            let port = server.bound_port();
-            let (ml, c) = (main_loop.clone(), ctx.clone());
-            let thread = std::thread::spawn(move || {
-                let _guard = c.acquire().unwrap();
-                ml.run();
-            });
-            Server {
-                server,
-                source: Some(source),
-                main_loop,
-                ctx,
-                thread: Some(thread),
-                port,
-            }
-        }
-
-        pub fn url(&self) -> String {
-            format!("rtsp://127.0.0.1:{}/cam", self.port)
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            // Stop listening (the source lives on our own context, not the default one).
-            if let Some(id) = self.source.take() {
-                if let Some(src) = self.ctx.find_source_by_id(&id) {
-                    src.destroy();
-                }
-            }
-            // Close the sessions of connected clients too.
-            self.server
-                .client_filter(Some(&mut |_, _| rtsp_server::RTSPFilterResult::Remove));
-            self.main_loop.quit();
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
-    }
-}
+mod common;
+use common::rtsp;
 
 fn wait_for(
     out: &Path,
@@ -700,6 +632,9 @@ fn a_stalled_http_file_fails_with_stream_error_instead_of_hanging() {
     let opts = RuntimeOptions {
         stall_timeout: Duration::from_secs(2),
         eos_timeout: Duration::from_millis(500),
+        // One retry (a stall is transient), then the stream fails.
+        max_reconnects: Some(1),
+        backoff_initial: Duration::from_millis(100),
         ..RuntimeOptions::default()
     };
     let t0 = Instant::now();
@@ -712,8 +647,10 @@ fn a_stalled_http_file_fails_with_stream_error_instead_of_hanging() {
     assert_eq!(summary.failed.len(), 1);
     let ev = read_events(&out);
     assert!(
-        ev.iter()
-            .any(|e| matches!(e, Event::StreamError { stream, .. } if stream == &url)),
+        ev.iter().any(
+            |e| matches!(e, Event::StreamError { stream, error_class, .. }
+            if stream == &url && *error_class == mone::failure::ErrorClass::Timeout)
+        ),
         "{ev:#?}"
     );
     assert!(matches!(

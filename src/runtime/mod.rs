@@ -20,6 +20,7 @@ use crate::controller::{Controller, ControllerSettings, LatencyProfile};
 use crate::events::{
     now, redact, Event, EventSink, ExpertUse, LabelScore, Latency, LatencyPercentiles, StreamStats,
 };
+use crate::failure::{ErrorClass, Failure};
 use crate::metrics::{percentile, StreamInfo, Telemetry};
 use crate::model::{Config, ForwardOptions, LoadedModel};
 use crate::source::{Input, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline};
@@ -232,8 +233,8 @@ pub struct Progress {
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     pub inputs: usize,
-    /// (stream, reason) of every input that failed.
-    pub failed: Vec<(String, String)>,
+    /// Every input that failed, and why.
+    pub failed: Vec<(String, Failure)>,
     pub clips: u64,
     pub frames: u64,
     pub dropped_clips: u64,
@@ -241,7 +242,9 @@ pub struct Summary {
     pub elapsed: Duration,
 }
 
-/// Add or remove a stream while [`run`] is running (the HTTP API sends these).
+/// Add or remove a stream while [`run`] is running (the HTTP API sends these). Removal is
+/// asynchronous: the stream is `stopping` (its source stops, its queued clips are classified)
+/// until its `stream_ended`; removing it again meanwhile is not an error.
 pub enum Control {
     Add {
         stream: StreamSpec,
@@ -257,8 +260,10 @@ pub enum Control {
 pub enum ControlError {
     #[error("a stream named `{0}` is already running")]
     Duplicate(String),
-    #[error("{0}")]
-    BadInput(String),
+    #[error("the stream `{0}` is still stopping: add it again once it is gone")]
+    StillStopping(String),
+    #[error("{}", .0.reason)]
+    BadInput(Failure),
     #[error("no stream named `{0}`")]
     NotFound(String),
     #[error("the pipeline is stopping")]
@@ -390,12 +395,11 @@ pub fn run(
     };
     for s in streams {
         if let Err(e) = w.add(s) {
-            let reason = crate::events::redact_text(&e.to_string());
-            w.write(&Event::StreamError {
-                stream: s.name.clone(),
-                reason: reason.clone(),
-                time: now(),
-            })?;
+            let f = match e {
+                ControlError::BadInput(f) => f,
+                other => Failure::new(ErrorClass::BadUri, other.to_string(), ""),
+            };
+            w.write(&Event::stream_error(&s.name, &f))?;
             // Every stream's last event is stream_ended, even one that never started.
             w.write(&Event::StreamEnded {
                 stream: s.name.clone(),
@@ -405,7 +409,7 @@ pub fn run(
                 time: now(),
             })?;
             w.summary.inputs += 1;
-            w.summary.failed.push((s.name.clone(), reason));
+            w.summary.failed.push((s.name.clone(), f));
         }
     }
     let result = w.main_loop();

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Reconnects of a network file (an HTTP download) that failed before its first frame.
+const FILE_RETRIES: u32 = 3;
+
 pub(super) struct ClipMsg {
     pub(super) clip_index: u64,
     pub(super) frames: [u64; 2],
@@ -18,7 +21,7 @@ pub(super) enum StreamMsg {
     End {
         frames: u64,
         dropped: u64,
-        error: Option<String>,
+        error: Option<Failure>,
     },
 }
 
@@ -26,7 +29,8 @@ pub(super) struct StreamCtx {
     pub(super) idx: usize,
     pub(super) name: String,
     pub(super) input: Input,
-    pub(super) live: bool,
+    /// Shared with the worker: an HTTP input turns out live (or not) at its first frame.
+    pub(super) live: Arc<AtomicBool>,
     pub(super) sopts: SourceOptions,
     pub(super) spec: ClipSpec,
     pub(super) mean: [f32; 3],
@@ -97,7 +101,7 @@ impl StreamCtx {
             data: tokenizer::clip_to_chw(&clip, self.mean, self.std),
             arrived,
         });
-        if !self.live {
+        if !self.live() {
             return self.tx.send(msg).is_ok();
         }
         match self.tx.try_send(msg) {
@@ -121,13 +125,30 @@ impl StreamCtx {
         }
     }
 
+    fn live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    fn started(&self) {
+        self.emit(Event::StreamStarted {
+            stream: self.name.clone(),
+            time: now(),
+            model: self.model.clone(),
+            device: self.device.clone(),
+            live: self.live(),
+        });
+    }
+
     pub(super) fn run(self) {
         let mut asm = ClipAssembler::new(self.spec);
         let (mut frames, mut dropped) = (0u64, 0u64);
-        let mut error: Option<String> = None;
+        let mut error: Option<Failure> = None;
         let mut attempt = 0u32;
         let mut offline_since: Option<Instant> = None;
         let mut started = false;
+        // An HTTP input is live or a file: known at its first frame.
+        let mut decided = self.input.liveness_known();
+        let network = self.input.is_network();
         // The stream's own timeline: monotonic across reconnects.
         let mut timeline_end = 0u64;
         let mut last_pts: Option<u64> = None;
@@ -138,32 +159,37 @@ impl StreamCtx {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let reason: String;
+            let failure: Failure;
+            let mut made = false;
             match SourcePipeline::new(&self.input, &self.sopts)
                 .and_then(|p| p.start_in_background().map(|_| p))
             {
-                Err(e) => reason = e.to_string(),
+                Err(e) => failure = e.failure(),
                 Ok(mut p) => {
-                    if !started {
+                    made = true;
+                    if decided && !started {
                         started = true;
-                        self.emit(Event::StreamStarted {
-                            stream: self.name.clone(),
-                            time: now(),
-                            model: self.model.clone(),
-                            device: self.device.clone(),
-                            live: self.live,
-                        });
+                        self.started();
                     }
                     let mut last_frame_at = Instant::now();
                     let mut session_first: Option<u64> = None;
                     let session_offset = timeline_end;
-                    reason = loop {
+                    failure = loop {
                         if stop.load(Ordering::Relaxed) {
                             stop_bounded(p, self.opts.eos_timeout);
                             break 'outer;
                         }
+                        let live = self.live();
                         match p.pull(Duration::from_millis(100)) {
                             Pulled::Frame(mut f) => {
+                                if !decided {
+                                    decided = true;
+                                    self.live.store(!p.has_duration(), Ordering::Relaxed);
+                                }
+                                if !started {
+                                    started = true;
+                                    self.started();
+                                }
                                 last_frame_at = Instant::now();
                                 self.frames_seen.fetch_add(1, Ordering::Relaxed);
                                 if let Some(t0) = offline_since.take() {
@@ -204,68 +230,82 @@ impl StreamCtx {
                             }
                             Pulled::Idle => {
                                 let idle = last_frame_at.elapsed();
-                                if self.live && idle >= self.opts.watchdog {
-                                    break format!(
-                                        "no frames for {:.1} s",
-                                        self.opts.watchdog.as_secs_f64()
+                                if live && idle >= self.opts.watchdog {
+                                    break Failure::new(
+                                        ErrorClass::Timeout,
+                                        format!(
+                                            "no frames for {:.1} s",
+                                            self.opts.watchdog.as_secs_f64()
+                                        ),
+                                        "",
                                     );
                                 }
-                                if !self.live && idle >= self.opts.stall_timeout {
-                                    error = Some(format!(
-                                        "the input stalled: no frame, end or error for {:.1} s",
-                                        self.opts.stall_timeout.as_secs_f64()
-                                    ));
-                                    stop_bounded(p, self.opts.eos_timeout);
-                                    break 'outer;
+                                if !live && idle >= self.opts.stall_timeout {
+                                    break Failure::new(
+                                        ErrorClass::Timeout,
+                                        format!(
+                                            "the input stalled: no frame, end or error for {:.1} s",
+                                            self.opts.stall_timeout.as_secs_f64()
+                                        ),
+                                        "",
+                                    );
                                 }
                             }
                             Pulled::Eos => {
-                                if self.live {
-                                    break "the source ended".to_string();
-                                }
-                                if frames == 0 {
-                                    error = Some(
-                                        "no video frames decoded (not a video, or no video stream)"
-                                            .into(),
+                                if live {
+                                    break Failure::new(
+                                        ErrorClass::NetworkLost,
+                                        "the source ended",
+                                        "",
                                     );
                                 }
-                                stop_bounded(p, self.opts.eos_timeout);
-                                break 'outer;
-                            }
-                            Pulled::Error(e) => {
-                                if self.live {
-                                    break e;
+                                if frames == 0 {
+                                    error = Some(Failure::new(
+                                        ErrorClass::NoVideo,
+                                        "no video frames decoded (not a video, or no video stream)",
+                                        "",
+                                    ));
                                 }
-                                error = Some(e);
                                 stop_bounded(p, self.opts.eos_timeout);
                                 break 'outer;
                             }
+                            Pulled::Error(e) => break e,
                         }
                     };
                     stop_bounded(p, self.opts.eos_timeout);
                 }
             }
-            // GStreamer's messages quote the location, credentials included.
-            let reason = crate::events::redact_text(&reason);
-            if !self.live {
-                error = Some(reason);
+            if made && !started {
+                started = true;
+                self.started();
+            }
+            // Live inputs reconnect after any failure retrying can cure; a network file only
+            // before its first frame (starting it again would repeat its clips).
+            let retry = !failure.class.is_permanent() && (self.live() || (network && frames == 0));
+            if !retry {
+                error = Some(failure);
                 break;
             }
-            // Live: offline, then reconnect with exponential back-off and jitter.
             if offline_since.is_none() {
                 offline_since = Some(Instant::now());
-                self.emit(Event::Offline {
-                    stream: self.name.clone(),
-                    reason: reason.clone(),
-                    time: now(),
-                });
+                self.emit(Event::offline(&self.name, &failure));
             }
             attempt += 1;
-            if self.opts.max_reconnects.is_some_and(|m| attempt > m) {
-                error = Some(format!(
-                    "gave up after {} reconnect attempts: {reason}",
-                    attempt - 1
-                ));
+            // A file over the network is retried a few times at most, however patient the
+            // live streams are: a batch job must end.
+            let limit = if self.live() {
+                self.opts.max_reconnects
+            } else {
+                Some(
+                    self.opts
+                        .max_reconnects
+                        .map_or(FILE_RETRIES, |m| m.min(FILE_RETRIES)),
+                )
+            };
+            if limit.is_some_and(|m| attempt > m) {
+                error = Some(
+                    failure.context(&format!("gave up after {} reconnect attempts", attempt - 1)),
+                );
                 break;
             }
             let base =

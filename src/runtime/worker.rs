@@ -18,11 +18,11 @@ pub(super) struct Interval {
 
 pub(super) struct StreamState {
     pub(super) name: String,
-    pub(super) live: bool,
+    pub(super) live: Arc<AtomicBool>,
     pub(super) rx: Receiver<StreamMsg>,
     pub(super) queue: VecDeque<ClipMsg>,
     /// The End message, once received.
-    pub(super) end: Option<(u64, u64, Option<String>)>,
+    pub(super) end: Option<(u64, u64, Option<Failure>)>,
     pub(super) stop: Arc<AtomicBool>,
     pub(super) frames_seen: Arc<AtomicU64>,
     pub(super) dropped_live: Arc<AtomicU64>,
@@ -141,13 +141,22 @@ impl Worker<'_, '_> {
     /// Start a stream; errors (a bad input spec, a duplicate id) are returned and also written
     /// as `stream_error` + `stream_ended` for streams given at start-up.
     pub(super) fn add(&mut self, s: &StreamSpec) -> Result<(), ControlError> {
-        if self.streams.iter().any(|st| st.name == s.name) {
-            return Err(ControlError::Duplicate(s.name.clone()));
+        if let Some(st) = self.streams.iter().find(|st| st.name == s.name) {
+            return Err(if st.stop.load(Ordering::Relaxed) {
+                ControlError::StillStopping(s.name.clone())
+            } else {
+                ControlError::Duplicate(s.name.clone())
+            });
         }
-        let input = Input::parse(&s.input)
-            .map_err(|e| ControlError::BadInput(e.to_string().replace(&s.input, &s.name)))?;
+        let input = Input::parse(&s.input).map_err(|e| {
+            let f = e.failure();
+            ControlError::BadInput(Failure {
+                reason: f.reason.replace(&s.input, &s.name),
+                ..f
+            })
+        })?;
         let cfg = self.model.config();
-        let live = input.is_live();
+        let live = Arc::new(AtomicBool::new(input.is_live()));
         let (tx, rx) = bounded(self.opts.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let frames_seen = Arc::new(AtomicU64::new(0));
@@ -156,7 +165,7 @@ impl Worker<'_, '_> {
             idx: self.spawned,
             name: s.name.clone(),
             input,
-            live,
+            live: live.clone(),
             sopts: self.sopts.clone(),
             spec: self.spec,
             mean: cfg.mean,
@@ -175,7 +184,11 @@ impl Worker<'_, '_> {
             .name(format!("source-{}", self.spawned))
             .spawn(move || ctx.run())
             .map_err(|e| {
-                ControlError::BadInput(format!("cannot start the stream's thread: {e}"))
+                ControlError::BadInput(Failure::new(
+                    ErrorClass::Internal,
+                    format!("cannot start the stream's thread: {e}"),
+                    "",
+                ))
             })?;
         self.spawned += 1;
         self.summary.inputs += 1;
@@ -183,7 +196,7 @@ impl Worker<'_, '_> {
             t.set_stream(StreamInfo {
                 id: s.name.clone(),
                 uri: redact(&s.input),
-                live,
+                live: live.load(Ordering::Relaxed),
                 state: "starting".into(),
                 ..Default::default()
             });
@@ -212,6 +225,9 @@ impl Worker<'_, '_> {
         match self.streams.iter().find(|s| s.name == id) {
             Some(s) => {
                 s.stop.store(true, Ordering::Relaxed);
+                if let Some(t) = &self.hooks.telemetry {
+                    t.update_stream(id, |i| i.state = "stopping".into());
+                }
                 Ok(())
             }
             None => Err(ControlError::NotFound(id.to_string())),
@@ -227,8 +243,17 @@ impl Worker<'_, '_> {
                 Event::Offline { stream, .. } => Some((stream, "offline")),
                 _ => None,
             };
-            if let Some((stream, st)) = state {
+            // A stopping stream stays `stopping` until it is gone.
+            let stopping = |name: &str| {
+                self.streams
+                    .iter()
+                    .any(|s| s.name == name && s.stop.load(Ordering::Relaxed))
+            };
+            if let Some((stream, st)) = state.filter(|(s, _)| !stopping(s)) {
                 t.update_stream(stream, |i| i.state = st.into());
+            }
+            if let Event::StreamStarted { stream, live, .. } = e {
+                t.update_stream(stream, |i| i.live = *live);
             }
         }
         self.sink.write(e)?;
@@ -277,7 +302,7 @@ impl Worker<'_, '_> {
             let cap = self.opts.queue;
             loop {
                 let st = &mut self.streams[i];
-                if st.end.is_some() || (!st.live && st.queue.len() >= cap) {
+                if st.end.is_some() || (!st.live.load(Ordering::Relaxed) && st.queue.len() >= cap) {
                     break;
                 }
                 match st.rx.try_recv() {
@@ -285,7 +310,7 @@ impl Worker<'_, '_> {
                         took = true;
                         self.arrivals.push_back(c.arrived);
                         st.queue.push_back(c);
-                        if st.live && st.queue.len() > cap {
+                        if st.live.load(Ordering::Relaxed) && st.queue.len() > cap {
                             st.queue.pop_front();
                             st.dropped_here += 1;
                             self.dropped(i, 1, false);
@@ -304,7 +329,11 @@ impl Worker<'_, '_> {
                         st.end = Some((
                             st.frames_seen.load(Ordering::Relaxed),
                             st.dropped_live.load(Ordering::Relaxed),
-                            Some("source thread stopped unexpectedly".into()),
+                            Some(Failure::new(
+                                ErrorClass::Internal,
+                                "the source thread stopped unexpectedly",
+                                "",
+                            )),
                         ));
                     }
                 }
@@ -374,7 +403,7 @@ impl Worker<'_, '_> {
         let mut shed_left = shed;
         let mut shed_per_stream = vec![0u64; self.streams.len()];
         for (i, _) in queued {
-            if shed_left > 0 && self.streams[*i].live {
+            if shed_left > 0 && self.streams[*i].live.load(Ordering::Relaxed) {
                 shed_left -= 1;
                 shed_per_stream[*i] += 1;
             } else {
@@ -493,23 +522,17 @@ impl Worker<'_, '_> {
             }
             let mut st = self.streams.remove(i);
             let (frames, dropped, error) = st.end.take().unwrap_or((0, 0, None));
-            // GStreamer's messages quote the location, credentials included.
-            let error = error.map(|e| crate::events::redact_text(&e));
             if let Some(h) = st.handle.take() {
                 let _ = h.join();
             }
             let dropped_total = dropped.max(st.dropped_seen) + st.dropped_here;
             self.summary.frames += frames;
             self.summary.dropped_clips += dropped_total;
-            if let Some(reason) = &error {
-                self.write(&Event::StreamError {
-                    stream: st.name.clone(),
-                    reason: reason.clone(),
-                    time: now(),
-                })?;
-                self.summary.failed.push((st.name.clone(), reason.clone()));
+            if let Some(f) = error {
+                self.write(&Event::stream_error(&st.name, &f))?;
+                self.summary.failed.push((st.name.clone(), f));
             }
-            if !st.live && st.clips > 0 {
+            if !st.live.load(Ordering::Relaxed) && st.clips > 0 {
                 let avg: Vec<f32> = st
                     .prob_sum
                     .iter()
@@ -666,7 +689,9 @@ impl Worker<'_, '_> {
     pub(super) fn wait(&self, timeout: Duration) {
         let mut sel = Select::new();
         for st in &self.streams {
-            if st.end.is_none() && (st.live || st.queue.len() < self.opts.queue) {
+            if st.end.is_none()
+                && (st.live.load(Ordering::Relaxed) || st.queue.len() < self.opts.queue)
+            {
                 sel.recv(&st.rx);
             }
         }
@@ -693,6 +718,8 @@ impl Worker<'_, '_> {
             let flushed = flush_in == Some(0.0);
             if flushed {
                 self.run_batch(&queued)?;
+                // A busy worker is never idle: the API's gauges are refreshed per batch too.
+                self.update_gauges();
             }
             self.drain_events()?;
             self.finish_streams()?;
