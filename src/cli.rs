@@ -20,9 +20,17 @@ pub const DEFAULT_MODEL: &str = "models/mone-vivit-tiny-motion";
 
 #[derive(clap::Args, Debug)]
 pub struct ClassifyArgs {
-    /// Video files, URIs (file://, rtsp://, http(s)://) or test:... sources.
-    #[arg(required = true)]
+    /// Video files, folders (searched recursively for video files), URIs (file://, rtsp://,
+    /// http(s)://, srt://...) or test:... sources.
+    #[arg(required_unless_present = "from_file")]
     pub inputs: Vec<String>,
+    /// Also read inputs from this file, one per line (`-`: stdin; `#` starts a comment).
+    #[arg(long, value_name = "LIST")]
+    pub from_file: Option<String>,
+    /// Files open at once; the next starts as one finishes, so memory stays bounded however
+    /// many inputs there are (default: sized to the machine's cores and memory, printed at start).
+    #[arg(long)]
+    pub jobs: Option<usize>,
     /// Model folder (config.json, model.safetensors, labels.txt).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
@@ -152,6 +160,12 @@ fn print_summary(s: &Summary) {
     );
     for (name, f) in &s.failed {
         eprintln!("  failed: {name}: {}: {}", f.class, f.reason);
+    }
+    if s.not_started > 0 {
+        eprintln!(
+            "  stopped before {} inputs started (no events were written for them)",
+            s.not_started
+        );
     }
 }
 
@@ -319,16 +333,22 @@ fn run_streams(
     } else {
         None
     };
+    // Off a terminal (a log file, a pipe), a progress line every 10 s instead of the spinner.
+    let mut last_line = std::time::Instant::now();
     let mut progress = |p: &Progress| {
+        let msg = format!(
+            "{}/{} inputs done, {} clips, {:.2} clips/s",
+            p.streams_done,
+            p.streams,
+            p.clips,
+            p.clips as f64 / p.elapsed.as_secs_f64().max(1e-9)
+        );
         if let Some(b) = &bar {
-            b.set_message(format!(
-                "{}/{} inputs done, {} clips, {:.2} clips/s",
-                p.streams_done,
-                p.streams,
-                p.clips,
-                p.clips as f64 / p.elapsed.as_secs_f64().max(1e-9)
-            ));
+            b.set_message(msg);
             b.tick();
+        } else if last_line.elapsed() >= std::time::Duration::from_secs(10) {
+            last_line = std::time::Instant::now();
+            eprintln!("mone: {msg}");
         }
     };
     let mut hooks = runtime::Hooks::new(stop);
@@ -351,8 +371,49 @@ fn run_streams(
     Ok(summary)
 }
 
+/// Files open at once by default: two per core (decoding overlaps the model), at most 16, and
+/// no more than 128 MiB of available memory each (a 720p H.264 input holds about 32 MiB).
+pub fn default_jobs() -> (usize, String) {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let avail_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024);
+    let by_mem = avail_mib.map_or(usize::MAX, |m| (m / 128).max(1) as usize);
+    let jobs = (2 * cores).clamp(2, 16).min(by_mem);
+    let why = match avail_mib {
+        Some(m) => format!("{cores} cores, {:.1} GiB available", m as f64 / 1024.0),
+        None => format!("{cores} cores"),
+    };
+    (jobs, why)
+}
+
 /// `mone classify`: returns the process exit code (1 when any input failed).
 pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
+    let inputs = crate::inputs::expand(&a.inputs, a.from_file.as_deref())?;
+    let jobs = match a.jobs {
+        Some(0) => anyhow::bail!("--jobs must be at least 1"),
+        Some(n) => {
+            eprintln!(
+                "mone: {} inputs, at most {n} files open at once (--jobs)",
+                inputs.len()
+            );
+            n
+        }
+        None => {
+            let (n, why) = default_jobs();
+            eprintln!(
+                "mone: {} inputs, at most {n} files open at once ({why}; --jobs to change)",
+                inputs.len()
+            );
+            n
+        }
+    };
     let opts = RuntimeOptions {
         capacity: a.capacity,
         topk: a.topk,
@@ -370,9 +431,10 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
             ResizeArg::Letterbox => Resize::Letterbox,
         },
         max_reconnects: Some(a.max_reconnects),
+        max_open: Some(jobs),
         ..RuntimeOptions::default()
     };
-    let streams: Vec<StreamSpec> = a.inputs.iter().map(|i| StreamSpec::from_input(i)).collect();
+    let streams: Vec<StreamSpec> = inputs.iter().map(|i| StreamSpec::from_input(i)).collect();
     let s = run_streams(
         &a.model,
         &a.device,

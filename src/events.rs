@@ -191,6 +191,37 @@ pub fn redact(uri: &str) -> String {
     redact_text(uri)
 }
 
+/// Credentials of the inputs seen so far: GStreamer also quotes parts of a URI without its
+/// scheme (a path `/user:secret@host/x`, `'user:secret@host'`), which no URI pattern catches.
+static SECRETS: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Remember the credentials in `uri` (`user:password`, and the password alone when it is at
+/// least 4 characters), so that [`redact_text`] removes them wherever they appear.
+pub fn register_secrets(uri: &str) {
+    let Some((_, rest)) = uri.split_once("://") else {
+        return;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let Some(at) = authority.rfind('@') else {
+        return;
+    };
+    let userinfo = &authority[..at];
+    let mut new = vec![userinfo.to_string()];
+    if let Some((_, pass)) = userinfo.split_once(':') {
+        if pass.chars().count() >= 4 {
+            new.push(pass.to_string());
+        }
+    }
+    let mut g = SECRETS.write().unwrap_or_else(|p| p.into_inner());
+    for n in new {
+        if !n.is_empty() && !g.contains(&n) {
+            g.push(n);
+        }
+    }
+    // Longest first, so `user:pass` goes before `pass`.
+    g.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
 /// Redact the credentials of every URI inside free text (GStreamer's error messages quote
 /// the location, user-info included): `scheme://user:pass@host` becomes `scheme://***@host`.
 pub fn redact_text(text: &str) -> String {
@@ -215,6 +246,12 @@ pub fn redact_text(text: &str) -> String {
         rest = &tail[end..];
     }
     out.push_str(rest);
+    let secrets = SECRETS.read().unwrap_or_else(|p| p.into_inner());
+    for secret in secrets.iter() {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), "***");
+        }
+    }
     out
 }
 
@@ -296,6 +333,15 @@ mod tests {
         assert_eq!(redact_text("no uri here: a@b"), "no uri here: a@b");
         assert_eq!(redact_text("ends in file://"), "ends in file://");
         assert_eq!(redact_text("rtsp://u:p,a)ss@h/x"), "rtsp://***@h/x");
+    }
+
+    #[test]
+    fn registered_credentials_are_redacted_wherever_they_appear() {
+        register_secrets("rtsp://viewer:hunter22@cam/x");
+        let t = "cannot open /viewer:hunter22@cam/x; 'viewer:hunter22@cam'; password hunter22";
+        let r = redact_text(t);
+        assert!(!r.contains("hunter22"), "{r}");
+        assert_eq!(r, "cannot open /***@cam/x; '***@cam'; password ***");
     }
 
     #[test]

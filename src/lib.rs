@@ -5,7 +5,8 @@
 //!   the Mobile V-MoE on the same blocks (`model::moe`: per-clip expert MLPs).
 //! - [`import`] (`mone import-hf`: transformers ViViT/VideoMAE checkpoints as model folders)
 //!   and [`infer`] (`mone infer`: logits for a raw input tensor, for parity checks).
-//! - `source` (GStreamer; the default feature `gst`), [`clip`], [`tokenizer`], `runtime`,
+//! - [`inputs`] (folders and lists of inputs), `source` (GStreamer; the default feature `gst`),
+//!   [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], [`failure`] (error classes), `pipeline`, `cli`: the streaming pipeline from
 //!   inputs to JSON events.
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
@@ -15,13 +16,15 @@
 //! - [`controller`] (pure: latency profile, slow-down estimate, per-batch capacity, size and
 //!   shedding), [`metrics`] (telemetry, Prometheus text) and `http` (the HTTP API): holding a
 //!   latency target on live streams.
-//! - [`bench`] (model), `bench_pipeline`, `bench_adaptive`, [`bench_gemm`] and [`bench_train`]
-//!   (training memory): the `mone bench` measurements.
-//! - [`device`]: choosing the compute device.
+//! - [`bench`] (model), `bench_pipeline`, `bench_adaptive`, `bench_classify` (batch memory),
+//!   [`bench_gemm`] and [`bench_train`] (training memory): the `mone bench` measurements.
+//! - [`device`]: choosing the compute device; [`redact`]: credentials out of the process's stderr.
 
 pub mod bench;
 #[cfg(feature = "gst")]
 pub mod bench_adaptive;
+#[cfg(feature = "gst")]
+pub mod bench_classify;
 pub mod bench_gemm;
 #[cfg(feature = "gst")]
 pub mod bench_pipeline;
@@ -39,12 +42,14 @@ pub mod failure;
 pub mod http;
 pub mod import;
 pub mod infer;
+pub mod inputs;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 #[cfg(feature = "gst")]
 pub mod pipeline;
 pub mod plot;
+pub mod redact;
 #[cfg(feature = "gst")]
 pub mod runtime;
 #[cfg(feature = "gst")]

@@ -154,17 +154,23 @@ enum BenchCommand {
     /// Live streams under a latency target with a load step: adaptive vs fixed capacities.
     #[cfg(feature = "gst")]
     Adaptive(mone::bench_adaptive::AdaptiveBenchArgs),
+    /// Peak memory and threads of `mone classify` over folders of N videos (bounded --jobs).
+    #[cfg(feature = "gst")]
+    Classify(mone::bench_classify::ClassifyBenchArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    match dispatch(cli) {
-        Ok(code) => std::process::exit(code),
+    let guard = mone::redact::redact_stderr().unwrap_or(None);
+    let code = match dispatch(cli) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2)
+            2
         }
-    }
+    };
+    drop(guard);
+    std::process::exit(code)
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
@@ -211,6 +217,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Pipeline(a)) => {
             mone::bench_pipeline::run_pipeline_bench(&a).map(|_| 0)?
+        }
+        #[cfg(feature = "gst")]
+        Command::Bench(BenchCommand::Classify(a)) => {
+            mone::bench_classify::run_classify_bench(&a).map(|_| 0)?
         }
         #[cfg(feature = "gst")]
         Command::Bench(BenchCommand::Adaptive(a)) => {

@@ -171,6 +171,8 @@ pub struct SourcesSection {
     pub backoff_initial_s: Option<f64>,
     pub backoff_max_s: Option<f64>,
     pub max_reconnects: Option<u32>,
+    /// Files open at once (the next starts as one ends); default: all.
+    pub max_open: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +287,7 @@ impl PipelineConfig {
             backoff_initial: secs(s.backoff_initial_s, d.backoff_initial, "backoff_initial_s")?,
             backoff_max: secs(s.backoff_max_s, d.backoff_max, "backoff_max_s")?,
             max_reconnects: s.max_reconnects,
+            max_open: s.max_open,
             eos_timeout: d.eos_timeout,
             controller: None,
             stats_interval: match self.output.stats_interval_s {

@@ -90,6 +90,7 @@ pub enum Input {
 impl Input {
     /// A file path (checked to exist), a URI, or a `test:` source.
     pub fn parse(s: &str) -> Result<Self, SourceError> {
+        crate::events::register_secrets(s);
         if let Some(rest) = s.strip_prefix("test:") {
             let mut t = TestSpec {
                 pattern: "ball".into(),
@@ -148,6 +149,15 @@ impl Input {
             return Ok(Input::Test(t));
         }
         if s.contains("://") {
+            // fdsrc reads any descriptor of this process by number, GStreamer's own wake-up
+            // pipes included (reading one hung the bus): only stdin is an input.
+            if s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("fd://")) && &s[5..] != "0" {
+                return Err(SourceError::Invalid(
+                    crate::events::redact_text(s),
+                    "fd:// inputs read a descriptor of mone's own: only fd://0 (stdin) is accepted"
+                        .into(),
+                ));
+            }
             if let Some(path) = s.strip_prefix("file://") {
                 if !Path::new(path).exists() {
                     return Err(SourceError::NotFound(s.into()));
@@ -231,6 +241,8 @@ pub struct SourcePipeline {
     index: u64,
     /// The URI, for probing its host when a network source fails without saying why.
     uri: Option<String>,
+    /// The pipeline already ended (EOS or an error): stopping it waits for no EOS.
+    ended: bool,
 }
 
 fn fraction(fps: f64) -> gst::Fraction {
@@ -319,14 +331,7 @@ impl SourcePipeline {
                 gst::Element::link_many([&src, &cf, &queue]).map_err(gerr)?;
             }
             Input::Uri(uri) => {
-                // Any source element refuses a URI it cannot parse (rtspsrc: a user without a
-                // password); uridecodebin would report it only once playing.
-                if let Err(e) = gst::Element::make_from_uri(gst::URIType::Src, uri, None) {
-                    return Err(SourceError::Invalid(
-                        crate::events::redact_text(uri),
-                        format!("no GStreamer source takes this URI ({e})"),
-                    ));
-                }
+                check_uri(uri)?;
                 let dec = make("uridecodebin")?;
                 dec.set_property("uri", uri);
                 let transport = opts.rtsp_transport;
@@ -393,6 +398,7 @@ impl SourcePipeline {
                 Input::Uri(u) => Some(u.clone()),
                 Input::Test(_) => None,
             },
+            ended: false,
         })
     }
 
@@ -462,6 +468,14 @@ impl SourcePipeline {
 
     /// Wait up to `timeout` for the next frame.
     pub fn pull(&mut self, timeout: Duration) -> Pulled {
+        let p = self.pull_inner(timeout);
+        if matches!(p, Pulled::Eos | Pulled::Error(_)) {
+            self.ended = true;
+        }
+        p
+    }
+
+    fn pull_inner(&mut self, timeout: Duration) -> Pulled {
         if let Some(e) = self.bus_error() {
             return Pulled::Error(e);
         }
@@ -524,9 +538,11 @@ impl SourcePipeline {
     }
 
     /// Send EOS, wait for it on the bus at most `timeout` (a dead source never sends it), then
-    /// stop the pipeline.
+    /// stop the pipeline. A pipeline that has ended already is stopped at once: its EOS
+    /// message is gone (reading errors off the bus discards the rest), and waiting for it cost
+    /// the full timeout, 2 s, per file.
     pub fn stop(self, timeout: Duration) {
-        if self.pipeline.current_state() == gst::State::Playing {
+        if !self.ended && self.pipeline.current_state() == gst::State::Playing {
             self.pipeline.send_event(gst::event::Eos::new());
             let deadline = std::time::Instant::now() + timeout;
             loop {
@@ -708,6 +724,32 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
     result.map(|_| frames)
 }
 
+/// Any source element refuses a URI it cannot parse (rtspsrc: a user without a password);
+/// uridecodebin would report it only once playing. Checked on a helper thread with a timeout:
+/// some elements hang in their own teardown (ristsrc, created twice at once, in 1.22), and a
+/// stream must fail then, not hang.
+fn check_uri(uri: &str) -> Result<(), SourceError> {
+    let invalid = |why: String| SourceError::Invalid(crate::events::redact_text(uri), why);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = uri.to_string();
+    std::thread::Builder::new()
+        .name("source-check".into())
+        .spawn(move || {
+            let r = gst::Element::make_from_uri(gst::URIType::Src, &owned, None)
+                .map(drop)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(r);
+        })
+        .map_err(|e| SourceError::Gst(format!("cannot start a thread: {e}")))?;
+    match rx.recv_timeout(Duration::from_secs(3)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(invalid(format!("no GStreamer source takes this URI ({e})"))),
+        Err(_) => Err(invalid(
+            "the GStreamer source for this scheme hung while taking the URI".into(),
+        )),
+    }
+}
+
 /// A debug line without GStreamer's source position and element path
 /// (`../gst/x.c(12): func (): /GstPipeline:p/GstX:x:`), which say nothing to a user.
 fn without_position(line: &str) -> &str {
@@ -860,5 +902,10 @@ mod tests {
             .unwrap()
             .is_live());
         assert!(Input::parse("/tmp").is_err());
+        assert!(Input::parse("fd://0").is_ok());
+        assert!(matches!(
+            Input::parse("fd://127.0.0.1:1/x"),
+            Err(SourceError::Invalid(..))
+        ));
     }
 }

@@ -177,6 +177,9 @@ pub struct RuntimeOptions {
     pub controller: Option<ControlOptions>,
     /// Emit a `stats` event this often.
     pub stats_interval: Option<Duration>,
+    /// Finite inputs open at once (the next starts as one ends); None: all. Live inputs never
+    /// end, so they all start whatever this is.
+    pub max_open: Option<usize>,
 }
 
 impl Default for RuntimeOptions {
@@ -201,6 +204,7 @@ impl Default for RuntimeOptions {
             eos_timeout: Duration::from_secs(2),
             controller: None,
             stats_interval: None,
+            max_open: None,
         }
     }
 }
@@ -214,6 +218,7 @@ pub struct StreamSpec {
 
 impl StreamSpec {
     pub fn from_input(input: &str) -> Self {
+        crate::events::register_secrets(input);
         Self {
             name: redact(input),
             input: input.to_string(),
@@ -235,6 +240,8 @@ pub struct Summary {
     pub inputs: usize,
     /// Every input that failed, and why.
     pub failed: Vec<(String, Failure)>,
+    /// Inputs never started because the run was stopped first.
+    pub not_started: usize,
     pub clips: u64,
     pub frames: u64,
     pub dropped_clips: u64,
@@ -330,9 +337,9 @@ pub fn run(
     let cfg = model.config();
     crate::model::capacity::solve(opts.capacity, cfg.num_experts)
         .map_err(|e| RuntimeError::Config(e.to_string()))?;
-    if opts.batch == 0 || opts.queue == 0 || opts.topk == 0 {
+    if opts.batch == 0 || opts.queue == 0 || opts.topk == 0 || opts.max_open == Some(0) {
         return Err(RuntimeError::Config(
-            "batch, queue and topk must be at least 1".into(),
+            "batch, queue, topk and the inputs open at once must be at least 1".into(),
         ));
     }
     let spec = ClipSpec {
@@ -392,26 +399,18 @@ pub fn run(
         retired_streams: Vec::new(),
         arrivals: VecDeque::new(),
         control_closed: false,
+        pending: VecDeque::new(),
     };
+    w.summary.inputs = streams.len();
+    // Live inputs never end: they all start now. Finite ones wait for a free slot.
     for s in streams {
-        if let Err(e) = w.add(s) {
-            let f = match e {
-                ControlError::BadInput(f) => f,
-                other => Failure::new(ErrorClass::BadUri, other.to_string(), ""),
-            };
-            w.write(&Event::stream_error(&s.name, &f))?;
-            // Every stream's last event is stream_ended, even one that never started.
-            w.write(&Event::StreamEnded {
-                stream: s.name.clone(),
-                clips: 0,
-                frames: 0,
-                dropped_clips: 0,
-                time: now(),
-            })?;
-            w.summary.inputs += 1;
-            w.summary.failed.push((s.name.clone(), f));
+        if Input::parse(&s.input).is_ok_and(|i| i.is_live()) {
+            w.start(s)?;
+        } else {
+            w.pending.push_back(s.clone());
         }
     }
+    w.fill()?;
     let result = w.main_loop();
     if result.is_err() {
         // Do not leave source threads running behind an error.

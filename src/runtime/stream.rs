@@ -241,8 +241,16 @@ impl StreamCtx {
                                     );
                                 }
                                 if !live && idle >= self.opts.stall_timeout {
+                                    // A local file does not wait on a network: when it stalls,
+                                    // its demuxer has wedged on damaged data (GStreamer 1.22's
+                                    // qtdemux does, now and then, on a truncated MP4).
+                                    let class = if network {
+                                        ErrorClass::Timeout
+                                    } else {
+                                        ErrorClass::CorruptData
+                                    };
                                     break Failure::new(
-                                        ErrorClass::Timeout,
+                                        class,
                                         format!(
                                             "the input stalled: no frame, end or error for {:.1} s",
                                             self.opts.stall_timeout.as_secs_f64()

@@ -24,6 +24,8 @@ pub(super) struct StreamState {
     /// The End message, once received.
     pub(super) end: Option<(u64, u64, Option<Failure>)>,
     pub(super) stop: Arc<AtomicBool>,
+    /// When the worker first saw the stop flag set.
+    pub(super) stopping_since: Option<Instant>,
     pub(super) frames_seen: Arc<AtomicU64>,
     pub(super) dropped_live: Arc<AtomicU64>,
     /// Drops (producer side) already accounted.
@@ -82,6 +84,8 @@ pub(super) struct Worker<'a, 'h> {
     /// When recent clips arrived (dropped ones included), for the arrival rate.
     pub(super) arrivals: VecDeque<Instant>,
     pub(super) control_closed: bool,
+    /// Inputs not started yet (bounded batch runs start them as others end).
+    pub(super) pending: VecDeque<StreamSpec>,
 }
 
 /// Clips per millisecond over the last two seconds of `arrivals` (pruned here).
@@ -130,12 +134,58 @@ impl Worker<'_, '_> {
         let p = Progress {
             clips: self.summary.clips,
             streams_done: self.done,
-            streams: self.spawned,
+            streams: self.summary.inputs,
             elapsed: self.t_start.elapsed(),
         };
         if let Some(f) = self.hooks.progress.as_mut() {
             f(&p);
         }
+    }
+
+    /// Start pending (finite) inputs while fewer than `max_open` finite ones are open.
+    pub(super) fn fill(&mut self) -> Result<(), RuntimeError> {
+        if self.hooks.stop.load(Ordering::Relaxed) {
+            self.summary.not_started += self.pending.len();
+            self.pending.clear();
+            return Ok(());
+        }
+        let limit = self.opts.max_open.unwrap_or(usize::MAX);
+        let open = |w: &Self| {
+            w.streams
+                .iter()
+                .filter(|s| !s.live.load(Ordering::Relaxed))
+                .count()
+        };
+        while open(self) < limit {
+            let Some(s) = self.pending.pop_front() else {
+                break;
+            };
+            self.start(&s)?;
+        }
+        Ok(())
+    }
+
+    /// Start one input, or write why it cannot start.
+    pub(super) fn start(&mut self, s: &StreamSpec) -> Result<(), RuntimeError> {
+        if let Err(e) = self.add(s) {
+            let f = match e {
+                ControlError::BadInput(f) => f,
+                other => Failure::new(ErrorClass::BadUri, other.to_string(), ""),
+            };
+            self.write(&Event::stream_error(&s.name, &f))?;
+            // Every stream's last event is stream_ended, even one that never started.
+            self.write(&Event::StreamEnded {
+                stream: s.name.clone(),
+                clips: 0,
+                frames: 0,
+                dropped_clips: 0,
+                time: now(),
+            })?;
+            self.summary.failed.push((s.name.clone(), f));
+            self.done += 1;
+            self.progress();
+        }
+        Ok(())
     }
 
     /// Start a stream; errors (a bad input spec, a duplicate id) are returned and also written
@@ -191,7 +241,6 @@ impl Worker<'_, '_> {
                 ))
             })?;
         self.spawned += 1;
-        self.summary.inputs += 1;
         if let Some(t) = &self.hooks.telemetry {
             t.set_stream(StreamInfo {
                 id: s.name.clone(),
@@ -208,6 +257,7 @@ impl Worker<'_, '_> {
             queue: VecDeque::new(),
             end: None,
             stop,
+            stopping_since: None,
             frames_seen,
             dropped_live,
             dropped_seen: 0,
@@ -290,6 +340,34 @@ impl Worker<'_, '_> {
                 shed,
                 at: Instant::now(),
             });
+        }
+    }
+
+    /// A stream asked to stop whose source has not ended well after the EOS timeout (an element
+    /// hung in GStreamer) ends as failed and its thread is left behind, so that stopping the
+    /// run, or removing the stream, always completes.
+    pub(super) fn abandon_stuck(&mut self) {
+        let grace = self.opts.eos_timeout + Duration::from_secs(5);
+        for st in &mut self.streams {
+            if st.end.is_some() || !st.stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            let since = *st.stopping_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= grace {
+                st.handle = None;
+                st.end = Some((
+                    st.frames_seen.load(Ordering::Relaxed),
+                    st.dropped_live.load(Ordering::Relaxed),
+                    Some(Failure::new(
+                        ErrorClass::Internal,
+                        format!(
+                            "the source did not stop within {:.1} s (a GStreamer element hung); left behind",
+                            grace.as_secs_f64()
+                        ),
+                        "",
+                    )),
+                ));
+            }
         }
     }
 
@@ -676,6 +754,9 @@ impl Worker<'_, '_> {
                     } else {
                         self.add(&stream)
                     };
+                    if r.is_ok() {
+                        self.summary.inputs += 1;
+                    }
                     let _ = reply.send(r);
                 }
                 Control::Remove { id, reply } => {
@@ -711,6 +792,7 @@ impl Worker<'_, '_> {
                     s.stop.store(true, Ordering::Relaxed);
                 }
             }
+            self.abandon_stuck();
             let took = self.pull();
             let now = Instant::now();
             let queued = self.queued(now);
@@ -723,13 +805,17 @@ impl Worker<'_, '_> {
             }
             self.drain_events()?;
             self.finish_streams()?;
+            self.fill()?;
             if let Some(iv) = self.opts.stats_interval {
                 if self.last_stats.elapsed() >= iv {
                     self.stats()?;
                 }
             }
             let stopping = self.hooks.stop.load(Ordering::Relaxed);
-            if self.streams.is_empty() && (self.hooks.control.is_none() || stopping) {
+            if self.streams.is_empty()
+                && self.pending.is_empty()
+                && (self.hooks.control.is_none() || stopping)
+            {
                 return Ok(());
             }
             if !took && !flushed && !controlled {
