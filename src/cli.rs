@@ -31,9 +31,10 @@ pub struct ClassifyArgs {
     /// many inputs there are (default: sized to the machine's cores and memory, printed at start).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Model folder (config.json, model.safetensors, labels.txt).
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: PathBuf,
+    /// Model folder (config.json, model.safetensors, labels.txt); default: the shipped model,
+    /// wherever `mone model list` finds it.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Compute budget e_c in [1/8, 1].
     #[arg(long, default_value_t = 1.0)]
     pub capacity: f64,
@@ -71,6 +72,10 @@ pub struct ClassifyArgs {
     /// back-off this many times in a row before it fails (about 2.5 minutes at 10).
     #[arg(long, default_value_t = 10)]
     pub max_reconnects: u32,
+    /// Action segments with the default thresholds (segment_started / segment_ended, and each
+    /// file's segments in its video event); a pipeline config's [segments] tunes them.
+    #[arg(long)]
+    pub segments: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -242,13 +247,18 @@ pub fn latency_profile(
 }
 
 fn run_streams(
-    model_dir: &Path,
+    model_dir: Option<&Path>,
     device: &str,
     streams: &[StreamSpec],
     opts: &RuntimeOptions,
     out: Option<&Path>,
     extras: Extras,
 ) -> anyhow::Result<Summary> {
+    let (found, source) = model::locate::resolve(model_dir)?;
+    if source != "given" {
+        eprintln!("mone: model {} ({source})", found.display());
+    }
+    let model_dir = found.as_path();
     let device = crate::device::open(device)?;
     let dtype = crate::device::parse_dtype(extras.dtype.as_deref().unwrap_or("f32"))?;
     let loaded = load_model(model_dir, &device, dtype)?;
@@ -432,11 +442,12 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
         },
         max_reconnects: Some(a.max_reconnects),
         max_open: Some(jobs),
+        segments: a.segments.then(crate::segments::SegmentSettings::default),
         ..RuntimeOptions::default()
     };
     let streams: Vec<StreamSpec> = inputs.iter().map(|i| StreamSpec::from_input(i)).collect();
     let s = run_streams(
-        &a.model,
+        a.model.as_deref(),
         &a.device,
         &streams,
         &opts,
@@ -463,7 +474,7 @@ pub fn run_pipeline(path: &Path) -> anyhow::Result<i32> {
         },
     };
     let s = run_streams(
-        &cfg.model.dir,
+        cfg.model.dir.as_deref(),
         &cfg.model.device,
         &cfg.streams(),
         &opts,
@@ -471,6 +482,23 @@ pub fn run_pipeline(path: &Path) -> anyhow::Result<i32> {
         extras,
     )?;
     Ok(if s.failed.is_empty() { 0 } else { 1 })
+}
+
+/// `mone model list`: where the default model is looked for, in order, and which is used.
+pub fn list_models() -> anyhow::Result<()> {
+    let all = model::locate::candidates();
+    let used = all.iter().position(|c| c.found);
+    for (i, c) in all.iter().enumerate() {
+        println!(
+            "{} {:<24} {}{}",
+            if Some(i) == used { "*" } else { " " },
+            c.source,
+            c.path.display(),
+            if c.found { "" } else { "  (not there)" }
+        );
+    }
+    println!("(* the one `mone classify` and `mone run` use without --model / [model] dir)");
+    Ok(())
 }
 
 /// `mone model init`: a model folder with random weights, for trying the pipeline.

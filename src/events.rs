@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::failure::{ErrorClass, Failure};
+use crate::segments::Segment;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LabelScore {
@@ -95,7 +96,29 @@ pub enum Event {
         stream: String,
         clips: u64,
         labels: Vec<LabelScore>,
+        /// With segments on: the file's action segments, in start order (temporal action
+        /// localisation of a long video).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        segments: Vec<Segment>,
         model: String,
+        time: String,
+    },
+    /// A label's segment has lasted its minimum duration (it started at `start_pts_ns`).
+    SegmentStarted {
+        /// `<stream>#segment<index>`, the same in its `segment_ended`.
+        event_id: String,
+        stream: String,
+        label: String,
+        start_pts_ns: u64,
+        score: f32,
+        time: String,
+    },
+    SegmentEnded {
+        event_id: String,
+        stream: String,
+        #[serde(flatten)]
+        segment: Segment,
+        duration_s: f64,
         time: String,
     },
     StreamEnded {
@@ -361,6 +384,16 @@ mod tests {
             label: "a".into(),
             score: 0.5,
         }];
+        let segment = Segment {
+            index: 0,
+            label: "walk".into(),
+            start_pts_ns: 0,
+            end_pts_ns: 2_000_000_000,
+            clips: 4,
+            peak_score: 0.9,
+            mean_score: 0.8,
+            reason: "ended".into(),
+        };
         vec![
             Event::StreamStarted {
                 stream: "s".into(),
@@ -396,7 +429,23 @@ mod tests {
                 stream: "s".into(),
                 clips: 1,
                 labels,
+                segments: vec![segment.clone()],
                 model: "m".into(),
+                time: t.clone(),
+            },
+            Event::SegmentStarted {
+                event_id: "s#segment0".into(),
+                stream: "s".into(),
+                label: "walk".into(),
+                start_pts_ns: 0,
+                score: 0.9,
+                time: t.clone(),
+            },
+            Event::SegmentEnded {
+                event_id: "s#segment0".into(),
+                stream: "s".into(),
+                segment,
+                duration_s: 2.0,
                 time: t.clone(),
             },
             Event::StreamEnded {
@@ -478,12 +527,13 @@ mod tests {
                 .map(|r| r.as_str().unwrap())
                 .collect();
             req.sort();
-            // Only a V-MoE's clip events carry `experts`.
+            // Only a V-MoE's clip events carry `experts`, and only segmenting runs `segments`.
             assert_eq!(
                 req,
                 keys.iter()
                     .map(|k| k.as_str())
                     .filter(|k| !(ty == "clip" && *k == "experts"))
+                    .filter(|k| !(ty == "video" && *k == "segments"))
                     .collect::<Vec<_>>(),
                 "{ty}: every field but the optional ones is required"
             );

@@ -7,8 +7,8 @@
 //!   and [`infer`] (`mone infer`: logits for a raw input tensor, for parity checks).
 //! - [`inputs`] (folders and lists of inputs), `source` (GStreamer; the default feature `gst`),
 //!   [`clip`], [`tokenizer`], `runtime`,
-//!   [`events`], [`failure`] (error classes), `pipeline`, `cli`: the streaming pipeline from
-//!   inputs to JSON events.
+//!   [`events`], [`failure`] (error classes), [`segments`] (action segments, pure), `pipeline`,
+//!   `cli`: the streaming pipeline from inputs to JSON events.
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
 //!   [`train`] (the MoNE and V-MoE training loop with exact-resume checkpoints), and
 //!   [`superclass`] (confusion matrix -> clustered super-classes for V-MoE's router): training.
@@ -52,6 +52,7 @@ pub mod plot;
 pub mod redact;
 #[cfg(feature = "gst")]
 pub mod runtime;
+pub mod segments;
 #[cfg(feature = "gst")]
 pub mod source;
 pub mod superclass;

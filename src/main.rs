@@ -131,6 +131,9 @@ enum ModelCommand {
     /// Write a model folder with random weights (for trying the pipeline; it classifies nothing).
     #[cfg(feature = "gst")]
     Init(mone::cli::InitModelArgs),
+    /// Where the default model is looked for, and which one is used.
+    #[cfg(feature = "gst")]
+    List,
 }
 
 #[cfg(feature = "gst")]
@@ -181,6 +184,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run { config } => mone::cli::run_pipeline(&config)?,
         #[cfg(feature = "gst")]
         Command::Model(ModelCommand::Init(a)) => mone::cli::init_model(&a).map(|_| 0)?,
+        #[cfg(feature = "gst")]
+        Command::Model(ModelCommand::List) => mone::cli::list_models().map(|_| 0)?,
         #[cfg(feature = "gst")]
         Command::Dataset(DatasetCommand::Render(a)) => mone::cli::render_dataset(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]

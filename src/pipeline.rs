@@ -34,7 +34,8 @@ fn f32() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    pub dir: PathBuf,
+    /// The model folder; default: the shipped model, wherever `mone model list` finds it.
+    pub dir: Option<PathBuf>,
     #[serde(default = "one")]
     pub capacity: f64,
     #[serde(default = "auto")]
@@ -161,6 +162,38 @@ impl HttpSection {
     }
 }
 
+/// Action segments (on when the section is present; every field optional).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentsSection {
+    pub enter: Option<f32>,
+    pub exit: Option<f32>,
+    pub min_duration_s: Option<f64>,
+    pub max_gap_s: Option<f64>,
+    /// Weight of the newest clip in the moving average (1: none).
+    pub smoothing: Option<f32>,
+    /// Labels that form no segments; default ["static"] when the model has it.
+    pub ignore: Option<Vec<String>>,
+    #[serde(default)]
+    pub labels: std::collections::HashMap<String, crate::segments::LabelOverride>,
+}
+
+impl SegmentsSection {
+    pub fn settings(&self) -> crate::segments::SegmentSettings {
+        let mut s = crate::segments::SegmentSettings::default();
+        s.rule.enter = self.enter.unwrap_or(s.rule.enter);
+        s.rule.exit = self.exit.unwrap_or(s.rule.exit);
+        s.rule.min_duration_s = self.min_duration_s.unwrap_or(s.rule.min_duration_s);
+        s.rule.max_gap_s = self.max_gap_s.unwrap_or(s.rule.max_gap_s);
+        s.smoothing = self.smoothing.unwrap_or(s.smoothing);
+        if let Some(i) = &self.ignore {
+            s.ignore = i.clone();
+        }
+        s.labels = self.labels.clone();
+        s
+    }
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct SourcesSection {
@@ -197,6 +230,7 @@ pub struct PipelineConfig {
     pub sources: SourcesSection,
     pub controller: Option<ControllerSection>,
     pub http: Option<HttpSection>,
+    pub segments: Option<SegmentsSection>,
     /// May be empty when the HTTP API is on: streams are then added through it.
     #[serde(default)]
     pub streams: Vec<StreamEntry>,
@@ -288,6 +322,7 @@ impl PipelineConfig {
             backoff_max: secs(s.backoff_max_s, d.backoff_max, "backoff_max_s")?,
             max_reconnects: s.max_reconnects,
             max_open: s.max_open,
+            segments: self.segments.as_ref().map(|s| s.settings()),
             eos_timeout: d.eos_timeout,
             controller: None,
             stats_interval: match self.output.stats_interval_s {
@@ -403,6 +438,25 @@ mod tests {
         let s = c.controller_settings().unwrap().unwrap();
         assert_eq!((s.latency_target_ms, s.min_capacity), (1000.0, 0.25));
         assert_eq!(c.http.unwrap().listen, "127.0.0.1:9464");
+    }
+
+    #[test]
+    fn segments_and_an_optional_model_dir() {
+        let c = PipelineConfig::parse(
+            "[model]\n[segments]\nenter=0.7\nsmoothing=1.0\nignore=[]\n[segments.labels.walk]\nmin_duration_s=3\n[[streams]]\nuri='x'",
+        )
+        .unwrap();
+        assert_eq!(c.model.dir, None);
+        let s = c.options().unwrap().segments.unwrap();
+        assert_eq!((s.rule.enter, s.rule.exit, s.smoothing), (0.7, 0.3, 1.0));
+        assert!(s.ignore.is_empty());
+        assert_eq!(s.rule_for("walk").min_duration_s, 3.0);
+        assert_eq!(s.rule_for("run").min_duration_s, 1.0);
+        let none = PipelineConfig::parse("[model]\n[[streams]]\nuri='x'").unwrap();
+        assert!(none.options().unwrap().segments.is_none());
+        assert!(
+            PipelineConfig::parse("[model]\n[segments]\nbogus=1\n[[streams]]\nuri='x'").is_err()
+        );
     }
 
     #[test]

@@ -601,3 +601,52 @@ fn every_uri_scheme_fails_cleanly_and_never_shows_its_password() {
     assert!(text.contains("\"type\":\"video\""), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn the_default_model_is_found_from_anywhere() {
+    let dir = tmpdir("anywhere");
+    // The binary alone, away from the repository: only its embedded model is near it.
+    let bin = dir.join("mone");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_mone"), &bin).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_mone"), &bin).unwrap();
+    }
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let run = |args: &[&str], model_env: Option<&std::path::Path>| {
+        let mut c = Command::new(&bin);
+        c.args(args)
+            .current_dir(&dir)
+            .env("HOME", &home)
+            .env_remove("XDG_DATA_HOME")
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("MONE_MODEL_DIR");
+        if let Some(m) = model_env {
+            c.env("MONE_MODEL_DIR", m);
+        }
+        c.output().unwrap()
+    };
+    let list = run(&["model", "list"], None);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("* embedded in the binary"), "{text}");
+    let input = "test:pattern=ball,frames=32,live=false";
+    let out = run(&["classify", input], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("(embedded in the binary)"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"type\":\"video\""),
+        "{stderr}"
+    );
+    // The embedded copy went into the cache under HOME.
+    assert!(home.join(".cache/mone/models").is_dir());
+    // $MONE_MODEL_DIR comes first.
+    let out = run(&["classify", input], Some(&model()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("($MONE_MODEL_DIR)"), "{stderr}");
+    // A --model that is not a model folder says so.
+    let out = run(&["classify", input, "--model", "/no/such/model"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no model folder at /no/such/model"));
+    std::fs::remove_dir_all(&dir).ok();
+}

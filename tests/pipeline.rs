@@ -709,3 +709,77 @@ fn rendered_dataset_clips_decode_back_to_their_frames() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn segments_of_a_long_video_fall_within_one_clip_of_the_truth() {
+    use mone::dataset::{plan, render, CLASSES};
+    let dir = tmpdir("segments");
+    // 12 clips of approaching, 12 of moving_left, then 6 of static: held-out plans (seed 1),
+    // 16 frames each at 12 fps, so clip windows (stride = clip length) meet plan boundaries.
+    let (frames, fps, size) = (16usize, 12u32, 64usize);
+    let parts = [(4usize, 12u64), (0, 12), (11, 6)];
+    let mut video: Vec<Vec<u8>> = Vec::new();
+    let mut k = 0u64;
+    for (label, n) in parts {
+        for _ in 0..n {
+            video.extend(render(
+                &plan(1, label as u64 + 12 * (100 + k), frames),
+                size,
+            ));
+            k += 1;
+        }
+    }
+    let path = dir.join("long.mp4");
+    mone::source::write_rgb_video(&path, &video, size as u32, size as u32, fps, "mp4").unwrap();
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/mone-vivit-tiny-motion");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mone"))
+        .arg("classify")
+        .arg(&path)
+        .args(["--segments", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Event> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ended: Vec<&mone::segments::Segment> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SegmentEnded { segment, .. } => Some(segment),
+            _ => None,
+        })
+        .collect();
+    let clip_s = frames as f64 / fps as f64;
+    let secs = |ns: u64| ns as f64 / 1e9;
+    for (label, from, to) in [("approaching", 0.0, 12.0), ("moving_left", 12.0, 24.0)] {
+        let (from, to) = (from * clip_s, to * clip_s);
+        let s = ended
+            .iter()
+            .find(|s| s.label == label)
+            .unwrap_or_else(|| panic!("no {label} segment: {ended:#?}"));
+        assert!(
+            (secs(s.start_pts_ns) - from).abs() <= clip_s + 1e-6
+                && (secs(s.end_pts_ns) - to).abs() <= clip_s + 1e-6,
+            "{label}: {:.2}-{:.2} s against {from:.2}-{to:.2}: {ended:#?}",
+            secs(s.start_pts_ns),
+            secs(s.end_pts_ns)
+        );
+    }
+    // Nothing else lasted long enough to be reported, and the video event lists the same.
+    assert_eq!(ended.len(), 2, "{ended:#?}");
+    let Some(Event::Video { segments, .. }) =
+        events.iter().find(|e| matches!(e, Event::Video { .. }))
+    else {
+        panic!("no video event")
+    };
+    assert_eq!(segments.len(), 2);
+    assert_eq!(CLASSES[4], "approaching");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod flops;
 pub mod io;
 pub mod kernels;
+pub mod locate;
 pub mod mlp;
 pub mod moe;
 pub mod nested;

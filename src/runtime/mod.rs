@@ -180,6 +180,9 @@ pub struct RuntimeOptions {
     /// Finite inputs open at once (the next starts as one ends); None: all. Live inputs never
     /// end, so they all start whatever this is.
     pub max_open: Option<usize>,
+    /// Action segments per stream (`segment_started` / `segment_ended`, and a file's segments
+    /// in its `video` event); None: off.
+    pub segments: Option<crate::segments::SegmentSettings>,
 }
 
 impl Default for RuntimeOptions {
@@ -205,6 +208,7 @@ impl Default for RuntimeOptions {
             controller: None,
             stats_interval: None,
             max_open: None,
+            segments: None,
         }
     }
 }
@@ -349,6 +353,9 @@ pub fn run(
         tail: opts.tail,
     };
     spec.validate().map_err(RuntimeError::Config)?;
+    if let Some(s) = &opts.segments {
+        s.validate(model.labels()).map_err(RuntimeError::Config)?;
+    }
     let controller = match &opts.controller {
         None => None,
         Some(c) => {

@@ -2,6 +2,17 @@
 //! (on the controller's deadline when there is one), writes events and stats.
 
 use super::*;
+use crate::segments::{Segment, SegmentUpdate, Segmenter};
+
+fn segment_ended(stream: &str, s: Segment) -> Event {
+    Event::SegmentEnded {
+        event_id: format!("{stream}#segment{}", s.index),
+        stream: stream.to_string(),
+        duration_s: s.end_pts_ns.saturating_sub(s.start_pts_ns) as f64 / 1e9,
+        segment: s,
+        time: now(),
+    }
+}
 
 #[derive(Default)]
 pub(super) struct Interval {
@@ -36,6 +47,9 @@ pub(super) struct StreamState {
     pub(super) handle: Option<JoinHandle<()>>,
     pub(super) clips: u64,
     pub(super) prob_sum: Vec<f64>,
+    /// With segments on: the stream's segmenter, and the segments it has closed.
+    pub(super) segmenter: Option<Segmenter>,
+    pub(super) segments: Vec<Segment>,
     pub(super) interval: Interval,
 }
 
@@ -266,6 +280,12 @@ impl Worker<'_, '_> {
             handle: Some(handle),
             clips: 0,
             prob_sum: vec![0.0; cfg.num_classes],
+            segmenter: self
+                .opts
+                .segments
+                .as_ref()
+                .map(|s| Segmenter::new(s, self.model.labels())),
+            segments: Vec::new(),
             interval: Interval::default(),
         });
         Ok(())
@@ -313,6 +333,11 @@ impl Worker<'_, '_> {
     pub(super) fn drain_events(&mut self) -> Result<(), RuntimeError> {
         while let Ok(e) = self.ev_rx.try_recv() {
             self.write(&e)?;
+            if let Event::Offline { stream, .. } = &e {
+                if let Some(i) = self.streams.iter().position(|s| &s.name == stream) {
+                    self.close_segments(i, "offline")?;
+                }
+            }
         }
         Ok(())
     }
@@ -341,6 +366,53 @@ impl Worker<'_, '_> {
                 at: Instant::now(),
             });
         }
+    }
+
+    /// Feed a classified clip to its stream's segmenter and write what started or ended.
+    fn segment(&mut self, i: usize, probs: &[f32], pts: [u64; 2]) -> Result<(), RuntimeError> {
+        let st = &mut self.streams[i];
+        let Some(seg) = st.segmenter.as_mut() else {
+            return Ok(());
+        };
+        let name = st.name.clone();
+        for u in seg.push(probs, pts[0], pts[1]) {
+            let e = match u {
+                SegmentUpdate::Started {
+                    index,
+                    label,
+                    start_pts_ns,
+                    score,
+                } => Event::SegmentStarted {
+                    event_id: format!("{name}#segment{index}"),
+                    stream: name.clone(),
+                    label,
+                    start_pts_ns,
+                    score,
+                    time: now(),
+                },
+                SegmentUpdate::Ended(s) => {
+                    self.streams[i].segments.push(s.clone());
+                    segment_ended(&name, s)
+                }
+            };
+            self.write(&e)?;
+        }
+        Ok(())
+    }
+
+    /// Close the open segments of stream `i` (it went offline).
+    fn close_segments(&mut self, i: usize, reason: &str) -> Result<(), RuntimeError> {
+        let st = &mut self.streams[i];
+        let Some(seg) = st.segmenter.as_mut() else {
+            return Ok(());
+        };
+        let closed = seg.finish(reason);
+        st.segments.extend(closed.iter().cloned());
+        let name = st.name.clone();
+        for s in closed {
+            self.write(&segment_ended(&name, s))?;
+        }
+        Ok(())
     }
 
     /// A stream asked to stop whose source has not ended well after the EOS timeout (an element
@@ -551,6 +623,7 @@ impl Worker<'_, '_> {
                 time: now(),
             };
             self.sink.write(&e)?;
+            self.segment(*i, &probs[k], c.pts)?;
             let st = &mut self.streams[*i];
             st.interval.latencies.push(e2e);
             st.interval.capacity_sum += ran_at;
@@ -610,6 +683,13 @@ impl Worker<'_, '_> {
                 self.write(&Event::stream_error(&st.name, &f))?;
                 self.summary.failed.push((st.name.clone(), f));
             }
+            if let Some(seg) = st.segmenter.as_mut() {
+                let closed = seg.finish("stream_ended");
+                st.segments.extend(closed.iter().cloned());
+                for s in closed {
+                    self.write(&segment_ended(&st.name, s))?;
+                }
+            }
             if !st.live.load(Ordering::Relaxed) && st.clips > 0 {
                 let avg: Vec<f32> = st
                     .prob_sum
@@ -621,6 +701,7 @@ impl Worker<'_, '_> {
                     stream: st.name.clone(),
                     clips: st.clips,
                     labels: topk(&avg, self.model.labels(), self.opts.topk),
+                    segments: std::mem::take(&mut st.segments),
                     model: self.model_name.to_string(),
                     time: now(),
                 })?;
