@@ -26,11 +26,14 @@ use crate::model::{Config, ForwardOptions, LoadedModel};
 use crate::source::{Input, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline};
 use crate::tokenizer;
 
+mod segmenting;
+mod stats;
 mod stream;
 mod worker;
 
+use stats::Interval;
 use stream::{ClipMsg, StreamCtx, StreamMsg};
-use worker::{Interval, Worker};
+use worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

@@ -1,0 +1,69 @@
+//! Feeding classified clips to each stream's segmenter and writing the segment events.
+
+use super::worker::Worker;
+use super::*;
+use crate::segments::{Segment, SegmentUpdate};
+
+pub(super) fn segment_ended(stream: &str, s: Segment) -> Event {
+    Event::SegmentEnded {
+        event_id: format!("{stream}#segment{}", s.index),
+        stream: stream.to_string(),
+        duration_s: s.end_pts_ns.saturating_sub(s.start_pts_ns) as f64 / 1e9,
+        segment: s,
+        time: now(),
+    }
+}
+
+impl Worker<'_, '_> {
+    /// Feed a classified clip to its stream's segmenter and write what started or ended.
+    pub(super) fn segment(
+        &mut self,
+        i: usize,
+        probs: &[f32],
+        pts: [u64; 2],
+    ) -> Result<(), RuntimeError> {
+        let st = &mut self.streams[i];
+        let Some(seg) = st.segmenter.as_mut() else {
+            return Ok(());
+        };
+        let name = st.name.clone();
+        for u in seg.push(probs, pts[0], pts[1]) {
+            let e = match u {
+                SegmentUpdate::Started {
+                    index,
+                    label,
+                    start_pts_ns,
+                    score,
+                } => Event::SegmentStarted {
+                    event_id: format!("{name}#segment{index}"),
+                    stream: name.clone(),
+                    label,
+                    start_pts_ns,
+                    score,
+                    time: now(),
+                },
+                SegmentUpdate::Ended(s) => {
+                    self.streams[i].segments.push(s.clone());
+                    segment_ended(&name, s)
+                }
+            };
+            self.write(&e)?;
+        }
+        Ok(())
+    }
+
+    /// Close the open segments of stream `i` (it went offline).
+    pub(super) fn close_segments(&mut self, i: usize, reason: &str) -> Result<(), RuntimeError> {
+        let st = &mut self.streams[i];
+        let Some(seg) = st.segmenter.as_mut() else {
+            return Ok(());
+        };
+        let closed = seg.finish(reason);
+        st.segments.extend(closed.iter().cloned());
+        let name = st.name.clone();
+        for s in closed {
+            self.write(&segment_ended(&name, s))?;
+        }
+        Ok(())
+    }
+}
