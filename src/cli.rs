@@ -624,9 +624,9 @@ pub fn eval(a: &crate::eval::EvalArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct ExplainArgs {
-    /// Model folder.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: PathBuf,
+    /// Model folder; default: the shipped model, wherever `mone model list` finds it.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// A video file, URI or test: source; its first clip is explained.
     pub input: String,
     /// Compute budget e_c.
@@ -642,12 +642,13 @@ pub struct ExplainArgs {
 /// `mone explain`: which tubelets of one clip went to which expert, drawn over the frames.
 pub fn explain(a: &ExplainArgs) -> anyhow::Result<()> {
     let device = crate::device::open(&a.device)?;
-    let lm = crate::model::load_model_dir(&a.model, &device)?;
+    let (model_dir, _) = model::locate::resolve(a.model.as_deref())?;
+    let lm = crate::model::load_model_dir(&model_dir, &device)?;
     let cfg = &lm.config;
     anyhow::ensure!(
         cfg.is_mone(),
         "{} is a V-MoE: it routes whole clips, not tubelets, so there is no per-token routing to draw (its events name each clip's experts)",
-        a.model.display()
+        model_dir.display()
     );
     let frames = crate::source::decode_input(&a.input, cfg.image_size as u32, cfg.frames)?;
     anyhow::ensure!(!frames.is_empty(), "{}: no frames", a.input);

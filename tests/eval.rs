@@ -255,7 +255,7 @@ fn explain_draws_the_routing_of_one_clip() {
     motion_model(&mdir);
     let out = root.join("explain.png");
     mone::cli::explain(&mone::cli::ExplainArgs {
-        model: mdir,
+        model: Some(mdir),
         input: "test:pattern=ball,width=64,height=48,fps=12,frames=20,live=false".into(),
         capacity: 0.3,
         out: out.clone(),
