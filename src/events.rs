@@ -32,6 +32,26 @@ pub struct Latency {
     pub end_to_end_ms: f64,
 }
 
+/// How a clip's `capture_time` is known.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptureSource {
+    /// The file's creation time (its container's `datetime` tag) plus the clip's PTS.
+    Container,
+    /// When the frame reached mone (a live stream).
+    Arrival,
+}
+
+/// Unix nanoseconds as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339_ns(unix_ns: i64) -> String {
+    let t = if unix_ns >= 0 {
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(unix_ns as u64)
+    } else {
+        std::time::UNIX_EPOCH
+    };
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LatencyPercentiles {
     pub p50: f64,
@@ -83,6 +103,10 @@ pub enum Event {
         padded_frames: usize,
         labels: Vec<LabelScore>,
         capacity: f64,
+        /// When the clip's first frame was captured (RFC 3339 UTC), or null when unknown (a
+        /// file without a creation time).
+        capture_time: Option<String>,
+        capture_time_source: Option<CaptureSource>,
         /// A V-MoE's experts for this clip, most probable first (absent for MoNE models).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         experts: Vec<ExpertUse>,
@@ -110,6 +134,8 @@ pub enum Event {
         stream: String,
         label: String,
         start_pts_ns: u64,
+        /// `start_pts_ns` on the wall clock, as the stream's clips give it (null when unknown).
+        capture_time: Option<String>,
         score: f32,
         time: String,
     },
@@ -118,6 +144,8 @@ pub enum Event {
         stream: String,
         #[serde(flatten)]
         segment: Segment,
+        start_capture_time: Option<String>,
+        end_capture_time: Option<String>,
         duration_s: f64,
         time: String,
     },
@@ -412,6 +440,8 @@ mod tests {
                 padded_frames: 0,
                 labels: labels.clone(),
                 capacity: 1.0,
+                capture_time: Some(t.clone()),
+                capture_time_source: Some(CaptureSource::Arrival),
                 experts: vec![ExpertUse {
                     expert: 3,
                     weight: 0.5,
@@ -438,6 +468,7 @@ mod tests {
                 stream: "s".into(),
                 label: "walk".into(),
                 start_pts_ns: 0,
+                capture_time: Some(t.clone()),
                 score: 0.9,
                 time: t.clone(),
             },
@@ -445,6 +476,8 @@ mod tests {
                 event_id: "s#segment0".into(),
                 stream: "s".into(),
                 segment,
+                start_capture_time: Some(t.clone()),
+                end_capture_time: None,
                 duration_s: 2.0,
                 time: t.clone(),
             },

@@ -350,6 +350,19 @@ fn an_http_camera_is_live_and_an_http_file_is_not() {
     assert!(events
         .iter()
         .any(|e| matches!(e, Event::Clip { stream, .. } if stream == &camera)));
+    // A live camera's clips are stamped when their frames arrived.
+    assert!(events.iter().all(|e| match e {
+        Event::Clip {
+            stream,
+            capture_time_source,
+            capture_time,
+            ..
+        } if stream == &camera => {
+            *capture_time_source == Some(mone::events::CaptureSource::Arrival)
+                && capture_time.is_some()
+        }
+        _ => true,
+    }));
     assert!(
         !events
             .iter()

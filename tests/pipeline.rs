@@ -781,5 +781,36 @@ fn segments_of_a_long_video_fall_within_one_clip_of_the_truth() {
     };
     assert_eq!(segments.len(), 2);
     assert_eq!(CLASSES[4], "approaching");
+    // The MP4's creation time (mp4mux writes it) plus each clip's PTS is its capture time.
+    let captures: Vec<(u64, String)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Clip {
+                pts_start_ns,
+                capture_time: Some(t),
+                capture_time_source: Some(mone::events::CaptureSource::Container),
+                ..
+            } => Some((*pts_start_ns, t.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(captures.len(), 30, "{stdout}");
+    let parse = |t: &str| humantime::parse_rfc3339(t).unwrap();
+    let first = parse(&captures[0].1);
+    let age = std::time::SystemTime::now().duration_since(first).unwrap();
+    assert!(age < Duration::from_secs(600), "{age:?}");
+    let (pts, t) = &captures[29];
+    let step = parse(t).duration_since(first).unwrap();
+    assert!(
+        (step.as_secs_f64() - *pts as f64 / 1e9).abs() < 0.002,
+        "{step:?} vs {pts}"
+    );
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::SegmentEnded {
+            start_capture_time: Some(_),
+            ..
+        }
+    )));
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -18,7 +18,8 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Select, Sender, TryRecvErr
 use crate::clip::{Clip, ClipAssembler, ClipSpec, Tail};
 use crate::controller::{Controller, ControllerSettings, LatencyProfile};
 use crate::events::{
-    now, redact, Event, EventSink, ExpertUse, LabelScore, Latency, LatencyPercentiles, StreamStats,
+    now, redact, CaptureSource, Event, EventSink, ExpertUse, LabelScore, Latency,
+    LatencyPercentiles, StreamStats,
 };
 use crate::failure::{ErrorClass, Failure};
 use crate::metrics::{percentile, StreamInfo, Telemetry};

@@ -4,10 +4,21 @@ use super::worker::Worker;
 use super::*;
 use crate::segments::{Segment, SegmentUpdate};
 
-pub(super) fn segment_ended(stream: &str, s: Segment) -> Event {
+/// A PTS on the wall clock, by the stream's latest capture offset.
+fn wall(offset: Option<(i64, CaptureSource)>, pts: u64) -> Option<String> {
+    offset.map(|(o, _)| crate::events::rfc3339_ns(o + pts as i64))
+}
+
+pub(super) fn segment_ended(
+    stream: &str,
+    s: Segment,
+    offset: Option<(i64, CaptureSource)>,
+) -> Event {
     Event::SegmentEnded {
         event_id: format!("{stream}#segment{}", s.index),
         stream: stream.to_string(),
+        start_capture_time: wall(offset, s.start_pts_ns),
+        end_capture_time: wall(offset, s.end_pts_ns),
         duration_s: s.end_pts_ns.saturating_sub(s.start_pts_ns) as f64 / 1e9,
         segment: s,
         time: now(),
@@ -27,6 +38,7 @@ impl Worker<'_, '_> {
             return Ok(());
         };
         let name = st.name.clone();
+        let offset = st.capture_offset;
         for u in seg.push(probs, pts[0], pts[1]) {
             let e = match u {
                 SegmentUpdate::Started {
@@ -39,12 +51,13 @@ impl Worker<'_, '_> {
                     stream: name.clone(),
                     label,
                     start_pts_ns,
+                    capture_time: wall(offset, start_pts_ns),
                     score,
                     time: now(),
                 },
                 SegmentUpdate::Ended(s) => {
                     self.streams[i].segments.push(s.clone());
-                    segment_ended(&name, s)
+                    segment_ended(&name, s, offset)
                 }
             };
             self.write(&e)?;
@@ -61,8 +74,9 @@ impl Worker<'_, '_> {
         let closed = seg.finish(reason);
         st.segments.extend(closed.iter().cloned());
         let name = st.name.clone();
+        let offset = st.capture_offset;
         for s in closed {
-            self.write(&segment_ended(&name, s))?;
+            self.write(&segment_ended(&name, s, offset))?;
         }
         Ok(())
     }

@@ -3,6 +3,29 @@
 
 use super::*;
 
+fn unix_ns_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// When a clip's first frame was captured: a file's creation time plus the clip's PTS, or for a
+/// live stream the wall clock at which that frame reached us; None for a file without one.
+fn capture_of(
+    clip: &Clip,
+    created: Option<i64>,
+    live: bool,
+    wall: &VecDeque<(u64, i64)>,
+) -> Option<(i64, CaptureSource)> {
+    if !live {
+        return created.map(|c| (c + clip.pts_start_ns() as i64, CaptureSource::Container));
+    }
+    let first = clip.first_frame();
+    wall.iter()
+        .find(|(i, _)| *i == first)
+        .map(|(_, t)| (*t, CaptureSource::Arrival))
+}
+
 /// Reconnects of a network file (an HTTP download) that failed before its first frame.
 const FILE_RETRIES: u32 = 3;
 
@@ -14,6 +37,8 @@ pub(super) struct ClipMsg {
     pub(super) data: Vec<f32>,
     /// When the clip's last frame was pulled from the source: latency runs from here.
     pub(super) arrived: Instant,
+    /// When its first frame was captured (Unix nanoseconds), and how that is known.
+    pub(super) capture: Option<(i64, CaptureSource)>,
 }
 
 pub(super) enum StreamMsg {
@@ -92,7 +117,13 @@ impl StreamCtx {
 
     /// Queue a clip: files block (backpressure), live streams drop their oldest queued clip.
     /// Returns false when the worker is gone.
-    pub(super) fn send_clip(&self, clip: Clip, arrived: Instant, dropped: &mut u64) -> bool {
+    pub(super) fn send_clip(
+        &self,
+        clip: Clip,
+        arrived: Instant,
+        capture: Option<(i64, CaptureSource)>,
+        dropped: &mut u64,
+    ) -> bool {
         let msg = StreamMsg::Clip(ClipMsg {
             clip_index: clip.index,
             frames: [clip.first_frame(), clip.last_frame()],
@@ -100,6 +131,7 @@ impl StreamCtx {
             pts: [clip.pts_start_ns(), clip.pts_end_ns()],
             data: tokenizer::clip_to_chw(&clip, self.mean, self.std),
             arrived,
+            capture,
         });
         if !self.live() {
             return self.tx.send(msg).is_ok();
@@ -155,6 +187,9 @@ impl StreamCtx {
         let mut seed =
             0x2545_F491_4F6C_DD1Du64 ^ ((self.idx as u64 + 1) << 32) ^ std::process::id() as u64;
         let stop = &self.stop;
+        // Wall-clock arrival of recent frames (index, Unix ns), and the file's creation time.
+        let mut wall: VecDeque<(u64, i64)> = VecDeque::new();
+        let mut created: Option<i64> = None;
         'outer: loop {
             if stop.load(Ordering::Relaxed) {
                 break;
@@ -219,8 +254,16 @@ impl StreamCtx {
                                 timeline_end = timeline_end.max(pts + f.duration_ns.max(1));
                                 f.index = frames;
                                 frames += 1;
+                                if let Some(c) = p.created_unix_ns() {
+                                    created = Some(c);
+                                }
+                                wall.push_back((f.index, unix_ns_now()));
+                                if wall.len() > 4096 {
+                                    wall.pop_front();
+                                }
                                 if let Some(clip) = asm.push(f) {
-                                    if !self.send_clip(clip, last_frame_at, &mut dropped) {
+                                    let capture = capture_of(&clip, created, live, &wall);
+                                    if !self.send_clip(clip, last_frame_at, capture, &mut dropped) {
                                         stop_bounded(p, self.opts.eos_timeout);
                                         break 'outer;
                                     }
@@ -324,7 +367,8 @@ impl StreamCtx {
             }
         }
         if let Some(clip) = asm.finish() {
-            self.send_clip(clip, Instant::now(), &mut dropped);
+            let capture = capture_of(&clip, created, self.live(), &wall);
+            self.send_clip(clip, Instant::now(), capture, &mut dropped);
         }
         let _ = self.tx.send(StreamMsg::End {
             frames,

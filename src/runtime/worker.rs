@@ -28,6 +28,9 @@ pub(super) struct StreamState {
     /// With segments on: the stream's segmenter, and the segments it has closed.
     pub(super) segmenter: Option<Segmenter>,
     pub(super) segments: Vec<Segment>,
+    /// Capture time minus PTS of the latest clip that had one: segment boundaries on the
+    /// wall clock.
+    pub(super) capture_offset: Option<(i64, CaptureSource)>,
     pub(super) interval: Interval,
 }
 
@@ -252,6 +255,7 @@ impl Worker<'_, '_> {
                 .as_ref()
                 .map(|s| Segmenter::new(s, self.model.labels())),
             segments: Vec::new(),
+            capture_offset: None,
             interval: Interval::default(),
         });
         Ok(())
@@ -528,6 +532,8 @@ impl Worker<'_, '_> {
                 padded_frames: c.padded,
                 labels,
                 capacity: ran_at,
+                capture_time: c.capture.map(|(t, _)| crate::events::rfc3339_ns(t)),
+                capture_time_source: c.capture.map(|(_, s)| s),
                 experts: experts.get(k).map_or_else(Vec::new, |e| {
                     e.iter()
                         .map(|&(expert, weight)| ExpertUse { expert, weight })
@@ -542,6 +548,9 @@ impl Worker<'_, '_> {
                 time: now(),
             };
             self.sink.write(&e)?;
+            if let Some((t, src)) = c.capture {
+                self.streams[*i].capture_offset = Some((t - c.pts[0] as i64, src));
+            }
             self.segment(*i, &probs[k], c.pts)?;
             let st = &mut self.streams[*i];
             st.interval.latencies.push(e2e);
@@ -606,7 +615,7 @@ impl Worker<'_, '_> {
                 let closed = seg.finish("stream_ended");
                 st.segments.extend(closed.iter().cloned());
                 for s in closed {
-                    self.write(&segment_ended(&st.name, s))?;
+                    self.write(&segment_ended(&st.name, s, st.capture_offset))?;
                 }
             }
             if !st.live.load(Ordering::Relaxed) && st.clips > 0 {

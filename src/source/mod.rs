@@ -249,6 +249,8 @@ pub struct SourcePipeline {
     uri: Option<String>,
     /// The pipeline already ended (EOS or an error): stopping it waits for no EOS.
     ended: bool,
+    /// The container's creation time (its `datetime` tag), Unix nanoseconds.
+    created_unix_ns: Option<i64>,
 }
 
 fn fraction(fps: f64) -> gst::Fraction {
@@ -405,6 +407,7 @@ impl SourcePipeline {
                 Input::Test(_) => None,
             },
             ended: false,
+            created_unix_ns: None,
         })
     }
 
@@ -415,8 +418,21 @@ impl SourcePipeline {
             .map_err(|_| SourceError::Gst("the pipeline refused to start".into()))
     }
 
-    fn bus_error(&self) -> Option<Failure> {
-        while let Some(msg) = self.bus.pop_filtered(&[gst::MessageType::Error]) {
+    fn bus_error(&mut self) -> Option<Failure> {
+        while let Some(msg) = self
+            .bus
+            .pop_filtered(&[gst::MessageType::Error, gst::MessageType::Tag])
+        {
+            if let gst::MessageView::Tag(t) = msg.view() {
+                if self.created_unix_ns.is_none() {
+                    self.created_unix_ns = t
+                        .tags()
+                        .get::<gst::tags::DateTime>()
+                        .and_then(|d| d.get().to_g_date_time().ok())
+                        .map(|d| d.to_unix() * 1_000_000_000 + d.microsecond() as i64 * 1000);
+                }
+                continue;
+            }
             if let gst::MessageView::Error(e) = msg.view() {
                 let dbg = e.debug().map(|d| d.to_string()).unwrap_or_default();
                 let debug = dbg
@@ -442,6 +458,12 @@ impl SourcePipeline {
             }
         }
         None
+    }
+
+    /// When the file was made, from its container's `datetime` tag (Unix nanoseconds), once the
+    /// demuxer has posted it.
+    pub fn created_unix_ns(&self) -> Option<i64> {
+        self.created_unix_ns
     }
 
     /// Whether the pipeline knows the input's duration (asked once it plays): an HTTP input
