@@ -145,15 +145,15 @@ pub enum Probe {
     Skipped,
 }
 
+/// `text` (lower case) contains one of `needles`.
 fn has(text: &str, needles: &[&str]) -> bool {
-    let t = text.to_ascii_lowercase();
-    needles.iter().any(|n| t.contains(n))
+    needles.iter().any(|n| text.contains(n))
 }
 
 /// Classify a GStreamer error. `probe` is asked only when the text leaves a network failure's
 /// cause open; `had_frames` tells a lost stream from one that never started.
 pub fn classify(e: &RawError, had_frames: bool, probe: impl FnOnce() -> Probe) -> Failure {
-    let text = format!("{} {}", e.message, e.debug);
+    let text = format!("{} {}", e.message, e.debug).to_ascii_lowercase();
     let detail = if e.debug.is_empty() {
         format!("{} ({})", e.message, e.element)
     } else {

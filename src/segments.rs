@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 /// Thresholds of one label (every field optional in a per-label override).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelRule {
     pub enter: f32,
@@ -59,7 +59,7 @@ impl Default for SegmentSettings {
 impl SegmentSettings {
     /// The rule for `label`, overrides applied.
     pub fn rule_for(&self, label: &str) -> LabelRule {
-        let mut r = self.rule.clone();
+        let mut r = self.rule;
         if let Some(o) = self.labels.get(label) {
             r.enter = o.enter.unwrap_or(r.enter);
             r.exit = o.exit.unwrap_or(r.exit);
@@ -188,7 +188,7 @@ impl Segmenter {
         let mut out = Vec::new();
         let n = self.labels.len().min(self.ema.len());
         for (i, &raw) in probs.iter().enumerate().take(n) {
-            let Some(rule) = self.rules[i].clone() else {
+            let Some(rule) = self.rules[i] else {
                 continue;
             };
             let score = self.ema[i];

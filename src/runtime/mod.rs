@@ -415,7 +415,7 @@ pub fn run(
     w.summary.inputs = streams.len();
     // Live inputs never end: they all start now. Finite ones wait for a free slot.
     for s in streams {
-        if Input::parse(&s.input).is_ok_and(|i| i.is_live()) {
+        if Input::spec_is_live(&s.input) {
             w.start(s)?;
         } else {
             w.pending.push_back(s.clone());

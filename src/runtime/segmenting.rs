@@ -9,11 +9,7 @@ fn wall(offset: Option<(i64, CaptureSource)>, pts: u64) -> Option<String> {
     offset.map(|(o, _)| crate::events::rfc3339_ns(o + pts as i64))
 }
 
-pub(super) fn segment_ended(
-    stream: &str,
-    s: Segment,
-    offset: Option<(i64, CaptureSource)>,
-) -> Event {
+fn segment_ended(stream: &str, s: Segment, offset: Option<(i64, CaptureSource)>) -> Event {
     Event::SegmentEnded {
         event_id: format!("{stream}#segment{}", s.index),
         stream: stream.to_string(),
@@ -65,7 +61,7 @@ impl Worker<'_, '_> {
         Ok(())
     }
 
-    /// Close the open segments of stream `i` (it went offline).
+    /// Close the open segments of stream `i` (it ended or went offline).
     pub(super) fn close_segments(&mut self, i: usize, reason: &str) -> Result<(), RuntimeError> {
         let st = &mut self.streams[i];
         let Some(seg) = st.segmenter.as_mut() else {

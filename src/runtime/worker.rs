@@ -1,7 +1,6 @@
 //! The inference worker: pulls clips from every stream's queue, batches them oldest first
 //! (on the controller's deadline when there is one), writes events and stats.
 
-use super::segmenting::segment_ended;
 use super::*;
 use crate::segments::{Segment, Segmenter};
 
@@ -599,25 +598,20 @@ impl Worker<'_, '_> {
                 i += 1;
                 continue;
             }
+            let (frames, dropped, error) = self.streams[i].end.take().unwrap_or((0, 0, None));
+            if let Some(f) = error {
+                let name = self.streams[i].name.clone();
+                self.write(&Event::stream_error(&name, &f))?;
+                self.summary.failed.push((name, f));
+            }
+            self.close_segments(i, "stream_ended")?;
             let mut st = self.streams.remove(i);
-            let (frames, dropped, error) = st.end.take().unwrap_or((0, 0, None));
             if let Some(h) = st.handle.take() {
                 let _ = h.join();
             }
             let dropped_total = dropped.max(st.dropped_seen) + st.dropped_here;
             self.summary.frames += frames;
             self.summary.dropped_clips += dropped_total;
-            if let Some(f) = error {
-                self.write(&Event::stream_error(&st.name, &f))?;
-                self.summary.failed.push((st.name.clone(), f));
-            }
-            if let Some(seg) = st.segmenter.as_mut() {
-                let closed = seg.finish("stream_ended");
-                st.segments.extend(closed.iter().cloned());
-                for s in closed {
-                    self.write(&segment_ended(&st.name, s, st.capture_offset))?;
-                }
-            }
             if !st.live.load(Ordering::Relaxed) && st.clips > 0 {
                 let avg: Vec<f32> = st
                     .prob_sum

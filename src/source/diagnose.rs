@@ -12,8 +12,8 @@ use crate::failure::{self, Domain, Probe};
 
 /// Any source element refuses a URI it cannot parse (rtspsrc: a user without a password);
 /// uridecodebin would report it only once playing. Checked on a helper thread with a timeout:
-/// some elements hang in their own teardown (ristsrc, created twice at once, in 1.22), and a
-/// stream must fail then, not hang.
+/// some elements hang in their own teardown (ristsrc in 1.22 was seen to), and a stream must
+/// fail then, not hang.
 pub(super) fn check_uri(uri: &str) -> Result<(), SourceError> {
     let invalid = |why: String| SourceError::Invalid(crate::events::redact_text(uri), why);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -205,6 +205,13 @@ impl Input {
         }
     }
 
+    /// [`Input::is_live`] of an input spec, without touching the file system: a path is never
+    /// live, so a list of 100,000 files is not stat'ed twice.
+    pub fn spec_is_live(spec: &str) -> bool {
+        (spec.contains("://") || spec.starts_with("test:"))
+            && Input::parse(spec).is_ok_and(|i| i.is_live())
+    }
+
     /// False for inputs whose liveness shows only once they play (HTTP).
     pub fn liveness_known(&self) -> bool {
         !matches!(self.scheme().as_str(), "http" | "https")
