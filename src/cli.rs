@@ -183,6 +183,9 @@ struct Extras {
     reprofile: bool,
     /// Listen address and access rules of the HTTP API.
     http: Option<(String, crate::http::ApiAccess)>,
+    sinks: Vec<crate::sinks::SinkSpec>,
+    spool_dir: Option<PathBuf>,
+    drain: Option<std::time::Duration>,
 }
 
 fn cache_dir() -> Option<PathBuf> {
@@ -316,12 +319,22 @@ fn run_streams(
         }
     };
     let opts = &opts;
-    let mut sink = match out {
+    let primary = match out {
         Some(p) => {
             JsonLinesSink::file(p).with_context(|| format!("cannot open {}", p.display()))?
         }
         None => JsonLinesSink::stdout(),
     };
+    let spool_root = extras
+        .spool_dir
+        .clone()
+        .unwrap_or_else(crate::sinks::config::default_spool_root);
+    let mut sink = crate::sinks::Fanout::start(
+        primary,
+        &extras.sinks,
+        &spool_root,
+        extras.drain.unwrap_or(std::time::Duration::from_secs(10)),
+    )?;
     let stop = install_signal_handlers()?;
     eprintln!(
         "mone: model {} ({} classes, {} frames at {} px) on {}, capacity {}, events to {}",
@@ -377,6 +390,7 @@ fn run_streams(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    crate::sinks::print_reports(&sink.close());
     print_summary(&summary);
     Ok(summary)
 }
@@ -470,6 +484,13 @@ pub fn run_pipeline(path: &Path) -> anyhow::Result<i32> {
         reprofile: cfg.controller.as_ref().is_some_and(|c| c.reprofile),
         http: match &cfg.http {
             Some(h) => Some((h.listen.clone(), h.access().map_err(anyhow::Error::msg)?)),
+            None => None,
+        },
+        sinks: cfg.output.sinks.clone(),
+        spool_dir: cfg.output.spool_dir.clone(),
+        drain: match cfg.output.drain_s {
+            Some(d) if d.is_finite() && d >= 0.0 => Some(std::time::Duration::from_secs_f64(d)),
+            Some(d) => anyhow::bail!("[output] drain_s must be a number >= 0, got {d}"),
             None => None,
         },
     };

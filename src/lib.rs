@@ -53,6 +53,7 @@ pub mod redact;
 #[cfg(feature = "gst")]
 pub mod runtime;
 pub mod segments;
+pub mod sinks;
 #[cfg(feature = "gst")]
 pub mod source;
 pub mod superclass;

@@ -70,6 +70,14 @@ pub struct OutputSection {
     pub topk: Option<usize>,
     /// Seconds between `stats` events (default 10; 0 turns them off).
     pub stats_interval_s: Option<f64>,
+    /// Alert sinks (webhook, MQTT), each with its filter and spool: `[[output.sinks]]`.
+    #[serde(default)]
+    pub sinks: Vec<crate::sinks::SinkSpec>,
+    /// Where the sinks' spools live (default `$XDG_STATE_HOME/mone/spool`).
+    pub spool_dir: Option<PathBuf>,
+    /// At the end of a run, seconds each sink may take to deliver what it holds (default 10);
+    /// the rest stays spooled for the next run.
+    pub drain_s: Option<f64>,
 }
 
 /// A latency target and how capacity follows it.
@@ -282,6 +290,15 @@ impl PipelineConfig {
             }
         }
         cfg.options()?;
+        crate::sinks::config::validate_all(&cfg.output.sinks)
+            .map_err(|e| format!("[[output.sinks]] {e}"))?;
+        if cfg
+            .output
+            .drain_s
+            .is_some_and(|d| !(d.is_finite() && d >= 0.0))
+        {
+            return Err("[output] drain_s must be a number >= 0".into());
+        }
         Ok(cfg)
     }
 
