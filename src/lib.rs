@@ -8,7 +8,8 @@
 //! - [`inputs`] (folders and lists of inputs), `source` (GStreamer; the default feature `gst`),
 //!   [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], [`failure`] (error classes), [`segments`] (action segments, pure), `pipeline`,
-//!   `cli`: the streaming pipeline from inputs to JSON events.
+//!   `cli`: the streaming pipeline from inputs to JSON events; [`sinks`]: alert sinks
+//!   (webhook, MQTT) with their filters and durable spools.
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
 //!   [`train`] (the MoNE and V-MoE training loop with exact-resume checkpoints), and
 //!   [`superclass`] (confusion matrix -> clustered super-classes for V-MoE's router): training.
