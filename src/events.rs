@@ -40,6 +40,8 @@ pub enum CaptureSource {
     Container,
     /// When the frame reached mone (a live stream).
     Arrival,
+    /// The RTSP sender's wall clock, from the NTP times of its RTCP sender reports.
+    Rtcp,
 }
 
 /// Unix nanoseconds as RFC 3339 (UTC, milliseconds).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor, D};
 use mone::clip::{clips_of, ClipAssembler, ClipSpec, Tail};
-use mone::events::{Event, JsonLinesSink};
+use mone::events::{CaptureSource, Event, JsonLinesSink};
 use mone::model::{self, Config, ForwardOptions};
 use mone::runtime::{self, RuntimeOptions, StreamSpec, Summary};
 use mone::source;
@@ -348,6 +348,73 @@ fn live_opts() -> RuntimeOptions {
         max_wait: Duration::from_millis(50),
         batch: 2,
         ..RuntimeOptions::default()
+    }
+}
+
+#[test]
+fn rtsp_capture_time_is_the_senders_clock_from_its_sender_reports() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tmpdir("rtcp");
+    let model = model_dir(&dir, "vivit-fe-tiny");
+    // The sender's clock is a day and an hour behind ours.
+    let offset_s = -90_000;
+    let server = rtsp::Server::start_with_clock_offset(0, offset_s);
+    let out = dir.join("events.jsonl");
+    let stop = Arc::new(AtomicBool::new(false));
+    let h = spawn_live(
+        model,
+        vec![StreamSpec::from_input(&server.url())],
+        live_opts(),
+        out.clone(),
+        stop.clone(),
+    );
+    let rtcp = |e: &Event| {
+        matches!(
+            e,
+            Event::Clip {
+                capture_time_source: Some(CaptureSource::Rtcp),
+                ..
+            }
+        )
+    };
+    let ev = wait_for(&out, "clips timed by RTCP", Duration::from_secs(40), |ev| {
+        ev.iter().filter(|e| rtcp(e)).count() >= 2
+    });
+    stop.store(true, Ordering::Relaxed);
+    h.join().unwrap();
+    drop(server);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let mut last: Option<(f64, f64)> = None;
+    for e in ev.iter().filter(|e| rtcp(e)) {
+        let Event::Clip {
+            capture_time: Some(t),
+            pts_start_ns,
+            ..
+        } = e
+        else {
+            panic!("an rtcp clip without a capture time: {e:?}");
+        };
+        let t = humantime::parse_rfc3339(t)
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        // Within the run's length of now plus the sender's offset.
+        let behind = now + offset_s as f64 - t;
+        assert!(
+            (0.0..40.0).contains(&behind),
+            "capture {t} is {behind} s before the sender's now"
+        );
+        // Capture time moves with the PTS.
+        if let Some((t0, p0)) = last {
+            let dt = t - t0;
+            let dp = (*pts_start_ns as f64 - p0) / 1e9;
+            assert!((dt - dp).abs() < 0.1, "capture moved {dt} s, PTS {dp} s");
+        }
+        last = Some((t, *pts_start_ns as f64));
     }
 }
 

@@ -10,20 +10,21 @@ fn unix_ns_now() -> i64 {
 }
 
 /// When a clip's first frame was captured: a file's creation time plus the clip's PTS, or for a
-/// live stream the wall clock at which that frame reached us; None for a file without one.
+/// live stream the sender's time of that frame (RTSP with sender reports) or else the wall
+/// clock at which it reached us; None for a file without one.
 fn capture_of(
     clip: &Clip,
     created: Option<i64>,
     live: bool,
-    wall: &VecDeque<(u64, i64)>,
+    wall: &VecDeque<(u64, i64, CaptureSource)>,
 ) -> Option<(i64, CaptureSource)> {
     if !live {
         return created.map(|c| (c + clip.pts_start_ns() as i64, CaptureSource::Container));
     }
     let first = clip.first_frame();
     wall.iter()
-        .find(|(i, _)| *i == first)
-        .map(|(_, t)| (*t, CaptureSource::Arrival))
+        .find(|(i, _, _)| *i == first)
+        .map(|(_, t, s)| (*t, *s))
 }
 
 /// Reconnects of a network file (an HTTP download) that failed before its first frame.
@@ -188,7 +189,7 @@ impl StreamCtx {
             0x2545_F491_4F6C_DD1Du64 ^ ((self.idx as u64 + 1) << 32) ^ std::process::id() as u64;
         let stop = &self.stop;
         // Wall-clock arrival of recent frames (index, Unix ns), and the file's creation time.
-        let mut wall: VecDeque<(u64, i64)> = VecDeque::new();
+        let mut wall: VecDeque<(u64, i64, CaptureSource)> = VecDeque::new();
         let mut created: Option<i64> = None;
         'outer: loop {
             if stop.load(Ordering::Relaxed) {
@@ -238,6 +239,7 @@ impl StreamCtx {
                                 }
                                 // First session: the input's own PTS. After a reconnect: continue
                                 // from where the previous session ended.
+                                let sent = p.sender_time_ns(f.pts_ns);
                                 let first = *session_first.get_or_insert(f.pts_ns);
                                 let mut pts = if session_offset == 0 && last_pts.is_none() {
                                     f.pts_ns
@@ -257,7 +259,10 @@ impl StreamCtx {
                                 if let Some(c) = p.created_unix_ns() {
                                     created = Some(c);
                                 }
-                                wall.push_back((f.index, unix_ns_now()));
+                                wall.push_back(match sent {
+                                    Some(t) => (f.index, t, CaptureSource::Rtcp),
+                                    None => (f.index, unix_ns_now(), CaptureSource::Arrival),
+                                });
                                 if wall.len() > 4096 {
                                     wall.pop_front();
                                 }

@@ -258,6 +258,44 @@ pub struct SourcePipeline {
     ended: bool,
     /// The container's creation time (its `datetime` tag), Unix nanoseconds.
     created_unix_ns: Option<i64>,
+    /// An RTSP sender's wall clock minus the stream's PTS (nanoseconds), from the NTP times of
+    /// its RTCP sender reports; None until the first report (or for other inputs).
+    ntp_offset: Arc<std::sync::Mutex<Option<i64>>>,
+}
+
+/// 1900-01-01 (NTP's epoch) to 1970-01-01, nanoseconds.
+const NTP_TO_UNIX_NS: i64 = 2_208_988_800 * 1_000_000_000;
+
+/// rtspsrc: its rtpbin attaches each RTP packet's sender wall-clock time (from the RTCP sender
+/// reports, as `timestamp/x-ntp` reference timestamp meta), and a probe on rtspsrc's output
+/// keeps sender time minus PTS. Read there, it does not depend on depayloaders and decoders
+/// passing the meta on; they keep the PTS, so a decoded frame's capture time is its PTS plus
+/// that offset.
+fn track_rtcp_time(src: &gst::Element, offset: Arc<std::sync::Mutex<Option<i64>>>) {
+    src.connect("new-manager", false, |args| {
+        if let Some(bin) = args.get(1).and_then(|v| v.get::<gst::Element>().ok()) {
+            set_checked(&bin, "add-reference-timestamp-meta", "true");
+        }
+        None
+    });
+    let ntp_caps = gst::Caps::new_empty_simple("timestamp/x-ntp");
+    src.connect_pad_added(move |_, pad| {
+        let (offset, ntp_caps) = (offset.clone(), ntp_caps.clone());
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if let Some(buf) = info.buffer() {
+                let ntp = buf
+                    .iter_meta::<gst::ReferenceTimestampMeta>()
+                    .find(|m| m.reference().can_intersect(&ntp_caps))
+                    .map(|m| m.timestamp().nseconds() as i64);
+                if let (Some(ntp), Some(pts)) = (ntp, buf.pts()) {
+                    if let Ok(mut o) = offset.lock() {
+                        *o = Some(ntp - NTP_TO_UNIX_NS - pts.nseconds() as i64);
+                    }
+                }
+            }
+            gst::PadProbeReturn::Ok
+        });
+    });
 }
 
 fn fraction(fps: f64) -> gst::Fraction {
@@ -276,6 +314,7 @@ impl SourcePipeline {
     pub fn new(input: &Input, opts: &SourceOptions) -> Result<Self, SourceError> {
         init()?;
         let gerr = |e: gst::glib::BoolError| SourceError::Gst(e.to_string());
+        let ntp_offset = Arc::new(std::sync::Mutex::new(None));
         let pipeline = gst::Pipeline::new();
         // Conversion chain: videorate -> crop -> scale (in YUV: about 2x cheaper) -> RGB.
         let queue = make("queue")?;
@@ -350,6 +389,7 @@ impl SourcePipeline {
                 let dec = make("uridecodebin")?;
                 dec.set_property("uri", uri);
                 let transport = opts.rtsp_transport;
+                let rtcp = ntp_offset.clone();
                 dec.connect("source-setup", false, move |args| {
                     // The source element depends on the URI scheme (rtspsrc, srtsrc, souphttpsrc,
                     // ...), and a property of one name has other types in each (srtsrc's
@@ -364,6 +404,9 @@ impl SourcePipeline {
                             };
                             set_checked(&src, "protocols", p);
                             set_checked(&src, "latency", "200");
+                            if src.factory().is_some_and(|f| f.name() == "rtspsrc") {
+                                track_rtcp_time(&src, rtcp.clone());
+                            }
                         }
                     }));
                     if setup.is_err() {
@@ -415,7 +458,15 @@ impl SourcePipeline {
             },
             ended: false,
             created_unix_ns: None,
+            ntp_offset,
         })
+    }
+
+    /// When the sender captured the frame with this (source) PTS, on its wall clock as its
+    /// RTCP sender reports give it (Unix nanoseconds); None without sender reports.
+    pub fn sender_time_ns(&self, pts_ns: u64) -> Option<i64> {
+        let o = (*self.ntp_offset.lock().ok()?)?;
+        Some(pts_ns as i64 + o)
     }
 
     pub fn start(&self) -> Result<(), SourceError> {

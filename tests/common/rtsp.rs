@@ -21,6 +21,16 @@ impl Server {
 
     /// A server that admits only `user:password` (HTTP Basic).
     pub fn start_with(port: i32, credentials: Option<(&str, &str)>) -> Server {
+        Self::start_full(port, credentials, None)
+    }
+
+    /// A server whose clock, and so the NTP times of its RTCP sender reports, runs
+    /// `offset_s` seconds off the real time.
+    pub fn start_with_clock_offset(port: i32, offset_s: i64) -> Server {
+        Self::start_full(port, None, Some(offset_s))
+    }
+
+    fn start_full(port: i32, credentials: Option<(&str, &str)>, offset_s: Option<i64>) -> Server {
         gst::init().unwrap();
         let ctx = gst::glib::MainContext::new();
         let main_loop = gst::glib::MainLoop::new(Some(&ctx), false);
@@ -33,6 +43,35 @@ impl Server {
              x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 ! rtph264pay name=pay0 pt=96 )",
         );
         factory.set_shared(true);
+        if let Some(off) = offset_s {
+            // A realtime clock shifted by the offset; with ntp-time-source = clock-time the
+            // sender reports carry the pipeline clock's time as NTP time (since 1900), so the
+            // clock also runs 70 years ahead of Unix time.
+            let clock = gst::glib::Object::builder::<gst::SystemClock>()
+                .property("clock-type", gst::ClockType::Realtime)
+                .build();
+            let internal = clock.internal_time();
+            let shifted = internal.nseconds() as i64 + (2_208_988_800 + off) * 1_000_000_000;
+            clock.set_calibration(
+                internal,
+                gst::ClockTime::from_nseconds(shifted as u64),
+                1,
+                1,
+            );
+            factory.set_clock(Some(&clock));
+            factory.connect_media_configure(|_, media| {
+                let Some(pipeline) = media.element().parent() else {
+                    return;
+                };
+                if let Ok(bin) = pipeline.downcast::<gst::Bin>() {
+                    bin.connect_element_added(|_, el| {
+                        if el.factory().is_some_and(|f| f.name() == "rtpbin") {
+                            el.set_property_from_str("ntp-time-source", "clock-time");
+                        }
+                    });
+                }
+            });
+        }
         if let Some((user, password)) = credentials {
             let auth = rtsp_server::RTSPAuth::new();
             let token = rtsp_server::RTSPToken::builder()
