@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Install what mone needs on a Debian machine (idempotent): the GStreamer runtime and
-# development packages and pkg-config, and mosquitto (the MQTT sink's tests start one). Safe to
-# run again; does nothing when all is present.
+# development packages and pkg-config, and mosquitto and nats-server (the sink and cluster
+# tests start them). Safe to run again; does nothing when all is present.
 set -euo pipefail
 
 PKGS=(pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
       gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav
       gstreamer1.0-tools libgstrtspserver-1.0-dev gstreamer1.0-rtsp fonts-dejavu-core
-      mosquitto)
+      mosquitto nats-server)
 
 missing=()
 for p in "${PKGS[@]}"; do

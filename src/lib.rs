@@ -9,7 +9,8 @@
 //!   [`clip`], [`tokenizer`], `runtime`,
 //!   [`events`], [`failure`] (error classes), [`segments`] (action segments, pure), `pipeline`,
 //!   `cli`: the streaming pipeline from inputs to JSON events; [`sinks`]: alert sinks
-//!   (webhook, MQTT) with their filters and durable spools.
+//!   (webhook, MQTT) and NATS JetStream with their filters and durable spools; `cluster`:
+//!   file jobs on a JetStream work queue (`mone submit`, `mone worker`, `mone events`).
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
 //!   [`train`] (the MoNE and V-MoE training loop with exact-resume checkpoints), and
 //!   [`superclass`] (confusion matrix -> clustered super-classes for V-MoE's router): training.
@@ -33,6 +34,8 @@ pub mod bench_train;
 #[cfg(feature = "gst")]
 pub mod cli;
 pub mod clip;
+#[cfg(feature = "gst")]
+pub mod cluster;
 pub mod controller;
 pub mod dataset;
 pub mod device;

@@ -78,6 +78,15 @@ enum Command {
         /// Pipeline config (see docs/pipelines.md).
         config: std::path::PathBuf,
     },
+    /// Queue file jobs on NATS JetStream for `mone worker`s.
+    #[cfg(feature = "gst")]
+    Submit(mone::cli::cluster::SubmitArgs),
+    /// Pull file jobs from NATS JetStream and publish their events there.
+    #[cfg(feature = "gst")]
+    Worker(mone::cli::cluster::WorkerArgs),
+    /// Print the events stream on NATS JetStream as JSON Lines.
+    #[cfg(feature = "gst")]
+    Events(mone::cli::cluster::EventsArgs),
     /// Model folders.
     #[cfg(feature = "gst")]
     #[command(subcommand)]
@@ -182,6 +191,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Classify(a) => mone::cli::classify(&a)?,
         #[cfg(feature = "gst")]
         Command::Run { config } => mone::cli::run_pipeline(&config)?,
+        #[cfg(feature = "gst")]
+        Command::Submit(a) => mone::cli::cluster::submit(&a)?,
+        #[cfg(feature = "gst")]
+        Command::Worker(a) => mone::cli::cluster::worker(&a)?,
+        #[cfg(feature = "gst")]
+        Command::Events(a) => mone::cli::cluster::events(&a)?,
         #[cfg(feature = "gst")]
         Command::Model(ModelCommand::Init(a)) => mone::cli::init_model(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]

@@ -12,6 +12,7 @@ use super::{Deliver, SinkError, EVENT_TYPES};
 pub enum SinkKind {
     Webhook,
     Mqtt,
+    Nats,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -20,7 +21,8 @@ pub struct SinkSpec {
     /// Names the spool folder; unique per pipeline.
     pub name: String,
     pub kind: SinkKind,
-    /// webhook: the http(s) URL events are POSTed to; mqtt: `mqtt://host:port`.
+    /// webhook: the http(s) URL events are POSTed to; mqtt: `mqtt://host:port`; nats:
+    /// `nats://host:port`.
     pub url: String,
     /// Event types this sink gets (default: all).
     pub events: Option<Vec<String>>,
@@ -35,6 +37,8 @@ pub struct SinkSpec {
     pub retry_max_s: Option<f64>,
     /// mqtt: topics are `<topic_prefix>/<stream>/<event type>` (default prefix "mone").
     pub topic_prefix: Option<String>,
+    /// nats: subjects are `<subject_prefix>.<stream>.<event type>` (default "mone.events").
+    pub subject_prefix: Option<String>,
     /// mqtt: the client id (default `mone-<name>`).
     pub client_id: Option<String>,
     /// Undelivered events kept at most, in MiB (default 1024); newer ones are dropped, and
@@ -103,6 +107,17 @@ impl SinkSpec {
                     return Err(self.err("token and token_env are for webhook sinks"));
                 }
             }
+            SinkKind::Nats => {
+                if !self.url.starts_with("nats://") {
+                    return Err(self.err("a nats url starts with nats://"));
+                }
+                if self.token.is_some() || self.token_env.is_some() || self.client_id.is_some() {
+                    return Err(self.err("token, token_env and client_id are not for nats sinks"));
+                }
+            }
+        }
+        if self.subject_prefix.is_some() && self.kind != SinkKind::Nats {
+            return Err(self.err("subject_prefix is for nats sinks"));
         }
         if self.token.is_some() && self.token_env.is_some() {
             return Err(self.err("give token or token_env, not both"));
@@ -136,6 +151,16 @@ impl SinkSpec {
                         .clone()
                         .unwrap_or_else(|| format!("mone-{}", self.name)),
                     self.topic_prefix.clone().unwrap_or_else(|| "mone".into()),
+                    self.timeout(),
+                )
+                .map_err(|r| self.err(r))?,
+            ),
+            SinkKind::Nats => Box::new(
+                super::nats::Nats::new(
+                    &self.url,
+                    self.subject_prefix
+                        .clone()
+                        .unwrap_or_else(|| "mone.events".into()),
                     self.timeout(),
                 )
                 .map_err(|r| self.err(r))?,

@@ -1,4 +1,5 @@
-//! Where events go beyond the JSON Lines output: alert sinks (HTTP webhook, MQTT), each with
+//! Where events go beyond the JSON Lines output: alert sinks (HTTP webhook, MQTT) and NATS
+//! JetStream, each with
 //! its own event filter, durable spool (`spool`) and delivery thread, so that a slow or dead
 //! receiver never blocks inference or the other sinks and an outage loses nothing.
 //!
@@ -11,6 +12,7 @@
 
 pub mod config;
 pub mod mqtt;
+pub mod nats;
 pub mod spool;
 pub mod webhook;
 
@@ -168,6 +170,12 @@ impl AlertSink {
         self.types
             .as_ref()
             .is_none_or(|t| t.iter().any(|x| x == event_type))
+    }
+
+    /// Events this sink has finished with (delivered or refused) since it started.
+    pub fn settled(&self) -> u64 {
+        self.counters.delivered.load(Ordering::Relaxed)
+            + self.counters.rejected.load(Ordering::Relaxed)
     }
 
     /// Waits up to `drain` for the spool to empty, then stops the thread; what is left stays in
@@ -335,6 +343,26 @@ impl Fanout {
             d.push_str(&format!(", {} ({})", s.name, s.target));
         }
         d
+    }
+
+    /// How many events each sink has been given so far (for [`Fanout::wait_settled`]).
+    pub fn mark(&self) -> Vec<u64> {
+        self.sinks.iter().map(|s| s.spool.appended()).collect()
+    }
+
+    /// Waits until every sink has delivered (or refused) the events up to `mark`; false when
+    /// `timeout` passed first.
+    pub fn wait_settled(&self, mark: &[u64], timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.sinks.iter().zip(mark).all(|(s, m)| s.settled() >= *m) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Gives each sink up to the drain time to deliver what it holds.

@@ -37,6 +37,8 @@ struct State {
     closing: bool,
     /// Events refused because the spool was full.
     dropped: u64,
+    /// Events appended since open, plus those found undelivered at open.
+    appended: u64,
 }
 
 pub struct Spool {
@@ -100,7 +102,7 @@ impl Spool {
             file.set_len(tail).map_err(io(dir))?;
             len = tail;
         }
-        Ok(Self {
+        let mut spool = Self {
             dir: dir.to_path_buf(),
             max_bytes,
             state: Mutex::new(State {
@@ -109,10 +111,18 @@ impl Spool {
                 acked,
                 closing: false,
                 dropped: 0,
+                appended: 0,
             }),
             more: Condvar::new(),
             _lock: lock,
-        })
+        };
+        let pending = spool.pending();
+        spool
+            .state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .appended = pending;
+        Ok(spool)
     }
 
     pub fn dir(&self) -> &Path {
@@ -137,6 +147,7 @@ impl Spool {
         buf.push(b'\n');
         st.file.write_all(&buf).map_err(io(&self.dir))?;
         st.len += n;
+        st.appended += 1;
         self.more.notify_all();
         Ok(true)
     }
@@ -201,6 +212,10 @@ impl Spool {
             .split(b'\n')
             .filter(|l| l.as_ref().is_ok_and(|l| !l.is_empty()))
             .count() as u64
+    }
+
+    pub fn appended(&self) -> u64 {
+        self.lock().appended
     }
 
     pub fn dropped(&self) -> u64 {

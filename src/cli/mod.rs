@@ -1,5 +1,7 @@
 //! What the `mone` subcommands do; `main.rs` only parses the command line and calls these.
 
+pub mod cluster;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

@@ -1,0 +1,273 @@
+//! File jobs through a real nats-server (JetStream, started on a free loopback port with a
+//! temporary store): two workers, one killed mid-job, every file's events exactly once.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mone-cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Debian installs it in /usr/sbin, which is not on every user's PATH.
+fn nats_server_bin() -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+        .expect("nats-server is not installed: run scripts/setup.sh")
+}
+
+struct Server(Child);
+
+impl Server {
+    fn start(port: u16, store: &std::path::Path) -> Self {
+        let child = Command::new(nats_server_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/mone-vivit-tiny-motion")
+}
+
+fn video(path: &std::path::Path, frames: u32) {
+    let st = Command::new("gst-launch-1.0")
+        .args([
+            "-q",
+            "videotestsrc",
+            &format!("num-buffers={frames}"),
+            "pattern=ball",
+            "!",
+        ])
+        .args([
+            "video/x-raw,width=160,height=120,framerate=16/1",
+            "!",
+            "x264enc",
+            "!",
+            "mp4mux",
+            "!",
+            "filesink",
+        ])
+        .arg(format!("location={}", path.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn worker(url: &str, id: &str, dir: &std::path::Path, until_idle: bool) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mone"));
+    c.args([
+        "worker",
+        "--nats",
+        url,
+        "--id",
+        id,
+        "--ack-wait-s",
+        "3",
+        "--model",
+    ])
+    .arg(model())
+    .arg("--spool-dir")
+    .arg(dir.join(format!("spool-{id}")))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if until_idle {
+        c.arg("--until-idle");
+    }
+    c.spawn().unwrap()
+}
+
+/// A worker's stderr lines, as they come.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
+    let dir = tmpdir("jobs");
+    let port = free_port();
+    let _server = Server::start(port, &dir.join("store"));
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut files = Vec::new();
+    for i in 0..8 {
+        let p = dir.join(format!("v{i}.mp4"));
+        video(&p, 64);
+        files.push(p.display().to_string());
+    }
+    let missing = dir.join("missing.mp4").display().to_string();
+    let mut inputs = files.clone();
+    inputs.push(missing.clone());
+
+    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args(["submit", "--nats", &url])
+        .args(&inputs)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("9 jobs queued"), "{err}");
+    // Submitting again within the window queues nothing new.
+    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args(["submit", "--nats", &url])
+        .args(&files[..2])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("0 jobs queued"), "{err}");
+
+    let mut a = worker(&url, "a", &dir, false);
+    let a_lines = lines(&mut a);
+    // Kill worker a while it holds a job: after one job done, as it starts the next.
+    let t0 = Instant::now();
+    let mut done_one = false;
+    let mut a_log = Vec::new();
+    loop {
+        let l = a_lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("worker a said: {a_log:#?}"));
+        a_log.push(l.clone());
+        if l.contains(" done (") {
+            done_one = true;
+        } else if done_one && l.contains(": job ") && l.contains("(attempt") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{a_log:#?}");
+    }
+    a.kill().unwrap();
+    a.wait().unwrap();
+
+    let mut b = worker(&url, "b", &dir, true);
+    let b_lines = lines(&mut b);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = b.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(180),
+            "worker b did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let b_log: Vec<String> = b_lines.try_iter().collect();
+    assert!(status.success(), "{b_log:#?}");
+    assert!(
+        b_log.iter().any(|l| l.contains("(attempt 2)")),
+        "no job was redelivered: {b_log:#?}"
+    );
+
+    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args(["events", "--nats", &url])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for f in &files {
+        let videos = events
+            .iter()
+            .filter(|e| e["type"] == "video" && e["stream"] == f.as_str())
+            .count();
+        assert_eq!(videos, 1, "{f}: {videos} video events");
+        let clips: Vec<u64> = events
+            .iter()
+            .filter(|e| e["type"] == "clip" && e["stream"] == f.as_str())
+            .map(|e| e["clip_index"].as_u64().unwrap())
+            .collect();
+        // Each clip once, in order, although worker a published some of them before it died.
+        assert_eq!(clips, (0..clips.len() as u64).collect::<Vec<_>>(), "{f}");
+        assert!(!clips.is_empty());
+    }
+    let errors = events
+        .iter()
+        .filter(|e| e["type"] == "stream_error" && e["stream"] == missing.as_str())
+        .count();
+    assert_eq!(errors, 1, "the missing file's error, once");
+    let ids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .collect();
+    let unique: std::collections::HashSet<&&str> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "duplicate event ids in the stream");
+
+    // One stream's events only.
+    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args(["events", "--nats", &url, "--stream", &files[0]])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(!text.is_empty());
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["stream"], files[0].as_str());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unreachable_server_or_a_bad_url_is_a_clear_error_not_a_hang() {
+    let dead = format!("nats://127.0.0.1:{}", free_port());
+    for (args, want) in [
+        (vec!["submit", "--nats", &dead, "x.mp4"], "nats"),
+        (vec!["submit", "--nats", "http://x", "x.mp4"], "nats://"),
+        (vec!["events", "--nats", &dead], "nats"),
+    ] {
+        let t0 = Instant::now();
+        let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{args:?} took {:?}",
+            t0.elapsed()
+        );
+    }
+}
