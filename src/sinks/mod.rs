@@ -53,6 +53,23 @@ pub enum DeliveryError {
 pub trait Deliver: Send {
     fn deliver(&mut self, event: &serde_json::Value, line: &str) -> Result<(), DeliveryError>;
     fn describe(&self) -> String;
+    /// Events a receiver may have in flight at once (1: one at a time).
+    fn window(&self) -> usize {
+        1
+    }
+    /// Delivers events in order with up to `window` in flight; returns how many, from the
+    /// first, were confirmed, and the error that stopped the rest.
+    fn deliver_many(
+        &mut self,
+        events: &[(serde_json::Value, String)],
+    ) -> (usize, Option<DeliveryError>) {
+        for (i, (v, l)) in events.iter().enumerate() {
+            if let Err(e) = self.deliver(v, l) {
+                return (i, Some(e));
+            }
+        }
+        (events.len(), None)
+    }
 }
 
 /// Back-off between failed attempts: doubling from `base` up to `max`, each wait drawn
@@ -213,7 +230,7 @@ fn deliver_loop(
     let mut pos = spool.acked();
     let mut warned = false;
     while !stop.load(Ordering::SeqCst) {
-        let entry = match spool.next(pos, Duration::from_millis(200)) {
+        let first = match spool.next(pos, Duration::from_millis(200)) {
             Ok(Some(e)) => e,
             Ok(None) => continue,
             Err(e) => {
@@ -222,35 +239,57 @@ fn deliver_loop(
                 continue;
             }
         };
-        let value: serde_json::Value = match serde_json::from_str(&entry.line) {
-            Ok(v) => v,
-            Err(e) => {
-                reject(
-                    name,
-                    spool,
-                    &entry.line,
-                    &format!("not JSON: {e}"),
-                    counters,
-                );
-                pos = ack(name, spool, entry.end);
-                continue;
+        // What is already spooled, up to the receiver's window, goes out together.
+        let mut batch = vec![first];
+        while batch.len() < deliver.window() {
+            let end = batch.last().map_or(pos, |e| e.end);
+            match spool.next(end, Duration::ZERO) {
+                Ok(Some(e)) => batch.push(e),
+                _ => break,
             }
-        };
-        match deliver.deliver(&value, &entry.line) {
-            Ok(()) => {
-                counters.delivered.fetch_add(1, Ordering::Relaxed);
-                backoff.succeed();
-                if warned {
-                    eprintln!("mone: sink {name}: delivering again");
-                    warned = false;
+        }
+        let mut events = Vec::with_capacity(batch.len());
+        let mut ends = Vec::with_capacity(batch.len());
+        for entry in batch {
+            match serde_json::from_str::<serde_json::Value>(&entry.line) {
+                Ok(v) => {
+                    ends.push(entry.end);
+                    events.push((v, entry.line));
                 }
-                pos = ack(name, spool, entry.end);
+                Err(e) if events.is_empty() => {
+                    reject(
+                        name,
+                        spool,
+                        &entry.line,
+                        &format!("not JSON: {e}"),
+                        counters,
+                    );
+                    pos = ack(name, spool, entry.end);
+                }
+                // Sent on its own at the next turn.
+                Err(_) => break,
             }
-            Err(DeliveryError::Reject(why)) => {
-                reject(name, spool, &entry.line, &why, counters);
-                pos = ack(name, spool, entry.end);
+        }
+        if events.is_empty() {
+            continue;
+        }
+        let (done, err) = deliver.deliver_many(&events);
+        if done > 0 {
+            counters.delivered.fetch_add(done as u64, Ordering::Relaxed);
+            backoff.succeed();
+            if warned {
+                eprintln!("mone: sink {name}: delivering again");
+                warned = false;
             }
-            Err(DeliveryError::Retry(why)) => {
+            pos = ack(name, spool, ends[done - 1]);
+        }
+        match err {
+            None => {}
+            Some(DeliveryError::Reject(why)) => {
+                reject(name, spool, &events[done].1, &why, counters);
+                pos = ack(name, spool, ends[done]);
+            }
+            Some(DeliveryError::Retry(why)) => {
                 counters.retries.fetch_add(1, Ordering::Relaxed);
                 let wait = backoff.fail();
                 if !warned {

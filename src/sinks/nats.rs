@@ -201,6 +201,66 @@ impl Deliver for Nats {
             self.prefix
         )
     }
+    /// Publishes pipelined: one ack wait per window instead of one per event.
+    fn window(&self) -> usize {
+        256
+    }
+    fn deliver_many(
+        &mut self,
+        events: &[(serde_json::Value, String)],
+    ) -> (usize, Option<DeliveryError>) {
+        let (url, prefix, timeout) = (self.url.clone(), self.prefix.clone(), self.timeout);
+        let js = self.js.clone();
+        let msgs: Vec<(String, String, String)> = events
+            .iter()
+            .map(|(v, l)| (self.subject(v), stable_id(v), l.clone()))
+            .collect();
+        let (done, r) = self.rt.block_on(async move {
+            let js = match js {
+                Some(js) => js,
+                None => match tokio::time::timeout(timeout, Self::connect(&url, &prefix, timeout))
+                    .await
+                {
+                    Ok(Ok(js)) => js,
+                    Ok(Err(e)) => return (0, Err(e)),
+                    Err(_) => return (0, Err("timed out connecting".to_string())),
+                },
+            };
+            let mut acks = Vec::with_capacity(msgs.len());
+            for (subject, id, payload) in msgs {
+                let m = PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(id);
+                match js.send_publish(subject, m).await {
+                    Ok(a) => acks.push(a),
+                    // Those sent before it may still be confirmed: a retry repeats them, and
+                    // the stream's de-duplication drops the copies.
+                    Err(e) => return (0, Err(e.to_string())),
+                }
+            }
+            // In order: everything before the first failure is confirmed.
+            let mut done = 0;
+            for a in acks {
+                match tokio::time::timeout(timeout, a).await {
+                    Ok(Ok(_)) => done += 1,
+                    Ok(Err(e)) => return (done, Err(e.to_string())),
+                    Err(_) => return (done, Err("no publish ack in time".to_string())),
+                }
+            }
+            (done, Ok(js))
+        });
+        match r {
+            Ok(js) => {
+                self.js = Some(js);
+                (done, None)
+            }
+            Err(e) => {
+                self.js = None;
+                let why = format!("nats {}: {e}", crate::events::redact(&self.url));
+                (done, Some(DeliveryError::Retry(why)))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
