@@ -214,7 +214,8 @@ pub fn work(
             (r, settled)
         });
         match outcome {
-            (Ok(summary), true) if !stop.load(Ordering::SeqCst) || summary.not_started == 0 => {
+            // A stop mid-file leaves the file partly classified: its job goes back to the queue.
+            (Ok(summary), true) if !stop.load(Ordering::SeqCst) => {
                 report.jobs += 1;
                 if !summary.failed.is_empty() {
                     // The input itself is bad: its stream_error is published, and running it
