@@ -271,3 +271,69 @@ fn an_unreachable_server_or_a_bad_url_is_a_clear_error_not_a_hang() {
         );
     }
 }
+
+#[test]
+fn events_wait_in_the_spool_through_a_broker_restart_and_arrive_once() {
+    use mone::events::{Event, EventSink, JsonLinesSink};
+    let dir = tmpdir("outage");
+    let port = free_port();
+    let store = dir.join("store");
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut server = Some(Server::start(port, &store));
+    let spec: mone::sinks::SinkSpec = toml::from_str(&format!(
+        "name = 'js'\nkind = 'nats'\nurl = '{url}'\ntimeout_s = 1\nretry_initial_s = 0.05\nretry_max_s = 0.5"
+    ))
+    .unwrap();
+    let mut fan = mone::sinks::Fanout::start(
+        JsonLinesSink::null(),
+        &[spec],
+        &dir.join("spool"),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut sent = 0;
+    let mut restarted = false;
+    // 1 s up, 4 s killed (SIGKILL: no clean shutdown), then up again on the same store.
+    while t0.elapsed() < Duration::from_secs(7) {
+        let t = t0.elapsed().as_secs_f64();
+        if t > 1.0 && t < 5.0 {
+            drop(server.take());
+        } else if t >= 5.0 && !restarted {
+            server = Some(Server::start(port, &store));
+            restarted = true;
+        }
+        fan.write(&Event::SegmentStarted {
+            event_id: format!("door#segment{sent}"),
+            stream: "door".into(),
+            label: "approaching".into(),
+            start_pts_ns: sent,
+            capture_time: None,
+            score: 0.9,
+            time: mone::events::now(),
+        })
+        .unwrap();
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = fan.close();
+    assert_eq!((r[0].pending, r[0].dropped), (0, 0), "{r:?}");
+    assert!(r[0].retries > 0, "{r:?}");
+    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args(["events", "--nats", &url, "--stream", "door"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ids: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["event_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let want: Vec<String> = (0..sent).map(|i| format!("door#segment{i}")).collect();
+    assert_eq!(ids.len(), want.len(), "missing or duplicated events");
+    assert_eq!(ids, want);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
