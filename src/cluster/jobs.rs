@@ -78,6 +78,9 @@ pub fn submit(url: &str, inputs: &[String]) -> Result<usize, ClusterError> {
     })
 }
 
+/// A worker pulls no new job while its event spool is fuller than this.
+const SPOOL_HIGH: f64 = 0.5;
+
 pub struct WorkerOptions {
     pub url: String,
     /// Names the worker in its log lines.
@@ -127,7 +130,22 @@ pub fn work(
         w.id,
         crate::events::redact(&w.url)
     );
+    let mut held_back = false;
     while !stop.load(Ordering::SeqCst) {
+        // Backpressure: while the server does not take the events, take no new work.
+        if fanout.fill() > SPOOL_HIGH {
+            if !held_back {
+                eprintln!(
+                    "mone worker {}: the event spool is over {:.0}% full; no new jobs until it drains",
+                    w.id,
+                    SPOOL_HIGH * 100.0
+                );
+                held_back = true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        held_back = false;
         let next = rt.block_on(async {
             let mut batch = consumer
                 .fetch()

@@ -384,6 +384,14 @@ impl Fanout {
         d
     }
 
+    /// The fullest sink's spool, as a fraction of its bound (0 without sinks).
+    pub fn fill(&self) -> f64 {
+        self.sinks
+            .iter()
+            .map(|s| s.spool.fill())
+            .fold(0.0, f64::max)
+    }
+
     /// How many events each sink has been given so far (for [`Fanout::wait_settled`]).
     pub fn mark(&self) -> Vec<u64> {
         self.sinks.iter().map(|s| s.spool.appended()).collect()

@@ -214,6 +214,12 @@ impl Spool {
             .count() as u64
     }
 
+    /// How full the spool is: undelivered bytes over `max_bytes`.
+    pub fn fill(&self) -> f64 {
+        let st = self.lock();
+        (st.len - st.acked) as f64 / self.max_bytes.max(1) as f64
+    }
+
     pub fn appended(&self) -> u64 {
         self.lock().appended
     }
@@ -325,6 +331,7 @@ mod tests {
         let d = tmp("full");
         let s = Spool::open(&d, 20).unwrap();
         assert!(s.append("0123456789").unwrap());
+        assert!((s.fill() - 11.0 / 20.0).abs() < 1e-9);
         assert!(!s.append("0123456789").unwrap());
         assert_eq!(s.dropped(), 1);
         let e = s.next(0, Duration::ZERO).unwrap().unwrap();
