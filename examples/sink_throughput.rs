@@ -5,15 +5,16 @@
 use std::time::{Duration, Instant};
 
 use mone::events::{Event, EventSink, JsonLinesSink};
-use mone::sinks::{Fanout, SinkSpec};
+use mone::sinks::{Fanout, SinkKind, SinkSpec};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let url = args.get(1).map_or("nats://127.0.0.1:4222", |s| s.as_str());
     let n: usize = args.get(2).map_or(Ok(5000), |s| s.parse())?;
-    let spec: SinkSpec = toml::from_str(&format!(
-        "name = 'bench'\nkind = 'nats'\nurl = {url:?}\nsubject_prefix = 'mone.bench'"
-    ))?;
+    let spec = SinkSpec {
+        subject_prefix: Some("mone.bench".into()),
+        ..SinkSpec::new("bench", SinkKind::Nats, url)
+    };
     let root = std::env::temp_dir().join(format!("mone-sink-bench-{}", std::process::id()));
     let mut fan = Fanout::start(
         JsonLinesSink::null(),

@@ -14,33 +14,22 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// Debian installs it in /usr/sbin, which is not on every user's PATH.
-fn nats_server_bin() -> PathBuf {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-        .expect("nats-server is not installed: run scripts/setup.sh")
-}
+mod common;
+use common::{free_port, system_tool};
 
 struct Server(Child);
 
 impl Server {
     fn start(port: u16, store: &std::path::Path) -> Self {
-        let child = Command::new(nats_server_bin())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = Command::new(
+            system_tool("nats-server").expect("nats-server is not installed: run scripts/setup.sh"),
+        )
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -62,30 +51,6 @@ impl Drop for Server {
 
 fn model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/mone-vivit-tiny-motion")
-}
-
-fn video(path: &std::path::Path, frames: u32) {
-    let st = Command::new("gst-launch-1.0")
-        .args([
-            "-q",
-            "videotestsrc",
-            &format!("num-buffers={frames}"),
-            "pattern=ball",
-            "!",
-        ])
-        .args([
-            "video/x-raw,width=160,height=120,framerate=16/1",
-            "!",
-            "x264enc",
-            "!",
-            "mp4mux",
-            "!",
-            "filesink",
-        ])
-        .arg(format!("location={}", path.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 fn worker(url: &str, id: &str, dir: &std::path::Path, until_idle: bool) -> Child {
@@ -134,7 +99,7 @@ fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
     let mut files = Vec::new();
     for i in 0..8 {
         let p = dir.join(format!("v{i}.mp4"));
-        video(&p, 64);
+        mone::source::write_test_video(&p, "ball", 64, 16, 160, 120, "mp4").unwrap();
         files.push(p.display().to_string());
     }
     let missing = dir.join("missing.mp4").display().to_string();

@@ -20,10 +20,8 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
+mod common;
+use common::{free_port, system_tool};
 
 fn event(i: usize) -> Event {
     Event::SegmentStarted {
@@ -307,19 +305,9 @@ struct Mosquitto {
     child: Child,
 }
 
-/// Debian installs it in /usr/sbin, which is not on every user's PATH.
-fn mosquitto_bin() -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-}
-
 impl Mosquitto {
     fn start(conf: &std::path::Path, port: u16) -> Option<Self> {
-        let child = Command::new(mosquitto_bin()?)
+        let child = Command::new(system_tool("mosquitto")?)
             .arg("-c")
             .arg(conf)
             .stdout(Stdio::null())
@@ -359,7 +347,7 @@ extern "C" {
 fn mqtt_loses_nothing_while_the_broker_restarts() {
     // The suite's setup (scripts/setup.sh) installs it; fail saying so rather than pass.
     assert!(
-        mosquitto_bin().is_some(),
+        system_tool("mosquitto").is_some(),
         "mosquitto is not installed: run scripts/setup.sh"
     );
     let dir = tmpdir("mqtt");
@@ -478,21 +466,7 @@ fn a_pipeline_sends_only_the_filtered_events_to_its_webhook() {
     let rx = Receiver::start();
     let dir = tmpdir("pipeline");
     let video = dir.join("v.mp4");
-    let st = Command::new("gst-launch-1.0")
-        .args(["-q", "videotestsrc", "num-buffers=48", "pattern=ball", "!"])
-        .args([
-            "video/x-raw,width=160,height=120,framerate=16/1",
-            "!",
-            "x264enc",
-            "!",
-            "mp4mux",
-            "!",
-            "filesink",
-        ])
-        .arg(format!("location={}", video.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    mone::source::write_test_video(&video, "ball", 48, 16, 160, 120, "mp4").unwrap();
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/mone-vivit-tiny-motion");
     let out = dir.join("events.jsonl");
     let pipeline = dir.join("p.toml");
@@ -510,13 +484,19 @@ fn a_pipeline_sends_only_the_filtered_events_to_its_webhook() {
         ),
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
-        .arg("run")
-        .arg(&pipeline)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let run = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+            .arg("run")
+            .arg(&pipeline)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run();
+    assert!(ok, "{stderr}");
     assert!(stderr.contains("sink hook"), "{stderr}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
         .unwrap()
@@ -545,12 +525,7 @@ fn a_pipeline_sends_only_the_filtered_events_to_its_webhook() {
         "[[output.sinks]]\nname='x'\nkind='webhook'\nurl='ftp://x'\n[[streams]]\nuri='x.mp4'\n[model]\n",
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
-        .arg("run")
-        .arg(&pipeline)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("http"), "{stderr}");
+    let (ok, stderr) = run();
+    assert!(!ok && stderr.contains("http"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::events::JsonLinesSink;
 use crate::runtime::{self as rt, Classifier, Hooks, RuntimeOptions, StreamSpec};
-use crate::sinks::{Fanout, SinkSpec};
+use crate::sinks::{Fanout, SinkKind, SinkSpec};
 
 /// One file to classify: a URI every worker can read, and the stream id its events carry.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -112,11 +112,11 @@ pub fn work(
     let rt = runtime()?;
     let js = rt.block_on(connect(&w.url, Duration::from_secs(5)))?;
     let consumer = rt.block_on(jobs_consumer(&js, w.ack_wait))?;
-    let spec: SinkSpec = toml::from_str(&format!(
-        "name = 'nats'\nkind = 'nats'\nurl = {:?}\nsubject_prefix = {EVENTS_PREFIX:?}\nretry_max_s = 5",
-        w.url
-    ))
-    .map_err(|e| ClusterError::Other(e.to_string()))?;
+    let spec = SinkSpec {
+        subject_prefix: Some(EVENTS_PREFIX.into()),
+        retry_max_s: Some(5.0),
+        ..SinkSpec::new("nats", SinkKind::Nats, &w.url)
+    };
     let mut fanout = Fanout::start(
         JsonLinesSink::null(),
         std::slice::from_ref(&spec),

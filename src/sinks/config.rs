@@ -47,6 +47,25 @@ pub struct SinkSpec {
 }
 
 impl SinkSpec {
+    /// A sink of `kind` to `url` with every other setting at its default.
+    pub fn new(name: &str, kind: SinkKind, url: &str) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            url: url.into(),
+            events: None,
+            token: None,
+            token_env: None,
+            timeout_s: None,
+            retry_initial_s: None,
+            retry_max_s: None,
+            topic_prefix: None,
+            subject_prefix: None,
+            client_id: None,
+            spool_max_mib: None,
+        }
+    }
+
     pub fn spool_max_bytes(&self) -> u64 {
         (self.spool_max_mib.unwrap_or(1024.0).max(0.001) * 1024.0 * 1024.0) as u64
     }

@@ -40,6 +40,15 @@ pub const EVENT_TYPES: &[&str] = &[
     "stats",
 ];
 
+/// An event's `stream` and `type` ("" and "event" when it has none).
+pub(crate) fn stream_and_type(event: &serde_json::Value) -> (&str, &str) {
+    let field = |k| event.get(k).and_then(|v: &serde_json::Value| v.as_str());
+    (
+        field("stream").unwrap_or(""),
+        field("type").unwrap_or("event"),
+    )
+}
+
 /// Why one delivery attempt failed.
 #[derive(Debug)]
 pub enum DeliveryError {
@@ -195,11 +204,16 @@ impl AlertSink {
             + self.counters.rejected.load(Ordering::Relaxed)
     }
 
+    /// Events given to this sink and not yet settled (from the counters: no file read).
+    pub fn pending(&self) -> u64 {
+        self.spool.appended().saturating_sub(self.settled())
+    }
+
     /// Waits up to `drain` for the spool to empty, then stops the thread; what is left stays in
     /// the spool for the next run.
     pub fn close(mut self, drain: Duration) -> SinkReport {
         let deadline = Instant::now() + drain;
-        while self.spool.pending() > 0 && Instant::now() < deadline {
+        while self.pending() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.stop.store(true, Ordering::SeqCst);
@@ -213,7 +227,7 @@ impl AlertSink {
             delivered: self.counters.delivered.load(Ordering::Relaxed),
             retries: self.counters.retries.load(Ordering::Relaxed),
             rejected: self.counters.rejected.load(Ordering::Relaxed),
-            pending: self.spool.pending(),
+            pending: self.pending(),
             dropped: self.spool.dropped(),
         }
     }
@@ -445,7 +459,7 @@ impl EventSink for Fanout {
                         eprintln!(
                             "mone: sink {}: spool full ({} undelivered events); dropping new ones",
                             s.name,
-                            s.spool.pending()
+                            s.pending()
                         );
                     }
                 }

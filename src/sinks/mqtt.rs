@@ -86,11 +86,7 @@ impl Mqtt {
     }
 
     pub fn topic(&self, event: &serde_json::Value) -> String {
-        let stream = event.get("stream").and_then(|v| v.as_str()).unwrap_or("");
-        let ty = event
-            .get("type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("event");
+        let (stream, ty) = super::stream_and_type(event);
         format!(
             "{}/{}/{}",
             self.prefix,

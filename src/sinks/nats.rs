@@ -58,11 +58,7 @@ pub fn stable_id(event: &serde_json::Value) -> String {
     if let Some(id) = event.get("event_id").and_then(|v| v.as_str()) {
         return id.to_string();
     }
-    let stream = event.get("stream").and_then(|v| v.as_str()).unwrap_or("");
-    let ty = event
-        .get("type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("event");
+    let (stream, ty) = super::stream_and_type(event);
     match ty {
         "stream_started" | "stream_ended" | "stream_error" => format!("{stream}#{ty}"),
         _ => {
@@ -118,11 +114,7 @@ impl Nats {
     }
 
     pub fn subject(&self, event: &serde_json::Value) -> String {
-        let stream = event.get("stream").and_then(|v| v.as_str()).unwrap_or("");
-        let ty = event
-            .get("type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("event");
+        let (stream, ty) = super::stream_and_type(event);
         format!(
             "{}.{}.{}",
             self.prefix,
@@ -152,46 +144,9 @@ impl Nats {
 
 impl Deliver for Nats {
     fn deliver(&mut self, event: &serde_json::Value, line: &str) -> Result<(), DeliveryError> {
-        let subject = self.subject(event);
-        let id = stable_id(event);
-        let (url, prefix, timeout) = (self.url.clone(), self.prefix.clone(), self.timeout);
-        let js = self.js.clone();
-        let payload = line.to_string();
-        let r: Result<jetstream::Context, String> = self.rt.block_on(async move {
-            let js = match js {
-                Some(js) => js,
-                None => tokio::time::timeout(timeout, Self::connect(&url, &prefix, timeout))
-                    .await
-                    .map_err(|_| "timed out connecting".to_string())??,
-            };
-            let ack = js
-                .send_publish(
-                    subject,
-                    PublishMessage::build()
-                        .payload(payload.into())
-                        .message_id(id),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::time::timeout(timeout, ack)
-                .await
-                .map_err(|_| "no publish ack in time".to_string())?
-                .map_err(|e| e.to_string())?;
-            Ok(js)
-        });
-        match r {
-            Ok(js) => {
-                self.js = Some(js);
-                Ok(())
-            }
-            Err(e) => {
-                // A fresh connection next time: the old one may hold a dead socket.
-                self.js = None;
-                Err(DeliveryError::Retry(format!(
-                    "nats {}: {e}",
-                    crate::events::redact(&self.url)
-                )))
-            }
+        match self.deliver_many(&[(event.clone(), line.to_string())]) {
+            (_, Some(e)) => Err(e),
+            (_, None) => Ok(()),
         }
     }
     fn describe(&self) -> String {
