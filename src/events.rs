@@ -87,6 +87,9 @@ pub struct StreamStats {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     StreamStarted {
+        /// A file's `<stream>#stream_started`; a live stream's `<stream>#stream_started@<time>`
+        /// (see [`lifecycle_id`]).
+        event_id: String,
         stream: String,
         time: String,
         model: String,
@@ -94,7 +97,9 @@ pub enum Event {
         live: bool,
     },
     Clip {
-        /// `<stream>#<clip_index>`: unique and stable across runs of the same input.
+        /// A file's `<stream>#<clip_index>`: the same in every run of the file. A live
+        /// stream's `<stream>#clip@<capture ns>`: its first frame's capture time, which does not
+        /// restart when the camera moves to another worker or mone restarts.
         event_id: String,
         stream: String,
         clip_index: u64,
@@ -152,6 +157,7 @@ pub enum Event {
         time: String,
     },
     StreamEnded {
+        event_id: String,
         stream: String,
         clips: u64,
         frames: u64,
@@ -160,6 +166,7 @@ pub enum Event {
     },
     /// The stream failed for good: a permanent error, a file's error, or too many reconnects.
     StreamError {
+        event_id: String,
         stream: String,
         error_class: ErrorClass,
         reason: String,
@@ -169,6 +176,7 @@ pub enum Event {
     },
     /// A network input failed transiently and will be reconnected.
     Offline {
+        event_id: String,
         stream: String,
         error_class: ErrorClass,
         reason: String,
@@ -176,13 +184,26 @@ pub enum Event {
         time: String,
     },
     Reconnected {
+        event_id: String,
         stream: String,
         attempt: u32,
         offline_ms: u64,
         time: String,
     },
+    /// A cluster camera started on this worker after another held it: `from` died (its lease
+    /// expired) or gave it up (rebalancing, shutdown).
+    StreamMoved {
+        event_id: String,
+        stream: String,
+        from: String,
+        to: String,
+        reason: MoveReason,
+        time: String,
+    },
     /// Every `stats_interval_s`: per-stream and overall figures for the interval just ended.
     Stats {
+        /// `stats@<time>#<instance>`: the process that measured it (host name and process id).
+        event_id: String,
         interval_s: f64,
         latency_target_ms: Option<f64>,
         /// The controller's capacity at the end of the interval.
@@ -213,23 +234,77 @@ impl EventSink for Vec<Event> {
     }
 }
 
+/// Why a camera moved between workers.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveReason {
+    /// The previous worker stopped renewing its lease (it died or lost the broker).
+    LeaseExpired,
+    /// The previous worker released it (rebalancing, or a clean shutdown).
+    Released,
+}
+
+/// The id of a stream's lifecycle event. A file's happen once per file, so a redone job
+/// repeats them with the same id (and the events stream drops the copy); a live stream's
+/// happen once per moment, so the id carries the event's time.
+pub fn lifecycle_id(stream: &str, ty: &str, live: bool, time: &str) -> String {
+    if live {
+        format!("{stream}#{ty}@{time}")
+    } else {
+        format!("{stream}#{ty}")
+    }
+}
+
+/// This process among others: host name and process id (names `stats` events).
+pub fn instance() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        format!("{host}-{}", std::process::id())
+    })
+    .clone()
+}
+
 impl Event {
-    pub fn stream_error(stream: &str, f: &Failure) -> Self {
+    pub fn stream_error(stream: &str, f: &Failure, live: bool) -> Self {
+        let time = now();
         Event::StreamError {
+            event_id: lifecycle_id(stream, "stream_error", live, &time),
             stream: stream.to_string(),
             error_class: f.class,
             reason: f.reason.clone(),
             detail: f.detail.clone(),
-            time: now(),
+            time,
         }
     }
+    /// Only live streams go offline.
     pub fn offline(stream: &str, f: &Failure) -> Self {
+        let time = now();
         Event::Offline {
+            event_id: lifecycle_id(stream, "offline", true, &time),
             stream: stream.to_string(),
             error_class: f.class,
             reason: f.reason.clone(),
             detail: f.detail.clone(),
-            time: now(),
+            time,
+        }
+    }
+    /// The id every event carries.
+    pub fn event_id(&self) -> &str {
+        match self {
+            Event::StreamStarted { event_id, .. }
+            | Event::Clip { event_id, .. }
+            | Event::Video { event_id, .. }
+            | Event::SegmentStarted { event_id, .. }
+            | Event::SegmentEnded { event_id, .. }
+            | Event::StreamEnded { event_id, .. }
+            | Event::StreamError { event_id, .. }
+            | Event::Offline { event_id, .. }
+            | Event::Reconnected { event_id, .. }
+            | Event::StreamMoved { event_id, .. }
+            | Event::Stats { event_id, .. } => event_id,
         }
     }
 }
@@ -426,6 +501,7 @@ mod tests {
         };
         vec![
             Event::StreamStarted {
+                event_id: "s#stream_started".into(),
                 stream: "s".into(),
                 time: t.clone(),
                 model: "m".into(),
@@ -484,6 +560,7 @@ mod tests {
                 time: t.clone(),
             },
             Event::StreamEnded {
+                event_id: "s#stream_ended".into(),
                 stream: "s".into(),
                 clips: 1,
                 frames: 8,
@@ -491,6 +568,7 @@ mod tests {
                 time: t.clone(),
             },
             Event::StreamError {
+                event_id: "s#stream_error".into(),
                 stream: "s".into(),
                 error_class: ErrorClass::NoVideo,
                 reason: "r".into(),
@@ -498,6 +576,7 @@ mod tests {
                 time: t.clone(),
             },
             Event::Offline {
+                event_id: format!("s#offline@{t}"),
                 stream: "s".into(),
                 error_class: ErrorClass::ConnectionRefused,
                 reason: "r".into(),
@@ -505,12 +584,22 @@ mod tests {
                 time: t.clone(),
             },
             Event::Reconnected {
+                event_id: format!("s#reconnected@{t}"),
                 stream: "s".into(),
                 attempt: 1,
                 offline_ms: 5,
                 time: t.clone(),
             },
+            Event::StreamMoved {
+                event_id: format!("s#stream_moved@{t}"),
+                stream: "s".into(),
+                from: "w1".into(),
+                to: "w2".into(),
+                reason: MoveReason::LeaseExpired,
+                time: t.clone(),
+            },
             Event::Stats {
+                event_id: format!("stats@{t}#{}", instance()),
                 interval_s: 10.0,
                 latency_target_ms: Some(100.0),
                 capacity: 0.5,
@@ -577,13 +666,7 @@ mod tests {
 
     #[test]
     fn events_round_trip_with_a_type_tag() {
-        let e = Event::StreamError {
-            stream: "s".into(),
-            error_class: ErrorClass::Timeout,
-            reason: "r".into(),
-            detail: String::new(),
-            time: now(),
-        };
+        let e = Event::stream_error("s", &Failure::new(ErrorClass::Timeout, "r", ""), false);
         let j = serde_json::to_string(&e).unwrap();
         assert!(j.starts_with("{\"type\":\"stream_error\""));
         assert_eq!(serde_json::from_str::<Event>(&j).unwrap(), e);

@@ -65,7 +65,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Why `POST /streams` refuses an input by policy (403), or None.
-fn refused_by_policy(access: &ApiAccess, input: &str) -> Option<String> {
+pub(crate) fn refused_by_policy(access: &ApiAccess, input: &str) -> Option<String> {
     let scheme = if input.starts_with("test:") {
         "test".to_string()
     } else if let Some((s, _)) = input.split_once("://") {
@@ -118,11 +118,15 @@ pub enum HttpError {
     EmptyToken,
 }
 
+/// More Prometheus text for `/metrics` (a worker's cluster gauges).
+pub type ExtraMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
 #[derive(Clone)]
 struct AppState {
     telemetry: Arc<Telemetry>,
     control: Sender<Control>,
     access: Arc<ApiAccess>,
+    extra: Option<ExtraMetrics>,
 }
 
 #[derive(Deserialize)]
@@ -219,11 +223,11 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.telemetry.render(),
-    )
-        .into_response()
+    let mut text = s.telemetry.render();
+    if let Some(extra) = &s.extra {
+        text.push_str(&extra());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn list(State(s): State<AppState>) -> Response {
@@ -302,6 +306,17 @@ pub fn serve(
     telemetry: Arc<Telemetry>,
     control: Sender<Control>,
 ) -> Result<HttpServer, HttpError> {
+    serve_with(listen, access, telemetry, control, None)
+}
+
+/// [`serve`], with `extra` appended to `/metrics`.
+pub fn serve_with(
+    listen: &str,
+    access: ApiAccess,
+    telemetry: Arc<Telemetry>,
+    control: Sender<Control>,
+    extra: Option<ExtraMetrics>,
+) -> Result<HttpServer, HttpError> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|_| HttpError::Address(listen.to_string()))?;
@@ -332,6 +347,7 @@ pub fn serve(
         telemetry,
         control,
         access: Arc::new(access),
+        extra,
     };
     let app = app
         .layer(axum::middleware::from_fn_with_state(

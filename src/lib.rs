@@ -10,7 +10,8 @@
 //!   [`events`], [`failure`] (error classes), [`segments`] (action segments, pure), `pipeline`,
 //!   `cli`: the streaming pipeline from inputs to JSON events; [`sinks`]: alert sinks
 //!   (webhook, MQTT) and NATS JetStream with their filters and durable spools; `cluster`:
-//!   file jobs on a JetStream work queue (`mone submit`, `mone worker`, `mone events`).
+//!   cameras leased from a KV bucket and file jobs on a work queue (`mone streams`,
+//!   `mone submit`, `mone worker`, `mone events`).
 //! - [`dataset`] (the procedural motion dataset), [`optim`] (AdamW with saveable state) and
 //!   [`train`] (the MoNE and V-MoE training loop with exact-resume checkpoints), and
 //!   [`superclass`] (confusion matrix -> clustered super-classes for V-MoE's router): training.

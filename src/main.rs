@@ -81,9 +81,13 @@ enum Command {
     /// Queue file jobs on NATS JetStream for `mone worker`s.
     #[cfg(feature = "gst")]
     Submit(mone::cli::cluster::SubmitArgs),
-    /// Pull file jobs from NATS JetStream and publish their events there.
+    /// Lease cameras and pull file jobs from NATS JetStream; publish their events there.
     #[cfg(feature = "gst")]
     Worker(mone::cli::cluster::WorkerArgs),
+    /// The cameras the cluster's workers lease (a KV bucket on NATS JetStream).
+    #[cfg(feature = "gst")]
+    #[command(subcommand)]
+    Streams(mone::cli::cluster::StreamsCommand),
     /// Print the events stream on NATS JetStream as JSON Lines.
     #[cfg(feature = "gst")]
     Events(mone::cli::cluster::EventsArgs),
@@ -197,6 +201,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Worker(a) => mone::cli::cluster::worker(&a)?,
         #[cfg(feature = "gst")]
         Command::Events(a) => mone::cli::cluster::events(&a)?,
+        #[cfg(feature = "gst")]
+        Command::Streams(c) => mone::cli::cluster::streams(&c)?,
         #[cfg(feature = "gst")]
         Command::Model(ModelCommand::Init(a)) => mone::cli::init_model(&a).map(|_| 0)?,
         #[cfg(feature = "gst")]

@@ -274,6 +274,34 @@ impl PipelineConfig {
                 "no [[streams]] given (and no [http] listen address to add them through)".into(),
             );
         }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// A `mone worker`'s config: model, clips, batch, sources, controller, segments and the
+    /// `[http]` allow-lists; its cameras come from the cluster, not from `[[streams]]`.
+    pub fn load_worker(path: &Path) -> Result<Self, PipelineError> {
+        let invalid = |message: String| PipelineError::Invalid {
+            path: path.into(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Io {
+            path: path.into(),
+            error: e,
+        })?;
+        let cfg: PipelineConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if !cfg.streams.is_empty() {
+            return Err(invalid(
+                "a worker's cameras come from the cluster (`mone streams add`), not [[streams]]"
+                    .into(),
+            ));
+        }
+        cfg.check().map_err(invalid)?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let cfg = self;
         if let Some(h) = &cfg.http {
             h.listen
                 .parse::<std::net::SocketAddr>()
@@ -299,7 +327,7 @@ impl PipelineConfig {
         {
             return Err("[output] drain_s must be a number >= 0".into());
         }
-        Ok(cfg)
+        Ok(())
     }
 
     pub fn streams(&self) -> Vec<StreamSpec> {

@@ -97,7 +97,7 @@ fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
     let _server = Server::start(port, &dir.join("store"));
     let url = format!("nats://127.0.0.1:{port}");
     let mut files = Vec::new();
-    for i in 0..8 {
+    for i in 0..19 {
         let p = dir.join(format!("v{i}.mp4"));
         mone::source::write_test_video(&p, "ball", 64, 16, 160, 120, "mp4").unwrap();
         files.push(p.display().to_string());
@@ -112,7 +112,10 @@ fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success() && err.contains("9 jobs queued"), "{err}");
+    assert!(
+        o.status.success() && err.contains("20 jobs queued"),
+        "{err}"
+    );
     // Submitting again within the window queues nothing new.
     let o = Command::new(env!("CARGO_BIN_EXE_mone"))
         .args(["submit", "--nats", &url])
@@ -124,6 +127,9 @@ fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
 
     let mut a = worker(&url, "a", &dir, false);
     let a_lines = lines(&mut a);
+    // b works alongside a from the start, and stays to the end.
+    let mut b = worker(&url, "b", &dir, true);
+    let b_lines = lines(&mut b);
     // Kill worker a while it holds a job: after one job done, as it starts the next.
     let t0 = Instant::now();
     let mut done_one = false;
@@ -142,26 +148,43 @@ fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
     }
     a.kill().unwrap();
     a.wait().unwrap();
-
-    let mut b = worker(&url, "b", &dir, true);
-    let b_lines = lines(&mut b);
+    // And a third takes a's place.
+    let mut c = worker(&url, "c", &dir, true);
+    let c_lines = lines(&mut c);
     let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = b.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(180),
-            "worker b did not finish"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let b_log: Vec<String> = b_lines.try_iter().collect();
-    assert!(status.success(), "{b_log:#?}");
+    for (name, w) in [("b", &mut b), ("c", &mut c)] {
+        let status = loop {
+            if let Some(s) = w.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(240),
+                "worker {name} did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "worker {name} failed");
+    }
+    let log: Vec<String> = b_lines.try_iter().chain(c_lines.try_iter()).collect();
     assert!(
-        b_log.iter().any(|l| l.contains("(attempt 2)")),
-        "no job was redelivered: {b_log:#?}"
+        log.iter().any(|l| l.contains("(attempt 2)")),
+        "no job was redelivered: {log:#?}"
     );
+    // Nothing left queued or held.
+    let rt = mone::cluster::runtime().unwrap();
+    let counts = rt.block_on(async {
+        let js = mone::cluster::connect(&url, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut s = mone::cluster::jobs_stream(&js).await.unwrap();
+        let queued = s.info().await.unwrap().state.messages;
+        let mut c = mone::cluster::jobs_consumer(&js, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let i = c.info().await.unwrap();
+        (queued, i.num_pending, i.num_ack_pending)
+    });
+    assert_eq!(counts, (0, 0, 0), "work queue, pending, ack pending");
 
     let o = Command::new(env!("CARGO_BIN_EXE_mone"))
         .args(["events", "--nats", &url])
@@ -216,10 +239,17 @@ fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
 #[test]
 fn an_unreachable_server_or_a_bad_url_is_a_clear_error_not_a_hang() {
     let dead = format!("nats://127.0.0.1:{}", free_port());
+    let model = model().display().to_string();
     for (args, want) in [
         (vec!["submit", "--nats", &dead, "x.mp4"], "nats"),
         (vec!["submit", "--nats", "http://x", "x.mp4"], "nats://"),
         (vec!["events", "--nats", &dead], "nats"),
+        (vec!["streams", "list", "--nats", &dead], "nats"),
+        (
+            vec!["streams", "add", "--nats", "tcp://x", "test:"],
+            "nats://",
+        ),
+        (vec!["worker", "--nats", &dead, "--model", &model], "nats"),
     ] {
         let t0 = Instant::now();
         let o = Command::new(env!("CARGO_BIN_EXE_mone"))
@@ -299,6 +329,265 @@ fn events_wait_in_the_spool_through_a_broker_restart_and_arrive_once() {
     let want: Vec<String> = (0..sent).map(|i| format!("door#segment{i}")).collect();
     assert_eq!(ids.len(), want.len(), "missing or duplicated events");
     assert_eq!(ids, want);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn mone(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn all_events(url: &str) -> Vec<serde_json::Value> {
+    let o = mone(&["events", "--nats", url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Camera id -> the worker holding its lease.
+fn holders(url: &str) -> std::collections::BTreeMap<String, Option<String>> {
+    let o = mone(&["streams", "list", "--nats", url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["worker"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+fn camera_worker(url: &str, id: &str, dir: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args([
+            "worker",
+            "--nats",
+            url,
+            "--id",
+            id,
+            "--no-jobs",
+            "--lease-ttl-s",
+            "3",
+            "--model",
+        ])
+        .arg(model())
+        .arg("--spool-dir")
+        .arg(dir.join(format!("spool-{id}")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn unix_ms(rfc3339: &str) -> f64 {
+    humantime::parse_rfc3339(rfc3339)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3
+}
+
+#[test]
+fn cameras_spread_move_off_a_killed_worker_and_ride_out_a_broker_outage() {
+    let dir = tmpdir("cameras");
+    let port = free_port();
+    let store = dir.join("store");
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut server = Some(Server::start(port, &store));
+    for (id, pattern) in [("cam1", "ball"), ("cam2", "snow"), ("cam3", "smpte")] {
+        let o = mone(&[
+            "streams",
+            "add",
+            "--nats",
+            &url,
+            "--id",
+            id,
+            &format!("test:pattern={pattern},fps=25,width=96,height=96"),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // A file is a job, not a camera.
+    let o = mone(&["streams", "add", "--nats", &url, "test:live=false,frames=8"]);
+    assert!(!o.status.success());
+
+    let mut a = camera_worker(&url, "a", &dir);
+    let a_lines = lines(&mut a);
+    wait_for("a to run all three", Duration::from_secs(60), || {
+        holders(&url).values().all(|h| h.as_deref() == Some("a"))
+    });
+    let mut b = camera_worker(&url, "b", &dir);
+    let b_lines = lines(&mut b);
+    // Spread: ceil(3 / 2) = 2 at most each.
+    wait_for(
+        "the cameras to spread over a and b",
+        Duration::from_secs(60),
+        || {
+            let h = holders(&url);
+            let on = |w: &str| h.values().filter(|x| x.as_deref() == Some(w)).count();
+            on("a") + on("b") == 3 && on("a") <= 2 && on("b") <= 2
+        },
+    );
+    let before = holders(&url);
+    let moving: Vec<String> = before
+        .iter()
+        .filter(|(_, w)| w.as_deref() == Some("a"))
+        .map(|(c, _)| c.clone())
+        .collect();
+    // Let every camera produce clips, then kill a without a chance to release anything.
+    wait_for("clips from every camera", Duration::from_secs(60), || {
+        let ev = all_events(&url);
+        before.keys().all(|c| {
+            ev.iter()
+                .any(|e| e["type"] == "clip" && e["stream"] == c.as_str())
+        })
+    });
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    wait_for(
+        "b to take over a's cameras",
+        Duration::from_secs(60),
+        || holders(&url).values().all(|h| h.as_deref() == Some("b")),
+    );
+    wait_for(
+        "clips of the moved cameras from b",
+        Duration::from_secs(60),
+        || {
+            let ev = all_events(&url);
+            moving.iter().all(|c| {
+                ev.iter().any(|e| {
+                    e["type"] == "clip"
+                        && e["stream"] == c.as_str()
+                        && unix_ms(e["time"].as_str().unwrap()) > killed_at
+                })
+            })
+        },
+    );
+    let ev = all_events(&url);
+    for c in &moving {
+        let moved = ev
+            .iter()
+            .find(|e| e["type"] == "stream_moved" && e["stream"] == c.as_str() && e["to"] == "b")
+            .unwrap_or_else(|| panic!("no stream_moved for {c}"));
+        assert_eq!(moved["from"], "a");
+        assert_eq!(moved["reason"], "lease_expired");
+        let first = ev
+            .iter()
+            .filter(|e| e["type"] == "clip" && e["stream"] == c.as_str())
+            .map(|e| unix_ms(e["time"].as_str().unwrap()))
+            .find(|t| *t > killed_at)
+            .unwrap();
+        // The camera's frames that nobody classified: from the end of a's last clip to the
+        // start of b's first, on the capture clock.
+        let captured: Vec<(f64, f64)> = ev
+            .iter()
+            .filter(|e| e["type"] == "clip" && e["stream"] == c.as_str())
+            .map(|e| {
+                let start = unix_ms(e["capture_time"].as_str().unwrap());
+                let len = (e["pts_end_ns"].as_u64().unwrap() - e["pts_start_ns"].as_u64().unwrap())
+                    as f64
+                    / 1e6;
+                (start, start + len)
+            })
+            .collect();
+        let last_a = captured
+            .iter()
+            .filter(|(s, _)| *s < killed_at)
+            .map(|(_, e)| *e)
+            .fold(f64::MIN, f64::max);
+        let first_b = captured
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| *s > killed_at)
+            .fold(f64::MAX, f64::min);
+        eprintln!(
+            "failover of {c}: {:.2} s from a's death to its first clip on b (lease TTL 3 s); {:.2} s of the camera unclassified",
+            (first - killed_at) / 1e3,
+            (first_b - last_a) / 1e3
+        );
+    }
+
+    // The broker dies for longer than the lease TTL, and comes back on its store: b keeps its
+    // cameras throughout (nobody can claim them), re-validates the leases and goes on.
+    drop(server.take());
+    std::thread::sleep(Duration::from_secs(5));
+    let restarted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3;
+    server = Some(Server::start(port, &store));
+    wait_for(
+        "clips from every camera after the outage",
+        Duration::from_secs(60),
+        || {
+            let ev = all_events(&url);
+            before.keys().all(|c| {
+                ev.iter().any(|e| {
+                    e["type"] == "clip"
+                        && e["stream"] == c.as_str()
+                        && unix_ms(e["time"].as_str().unwrap()) > restarted_at
+                })
+            })
+        },
+    );
+    wait_for(
+        "b to re-validate its leases",
+        Duration::from_secs(30),
+        || holders(&url).values().all(|h| h.as_deref() == Some("b")),
+    );
+    b.kill().unwrap();
+    b.wait().unwrap();
+    let b_log: Vec<String> = b_lines.try_iter().collect();
+    let a_log: Vec<String> = a_lines.try_iter().collect();
+    assert!(
+        b_log.iter().any(|l| l.contains("does not answer"))
+            && b_log.iter().any(|l| l.contains("answers again")),
+        "{b_log:#?}"
+    );
+    assert!(
+        !b_log.iter().any(|l| l.contains("lost its lease")),
+        "b stopped a camera during the outage: {b_log:#?}"
+    );
+
+    let ev = all_events(&url);
+    let ids: Vec<&str> = ev.iter().filter_map(|e| e["event_id"].as_str()).collect();
+    assert_eq!(ids.len(), ev.len(), "every event has an id");
+    let unique: std::collections::HashSet<&&str> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "duplicate event ids in the stream");
+    // One timeline per camera across both workers and the outage.
+    for c in before.keys() {
+        let pts: Vec<u64> = ev
+            .iter()
+            .filter(|e| e["type"] == "clip" && e["stream"] == c.as_str())
+            .map(|e| e["pts_start_ns"].as_u64().unwrap())
+            .collect();
+        assert!(
+            pts.windows(2).all(|w| w[1] > w[0]),
+            "{c}: clip PTS not monotonic: {pts:?}\na: {a_log:#?}\nb: {b_log:#?}"
+        );
+    }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

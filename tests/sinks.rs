@@ -228,6 +228,7 @@ fn webhook_loses_nothing_through_a_ten_second_outage() {
         fan.write(&e).unwrap();
         // A type the filter leaves out never reaches the receiver.
         fan.write(&Event::Reconnected {
+            event_id: format!("door#reconnected@{i}"),
             stream: "door".into(),
             attempt: 1,
             offline_ms: 1,

@@ -1,10 +1,18 @@
-//! `mone submit`, `mone worker` and `mone events`: the cluster commands.
+//! `mone submit`, `mone worker`, `mone streams` and `mone events`: the cluster commands.
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::cameras::{self, CameraOptions};
 use crate::cluster::jobs::{self, WorkerOptions};
-use crate::runtime::RuntimeOptions;
+use crate::cluster::Gauges;
+use crate::failure::{ErrorClass, Failure};
+use crate::http::ApiAccess;
+use crate::pipeline::PipelineConfig;
+use crate::runtime::{Control, ControlError, RuntimeOptions};
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
@@ -23,17 +31,34 @@ pub struct WorkerArgs {
     /// NATS server (nats://host:port).
     #[arg(long)]
     pub nats: String,
-    /// Names the worker in its log lines (default: host name and process id).
+    /// A pipeline config for the model, clips, batch, sources, controller and segments, and
+    /// the `[http]` allow-lists cameras are checked against (its `[[streams]]` must be empty:
+    /// cameras come from `mone streams add`).
+    pub pipeline: Option<PathBuf>,
+    /// Names the worker in leases, logs and `stream_moved` events (default: host name and
+    /// process id).
     #[arg(long)]
     pub id: Option<String>,
-    /// Model folder (default: the shipped model, found as `mone model list` shows).
+    /// Model folder (default: the pipeline's, else the shipped model, as `mone model list`
+    /// shows).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Clips per forward.
-    #[arg(long, default_value_t = 4)]
-    pub batch: usize,
+    /// cpu, cuda, cuda:N (default: the pipeline's, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Clips per forward (default: the pipeline's, else 4).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Cameras this worker runs at most (0: file jobs only).
+    #[arg(long, default_value_t = 8)]
+    pub max_streams: usize,
+    /// Lease TTL in seconds when this worker creates the leases bucket (an existing bucket
+    /// keeps its own). A dead worker's cameras move within about TTL + TTL/3.
+    #[arg(long, default_value_t = 6.0)]
+    pub lease_ttl_s: f64,
+    /// Pull no file jobs (cameras only).
+    #[arg(long)]
+    pub no_jobs: bool,
     /// Seconds a job may go unconfirmed before the server gives it to another worker (this
     /// worker sends in-progress acks every third of it while it works).
     #[arg(long, default_value_t = 30.0)]
@@ -44,6 +69,39 @@ pub struct WorkerArgs {
     /// Where events wait while the server is away (default $XDG_STATE_HOME/mone/spool/worker-<id>).
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
+    /// Serve the HTTP API here (IP:PORT): /healthz, /metrics (with lease counts, queue lag,
+    /// spool depth and events published), GET /streams (this worker's cameras), and POST and
+    /// DELETE /streams, which write the cluster's streams bucket. Token and allow-lists: the
+    /// pipeline's `[http]` section, else MONE_API_TOKEN and the defaults.
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum StreamsCommand {
+    /// Add cameras (or replace those with the same id); a worker starts each within a poll.
+    Add {
+        #[arg(long)]
+        nats: String,
+        /// The stream id in events (with one URI only; default: the URI, credentials redacted).
+        #[arg(long)]
+        id: Option<String>,
+        /// rtsp://, http(s)://, srt:// or test: inputs every worker can reach.
+        #[arg(required = true)]
+        uris: Vec<String>,
+    },
+    /// Remove cameras by id; their workers stop them.
+    Remove {
+        #[arg(long)]
+        nats: String,
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// The cameras wanted and the worker running each (JSON Lines).
+    List {
+        #[arg(long)]
+        nats: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -77,44 +135,221 @@ pub fn worker(a: &WorkerArgs) -> anyhow::Result<i32> {
     if !(a.ack_wait_s.is_finite() && a.ack_wait_s >= 1.0) {
         anyhow::bail!("--ack-wait-s must be at least 1");
     }
-    let id = a.id.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "worker".into());
-        format!("{host}-{}", std::process::id())
-    });
-    let (found, source) = crate::model::locate::resolve(a.model.as_deref())?;
+    if !(a.lease_ttl_s.is_finite() && a.lease_ttl_s >= 1.0) {
+        anyhow::bail!("--lease-ttl-s must be at least 1");
+    }
+    if a.no_jobs && a.max_streams == 0 {
+        anyhow::bail!("--no-jobs with --max-streams 0 leaves this worker nothing to do");
+    }
+    let id = a.id.clone().unwrap_or_else(crate::events::instance);
+    let cfg = match &a.pipeline {
+        Some(p) => Some(PipelineConfig::load_worker(p)?),
+        None => None,
+    };
+    let mut opts = match &cfg {
+        Some(c) => c.options().map_err(anyhow::Error::msg)?,
+        None => RuntimeOptions::default(),
+    };
+    if let Some(b) = a.batch {
+        opts.batch = b;
+    }
+    let model_dir = a
+        .model
+        .clone()
+        .or_else(|| cfg.as_ref().and_then(|c| c.model.dir.clone()));
+    let (found, source) = crate::model::locate::resolve(model_dir.as_deref())?;
     if source != "given" {
         eprintln!("mone: model {} ({source})", found.display());
     }
-    let device = crate::device::open(&a.device)?;
-    let loaded = super::load_model(&found, &device, candle_core::DType::F32)?;
-    let opts = RuntimeOptions {
-        batch: a.batch,
-        ..RuntimeOptions::default()
+    let device_name = a
+        .device
+        .clone()
+        .or_else(|| cfg.as_ref().map(|c| c.model.device.clone()))
+        .unwrap_or_else(|| "cpu".into());
+    let device = crate::device::open(&device_name)?;
+    let dtype = crate::device::parse_dtype(cfg.as_ref().map_or("f32", |c| &c.model.dtype))?;
+    let loaded = super::load_model(&found, &device, dtype)?;
+    if let Some(c) = &cfg {
+        if let Some(settings) = c.controller_settings().map_err(anyhow::Error::msg)? {
+            let reprofile = c.controller.as_ref().is_some_and(|c| c.reprofile);
+            super::add_controller(&loaded, &device, &found, &mut opts, settings, reprofile)?;
+        }
+    }
+    let access = match cfg.as_ref().and_then(|c| c.http.as_ref()) {
+        Some(h) => h.access().map_err(anyhow::Error::msg)?,
+        None => ApiAccess {
+            token: std::env::var("MONE_API_TOKEN")
+                .ok()
+                .map(|t| t.trim().to_string()),
+            ..ApiAccess::default()
+        },
+    };
+    let spool_root = a
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| crate::sinks::config::default_spool_root().join(format!("worker-{id}")));
+    let gauges = Arc::new(Gauges::default());
+    let telemetry = Arc::new(crate::metrics::Telemetry::new(
+        opts.controller
+            .as_ref()
+            .map(|c| c.settings.latency_target_ms),
+    ));
+    let stop = super::install_signal_handlers()?;
+    let _server = match &a.listen {
+        None => None,
+        Some(listen) => Some(serve_api(
+            listen,
+            access.clone(),
+            telemetry.clone(),
+            gauges.clone(),
+            &a.nats,
+        )?),
+    };
+    let name = super::model_name(&found);
+    let cams = CameraOptions {
+        url: a.nats.clone(),
+        id: id.clone(),
+        max_streams: a.max_streams,
+        lease_ttl: Duration::from_secs_f64(a.lease_ttl_s),
+        access,
+        spool_root: spool_root.clone(),
+        telemetry,
     };
     let w = WorkerOptions {
         url: a.nats.clone(),
         ack_wait: Duration::from_secs_f64(a.ack_wait_s),
         until_idle: a.until_idle,
-        spool_root: a.spool_dir.clone().unwrap_or_else(|| {
-            crate::sinks::config::default_spool_root().join(format!("worker-{id}"))
-        }),
+        spool_root,
         id,
+        gauges: gauges.clone(),
     };
-    let stop = super::install_signal_handlers()?;
-    let r = jobs::work(
-        &loaded,
-        &super::model_name(&found),
-        &device,
-        &opts,
-        &w,
-        stop,
-    )?;
+    let (jobs_r, cams_r) = std::thread::scope(|s| {
+        let cameras = (a.max_streams > 0).then(|| {
+            let stop = stop.clone();
+            let (loaded, device, opts, name, cams, gauges) =
+                (&loaded, &device, &opts, &name, &cams, gauges.clone());
+            s.spawn(move || cameras::run_cameras(loaded, name, device, opts, cams, stop, gauges))
+        });
+        let jobs_r = if a.no_jobs {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None
+        } else {
+            let r = jobs::work(&loaded, &name, &device, &opts, &w, stop.clone());
+            // --until-idle (or an error) ends the cameras too.
+            stop.store(true, Ordering::SeqCst);
+            Some(r)
+        };
+        let cams_r = cameras.map(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(crate::cluster::ClusterError::Other(
+                    "the camera loop panicked".into(),
+                ))
+            })
+        });
+        (jobs_r, cams_r)
+    });
+    if let Some(r) = jobs_r {
+        let r = r?;
+        eprintln!(
+            "mone worker {}: {} jobs ({} of them redelivered to this worker, {} failed inputs)",
+            w.id, r.jobs, r.redelivered, r.failed
+        );
+    }
+    if let Some(r) = cams_r {
+        r?;
+    }
+    Ok(0)
+}
+
+/// The worker's HTTP API: adding and removing streams writes the cluster's bucket (a bridge
+/// thread answers the API's control requests), and /metrics adds the worker's gauges.
+fn serve_api(
+    listen: &str,
+    access: ApiAccess,
+    telemetry: Arc<crate::metrics::Telemetry>,
+    gauges: Arc<Gauges>,
+    url: &str,
+) -> anyhow::Result<crate::http::HttpServer> {
+    let (tx, rx) = crossbeam_channel::unbounded::<Control>();
+    let url = url.to_string();
+    std::thread::Builder::new()
+        .name("streams-bridge".into())
+        .spawn(move || {
+            let fail = |e: crate::cluster::ClusterError| {
+                ControlError::BadInput(Failure::new(ErrorClass::Internal, e.to_string(), ""))
+            };
+            for c in rx {
+                match c {
+                    Control::Add { stream, reply } => {
+                        let cam = cameras::camera(&stream.input, Some(&stream.name));
+                        let _ = reply.send(cameras::add(&url, &[cam]).map_err(fail));
+                    }
+                    Control::Remove { id, reply } => {
+                        let r = match cameras::remove(&url, std::slice::from_ref(&id)) {
+                            Ok(missing) if missing.is_empty() => Ok(()),
+                            Ok(_) => Err(ControlError::NotFound(id)),
+                            Err(e) => Err(fail(e)),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Control::Emit(_) => {}
+                }
+            }
+        })?;
+    let extra: crate::http::ExtraMetrics = Arc::new(move || gauges.render());
+    let s = crate::http::serve_with(listen, access, telemetry, tx, Some(extra))?;
     eprintln!(
-        "mone worker {}: {} jobs ({} of them redelivered to this worker, {} failed inputs)",
-        w.id, r.jobs, r.redelivered, r.failed
+        "mone: HTTP API on http://{} (/healthz, /metrics, /streams)",
+        s.addr
     );
+    Ok(s)
+}
+
+pub fn streams(c: &StreamsCommand) -> anyhow::Result<i32> {
+    match c {
+        StreamsCommand::Add { nats, id, uris } => {
+            if id.is_some() && uris.len() > 1 {
+                anyhow::bail!("--id names one camera: give one URI with it");
+            }
+            let mut cams = Vec::new();
+            for u in uris {
+                // The same checks a local `mone run` makes, before any worker sees it.
+                crate::source::Input::parse(u).map_err(|e| anyhow::anyhow!("{u}: {e}"))?;
+                if !crate::source::Input::spec_is_live(u) {
+                    anyhow::bail!(
+                        "{}: not a live input (files are jobs: `mone submit`)",
+                        crate::events::redact(u)
+                    );
+                }
+                cams.push(cameras::camera(u, id.as_deref()));
+            }
+            cameras::add(nats, &cams)?;
+            eprintln!(
+                "mone: {} cameras in {}",
+                cams.len(),
+                cameras::STREAMS_BUCKET
+            );
+        }
+        StreamsCommand::Remove { nats, ids } => {
+            let missing = cameras::remove(nats, ids)?;
+            if !missing.is_empty() {
+                anyhow::bail!("no camera named {}", missing.join(", "));
+            }
+        }
+        StreamsCommand::List { nats } => {
+            let mut out = std::io::stdout().lock();
+            for (cam, holder) in cameras::list(nats)? {
+                let line = serde_json::json!({
+                    "id": cam.id,
+                    "uri": crate::events::redact(&cam.uri),
+                    "worker": holder,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
     Ok(0)
 }
 

@@ -251,6 +251,42 @@ pub fn latency_profile(
     Ok((prof, "measured"))
 }
 
+/// A latency target: measures (or loads) the model's latency profile and sets the controller.
+pub(crate) fn add_controller(
+    loaded: &crate::model::LoadedModel,
+    device: &candle_core::Device,
+    model_dir: &Path,
+    opts: &mut RuntimeOptions,
+    mut settings: crate::controller::ControllerSettings,
+    reprofile: bool,
+) -> anyhow::Result<()> {
+    if !loaded.config.is_mone() {
+        // A V-MoE costs the same at any capacity: the controller only sizes batches and
+        // sheds, at full capacity.
+        eprintln!("mone: {} is a V-MoE (fixed compute per clip): the controller holds the target with batch size and shedding only", model_dir.display());
+        settings.adaptive = false;
+        settings.min_capacity = 1.0;
+        settings.max_capacity = 1.0;
+    }
+    let levels = settings.effective_levels();
+    let (profile, how) = latency_profile(loaded, device, &levels, opts.batch, reprofile)?;
+    eprintln!(
+        "mone: latency target {} ms at p{}, capacity {} in [{}, {}]; latency profile {how} ({:.1} ms per batch of {} at e_c {}, {:.1} ms at e_c {})",
+        settings.latency_target_ms,
+        settings.percentile,
+        if settings.adaptive { "adaptive" } else { "fixed" },
+        settings.min_capacity,
+        settings.max_capacity,
+        profile.predict(settings.max_capacity, opts.batch),
+        opts.batch,
+        settings.max_capacity,
+        profile.predict(settings.min_capacity, opts.batch),
+        settings.min_capacity,
+    );
+    opts.controller = Some(runtime::ControlOptions { settings, profile });
+    Ok(())
+}
+
 fn run_streams(
     model_dir: Option<&Path>,
     device: &str,
@@ -268,32 +304,15 @@ fn run_streams(
     let dtype = crate::device::parse_dtype(extras.dtype.as_deref().unwrap_or("f32"))?;
     let loaded = load_model(model_dir, &device, dtype)?;
     let mut opts = opts.clone();
-    if let Some(mut settings) = extras.controller {
-        if !loaded.config.is_mone() {
-            // A V-MoE costs the same at any capacity: the controller only sizes batches and
-            // sheds, at full capacity.
-            eprintln!("mone: {} is a V-MoE (fixed compute per clip): the controller holds the target with batch size and shedding only", model_dir.display());
-            settings.adaptive = false;
-            settings.min_capacity = 1.0;
-            settings.max_capacity = 1.0;
-        }
-        let levels = settings.effective_levels();
-        let (profile, how) =
-            latency_profile(&loaded, &device, &levels, opts.batch, extras.reprofile)?;
-        eprintln!(
-            "mone: latency target {} ms at p{}, capacity {} in [{}, {}]; latency profile {how} ({:.1} ms per batch of {} at e_c {}, {:.1} ms at e_c {})",
-            settings.latency_target_ms,
-            settings.percentile,
-            if settings.adaptive { "adaptive" } else { "fixed" },
-            settings.min_capacity,
-            settings.max_capacity,
-            profile.predict(settings.max_capacity, opts.batch),
-            opts.batch,
-            settings.max_capacity,
-            profile.predict(settings.min_capacity, opts.batch),
-            settings.min_capacity,
-        );
-        opts.controller = Some(runtime::ControlOptions { settings, profile });
+    if let Some(settings) = extras.controller {
+        add_controller(
+            &loaded,
+            &device,
+            model_dir,
+            &mut opts,
+            settings,
+            extras.reprofile,
+        )?;
     }
     let target = opts
         .controller

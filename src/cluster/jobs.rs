@@ -91,6 +91,7 @@ pub struct WorkerOptions {
     pub until_idle: bool,
     /// The nats sink's spool (events wait there while the server is away).
     pub spool_root: PathBuf,
+    pub gauges: Arc<super::Gauges>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -125,6 +126,21 @@ pub fn work(
     )
     .map_err(|e| ClusterError::Other(e.to_string()))?;
     let mut report = WorkerReport::default();
+    let probe = fanout.probe();
+    let g = &w.gauges;
+    let update = |report: &WorkerReport| {
+        g.jobs_done.store(report.jobs, Ordering::Relaxed);
+        g.jobs_failed.store(report.failed, Ordering::Relaxed);
+        g.jobs_redelivered
+            .store(report.redelivered, Ordering::Relaxed);
+        g.job_published.store(probe.delivered(), Ordering::Relaxed);
+        g.job_spooled.store(probe.pending(), Ordering::Relaxed);
+        g.job_dropped.store(probe.dropped(), Ordering::Relaxed);
+        let mut c = consumer.clone();
+        if let Ok(i) = rt.block_on(c.info()) {
+            g.jobs_queued.store(i.num_pending, Ordering::Relaxed);
+        }
+    };
     eprintln!(
         "mone worker {}: pulling jobs from {}",
         w.id,
@@ -132,6 +148,7 @@ pub fn work(
     );
     let mut held_back = false;
     while !stop.load(Ordering::SeqCst) {
+        update(&report);
         // Backpressure: while the server does not take the events, take no new work.
         if fanout.fill() > SPOOL_HIGH {
             if !held_back {
@@ -206,6 +223,7 @@ pub fn work(
             let spec = StreamSpec {
                 name: job.id.clone(),
                 input: job.uri.clone(),
+                origin_ns: None,
             };
             let r = rt::run(
                 model,

@@ -222,6 +222,10 @@ pub struct StreamSpec {
     /// Name in events: the input with credentials redacted, unless the config names it.
     pub name: String,
     pub input: String,
+    /// A live stream's timeline origin (Unix ns): its first frame's PTS is the time elapsed
+    /// since then, so that a camera that moves between workers keeps one monotonic timeline.
+    /// None: the source's own PTS.
+    pub origin_ns: Option<i64>,
 }
 
 impl StreamSpec {
@@ -230,6 +234,7 @@ impl StreamSpec {
         Self {
             name: redact(input),
             input: input.to_string(),
+            origin_ns: None,
         }
     }
 }
@@ -269,6 +274,9 @@ pub enum Control {
         id: String,
         reply: Sender<Result<(), ControlError>>,
     },
+    /// Write the caller's event in order with the run's own (a cluster camera's
+    /// `stream_moved`).
+    Emit(Box<Event>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -9,9 +9,30 @@ fn wall(offset: Option<(i64, CaptureSource)>, pts: u64) -> Option<String> {
     offset.map(|(o, _)| crate::events::rfc3339_ns(o + pts as i64))
 }
 
-fn segment_ended(stream: &str, s: Segment, offset: Option<(i64, CaptureSource)>) -> Event {
+/// A file's `<stream>#segment<index>`; a live stream's `<stream>#segment@<capture ns of its
+/// start>`, since a live stream's indices restart when it moves to another worker.
+fn segment_id(
+    stream: &str,
+    index: u64,
+    live: bool,
+    offset: Option<(i64, CaptureSource)>,
+    start_pts: u64,
+) -> String {
+    match offset {
+        Some((o, _)) if live => format!("{stream}#segment@{}", o + start_pts as i64),
+        _ => format!("{stream}#segment{index}"),
+    }
+}
+
+fn segment_ended(
+    stream: &str,
+    s: Segment,
+    id: Option<String>,
+    live: bool,
+    offset: Option<(i64, CaptureSource)>,
+) -> Event {
     Event::SegmentEnded {
-        event_id: format!("{stream}#segment{}", s.index),
+        event_id: id.unwrap_or_else(|| segment_id(stream, s.index, live, offset, s.start_pts_ns)),
         stream: stream.to_string(),
         start_capture_time: wall(offset, s.start_pts_ns),
         end_capture_time: wall(offset, s.end_pts_ns),
@@ -35,6 +56,7 @@ impl Worker<'_, '_> {
         };
         let name = st.name.clone();
         let offset = st.capture_offset;
+        let live = st.live.load(Ordering::Relaxed);
         for u in seg.push(probs, pts[0], pts[1]) {
             let e = match u {
                 SegmentUpdate::Started {
@@ -43,7 +65,11 @@ impl Worker<'_, '_> {
                     start_pts_ns,
                     score,
                 } => Event::SegmentStarted {
-                    event_id: format!("{name}#segment{index}"),
+                    event_id: {
+                        let id = segment_id(&name, index, live, offset, start_pts_ns);
+                        self.streams[i].segment_ids.insert(index, id.clone());
+                        id
+                    },
                     stream: name.clone(),
                     label,
                     start_pts_ns,
@@ -52,8 +78,10 @@ impl Worker<'_, '_> {
                     time: now(),
                 },
                 SegmentUpdate::Ended(s) => {
-                    self.streams[i].segments.push(s.clone());
-                    segment_ended(&name, s, offset)
+                    let st = &mut self.streams[i];
+                    st.segments.push(s.clone());
+                    let id = st.segment_ids.remove(&s.index);
+                    segment_ended(&name, s, id, live, offset)
                 }
             };
             self.write(&e)?;
@@ -71,8 +99,13 @@ impl Worker<'_, '_> {
         st.segments.extend(closed.iter().cloned());
         let name = st.name.clone();
         let offset = st.capture_offset;
-        for s in closed {
-            self.write(&segment_ended(&name, s, offset))?;
+        let live = st.live.load(Ordering::Relaxed);
+        let ids: Vec<Option<String>> = closed
+            .iter()
+            .map(|s| st.segment_ids.remove(&s.index))
+            .collect();
+        for (s, id) in closed.into_iter().zip(ids) {
+            self.write(&segment_ended(&name, s, id, live, offset))?;
         }
         Ok(())
     }

@@ -114,14 +114,16 @@ impl Worker<'_, '_> {
                 ..Default::default()
             };
         }
+        let time = now();
         let e = Event::Stats {
+            event_id: format!("stats@{time}#{}", crate::events::instance()),
             interval_s: secs,
             latency_target_ms: self.target_ms(),
             capacity: self.capacity(),
             slowdown: self.controller.as_ref().map(|c| c.slowdown.factor()),
             streams,
             total,
-            time: now(),
+            time,
         };
         self.write(&e)
     }

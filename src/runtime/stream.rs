@@ -55,6 +55,7 @@ pub(super) struct StreamCtx {
     pub(super) idx: usize,
     pub(super) name: String,
     pub(super) input: Input,
+    pub(super) origin_ns: Option<i64>,
     /// Shared with the worker: an HTTP input turns out live (or not) at its first frame.
     pub(super) live: Arc<AtomicBool>,
     pub(super) sopts: SourceOptions,
@@ -163,9 +164,11 @@ impl StreamCtx {
     }
 
     fn started(&self) {
+        let time = now();
         self.emit(Event::StreamStarted {
+            event_id: crate::events::lifecycle_id(&self.name, "stream_started", self.live(), &time),
             stream: self.name.clone(),
-            time: now(),
+            time,
             model: self.model.clone(),
             device: self.device.clone(),
             live: self.live(),
@@ -209,7 +212,7 @@ impl StreamCtx {
                     }
                     let mut last_frame_at = Instant::now();
                     let mut session_first: Option<u64> = None;
-                    let session_offset = timeline_end;
+                    let mut session_offset = timeline_end;
                     failure = loop {
                         if stop.load(Ordering::Relaxed) {
                             stop_bounded(p, self.opts.eos_timeout);
@@ -229,18 +232,31 @@ impl StreamCtx {
                                 last_frame_at = Instant::now();
                                 self.frames_seen.fetch_add(1, Ordering::Relaxed);
                                 if let Some(t0) = offline_since.take() {
+                                    let time = now();
                                     self.emit(Event::Reconnected {
+                                        event_id: crate::events::lifecycle_id(
+                                            &self.name,
+                                            "reconnected",
+                                            true,
+                                            &time,
+                                        ),
                                         stream: self.name.clone(),
                                         attempt,
                                         offline_ms: t0.elapsed().as_millis() as u64,
-                                        time: now(),
+                                        time,
                                     });
                                     attempt = 0;
                                 }
-                                // First session: the input's own PTS. After a reconnect: continue
-                                // from where the previous session ended.
+                                // First session: the input's own PTS, or the time since the
+                                // stream's origin. After a reconnect: continue from where the
+                                // previous session ended.
                                 let sent = p.sender_time_ns(f.pts_ns);
                                 let first = *session_first.get_or_insert(f.pts_ns);
+                                if last_pts.is_none() {
+                                    if let Some(o) = self.origin_ns {
+                                        session_offset = (unix_ns_now() - o).max(0) as u64;
+                                    }
+                                }
                                 let mut pts = if session_offset == 0 && last_pts.is_none() {
                                     f.pts_ns
                                 } else {

@@ -30,6 +30,8 @@ pub(super) struct StreamState {
     /// Capture time minus PTS of the latest clip that had one: segment boundaries on the
     /// wall clock.
     pub(super) capture_offset: Option<(i64, CaptureSource)>,
+    /// The ids of a live stream's open segments, fixed when each started.
+    pub(super) segment_ids: std::collections::HashMap<u64, String>,
     pub(super) interval: Interval,
 }
 
@@ -154,14 +156,17 @@ impl Worker<'_, '_> {
                 ControlError::BadInput(f) => f,
                 other => Failure::new(ErrorClass::BadUri, other.to_string(), ""),
             };
-            self.write(&Event::stream_error(&s.name, &f))?;
+            let live = Input::spec_is_live(&s.input);
+            self.write(&Event::stream_error(&s.name, &f, live))?;
             // Every stream's last event is stream_ended, even one that never started.
+            let time = now();
             self.write(&Event::StreamEnded {
+                event_id: crate::events::lifecycle_id(&s.name, "stream_ended", live, &time),
                 stream: s.name.clone(),
                 clips: 0,
                 frames: 0,
                 dropped_clips: 0,
-                time: now(),
+                time,
             })?;
             self.summary.failed.push((s.name.clone(), f));
             self.done += 1;
@@ -197,6 +202,7 @@ impl Worker<'_, '_> {
             idx: self.spawned,
             name: s.name.clone(),
             input,
+            origin_ns: s.origin_ns,
             live: live.clone(),
             sopts: self.sopts.clone(),
             spec: self.spec,
@@ -255,6 +261,7 @@ impl Worker<'_, '_> {
                 .map(|s| Segmenter::new(s, self.model.labels())),
             segments: Vec::new(),
             capture_offset: None,
+            segment_ids: Default::default(),
             interval: Interval::default(),
         });
         Ok(())
@@ -522,7 +529,12 @@ impl Worker<'_, '_> {
             let queue_ms = started.duration_since(c.arrived).as_secs_f64() * 1e3;
             let e2e = c.arrived.elapsed().as_secs_f64() * 1e3;
             let e = Event::Clip {
-                event_id: format!("{}#{}", st.name, c.clip_index),
+                event_id: match c.capture {
+                    Some((t, _)) if st.live.load(Ordering::Relaxed) => {
+                        format!("{}#clip@{t}", st.name)
+                    }
+                    _ => format!("{}#{}", st.name, c.clip_index),
+                },
                 stream: st.name.clone(),
                 clip_index: c.clip_index,
                 pts_start_ns: c.pts[0],
@@ -599,9 +611,10 @@ impl Worker<'_, '_> {
                 continue;
             }
             let (frames, dropped, error) = self.streams[i].end.take().unwrap_or((0, 0, None));
+            let live = self.streams[i].live.load(Ordering::Relaxed);
             if let Some(f) = error {
                 let name = self.streams[i].name.clone();
-                self.write(&Event::stream_error(&name, &f))?;
+                self.write(&Event::stream_error(&name, &f, live))?;
                 self.summary.failed.push((name, f));
             }
             self.close_segments(i, "stream_ended")?;
@@ -628,12 +641,14 @@ impl Worker<'_, '_> {
                     time: now(),
                 })?;
             }
+            let time = now();
             self.write(&Event::StreamEnded {
+                event_id: crate::events::lifecycle_id(&st.name, "stream_ended", live, &time),
                 stream: st.name.clone(),
                 clips: st.clips,
                 frames,
                 dropped_clips: dropped_total,
-                time: now(),
+                time,
             })?;
             if let Some(t) = &self.hooks.telemetry {
                 t.remove_stream(&st.name);
@@ -683,6 +698,9 @@ impl Worker<'_, '_> {
                 }
                 Control::Remove { id, reply } => {
                     let _ = reply.send(self.remove(&id));
+                }
+                Control::Emit(e) => {
+                    let _ = self.ev_tx.send(*e);
                 }
             }
         }

@@ -41,9 +41,11 @@ pub struct SinkSpec {
     pub subject_prefix: Option<String>,
     /// mqtt: the client id (default `mone-<name>`).
     pub client_id: Option<String>,
-    /// Undelivered events kept at most, in MiB (default 1024); newer ones are dropped, and
-    /// counted, beyond it.
+    /// Undelivered events kept at most, in MiB (default 1024).
     pub spool_max_mib: Option<f64>,
+    /// Beyond `spool_max_mib`: `drop_newest` (the default) refuses new events, `drop_oldest`
+    /// evicts the oldest undelivered ones; either way they are counted as dropped.
+    pub when_full: Option<super::spool::WhenFull>,
 }
 
 impl SinkSpec {
@@ -63,6 +65,7 @@ impl SinkSpec {
             subject_prefix: None,
             client_id: None,
             spool_max_mib: None,
+            when_full: None,
         }
     }
 

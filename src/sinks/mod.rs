@@ -37,6 +37,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "stream_error",
     "offline",
     "reconnected",
+    "stream_moved",
     "stats",
 ];
 
@@ -158,9 +159,10 @@ impl AlertSink {
         spool_root: &std::path::Path,
         deliver: Box<dyn Deliver>,
     ) -> Result<Self, SpoolError> {
-        let spool = Arc::new(Spool::open(
+        let spool = Arc::new(Spool::open_with(
             &spool_root.join(&spec.name),
             spec.spool_max_bytes(),
+            spec.when_full.unwrap_or_default(),
         )?);
         let counters = Arc::new(SinkCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -198,10 +200,12 @@ impl AlertSink {
             .is_none_or(|t| t.iter().any(|x| x == event_type))
     }
 
-    /// Events this sink has finished with (delivered or refused) since it started.
+    /// Events this sink has finished with (delivered, refused, or evicted from a full
+    /// drop-oldest spool) since it started.
     pub fn settled(&self) -> u64 {
         self.counters.delivered.load(Ordering::Relaxed)
             + self.counters.rejected.load(Ordering::Relaxed)
+            + self.spool.evicted()
     }
 
     /// Events given to this sink and not yet settled (from the counters: no file read).
@@ -221,6 +225,11 @@ impl AlertSink {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.report()
+    }
+
+    /// Its counters now.
+    pub fn report(&self) -> SinkReport {
         SinkReport {
             name: self.name.clone(),
             target: self.target.clone(),
@@ -244,6 +253,8 @@ fn deliver_loop(
     let mut pos = spool.acked();
     let mut warned = false;
     while !stop.load(Ordering::SeqCst) {
+        // A full drop-oldest spool may have evicted what this thread was retrying.
+        pos = pos.max(spool.acked());
         let first = match spool.next(pos, Duration::from_millis(200)) {
             Ok(Some(e)) => e,
             Ok(None) => continue,
@@ -360,6 +371,36 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
 }
 
 /// The pipeline's sink: the JSON Lines output plus the alert sinks.
+/// Totals over a [`Fanout`]'s sinks, read while it runs.
+#[derive(Clone)]
+pub struct SinkProbe(Vec<(Arc<Spool>, Arc<SinkCounters>)>);
+
+impl SinkProbe {
+    pub fn delivered(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(_, c)| c.delivered.load(Ordering::Relaxed))
+            .sum()
+    }
+    /// Events in the spools not yet delivered, refused or evicted.
+    pub fn pending(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(s, c)| {
+                s.appended().saturating_sub(
+                    c.delivered.load(Ordering::Relaxed)
+                        + c.rejected.load(Ordering::Relaxed)
+                        + s.evicted(),
+                )
+            })
+            .sum()
+    }
+    /// Refused or evicted because a spool was full.
+    pub fn dropped(&self) -> u64 {
+        self.0.iter().map(|(s, _)| s.dropped()).sum()
+    }
+}
+
 pub struct Fanout {
     pub primary: JsonLinesSink,
     sinks: Vec<AlertSink>,
@@ -426,6 +467,21 @@ impl Fanout {
         }
     }
 
+    /// Each sink's counters now (for metrics).
+    pub fn reports(&self) -> Vec<SinkReport> {
+        self.sinks.iter().map(AlertSink::report).collect()
+    }
+
+    /// A handle that reads the sinks' counters from another thread while this one writes.
+    pub fn probe(&self) -> SinkProbe {
+        SinkProbe(
+            self.sinks
+                .iter()
+                .map(|s| (s.spool.clone(), s.counters.clone()))
+                .collect(),
+        )
+    }
+
     /// Gives each sink up to the drain time to deliver what it holds.
     pub fn close(self) -> Vec<SinkReport> {
         let drain = self.drain;
@@ -457,7 +513,7 @@ impl EventSink for Fanout {
                     // Counted in the report; said once so a dead receiver does not flood stderr.
                     if s.spool.dropped() == 1 {
                         eprintln!(
-                            "mone: sink {}: spool full ({} undelivered events); dropping new ones",
+                            "mone: sink {}: spool full ({} undelivered events); dropping events",
                             s.name,
                             s.pending()
                         );
@@ -533,6 +589,7 @@ mod tests {
     #[test]
     fn event_type_reads_the_serialised_tag() {
         let e = Event::Reconnected {
+            event_id: "cam#reconnected@t".into(),
             stream: "cam".into(),
             attempt: 1,
             offline_ms: 5,

@@ -13,33 +13,51 @@ use super::{Deliver, DeliveryError};
 pub const EVENTS_STREAM: &str = "MONE_EVENTS";
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(30 * 60);
 
-/// A stream id as one subject token (and KV key part), reversibly: every byte outside
-/// `[A-Za-z0-9_-]` becomes `%XX` (`.`, `*`, `>` and spaces would split or match subjects).
+/// A stream id as one subject token, reversibly: every byte outside `[A-Za-z0-9_-]` becomes
+/// `%XX` (`.`, `*`, `>` and spaces would split or match subjects).
 pub fn subject_token(s: &str) -> String {
+    escape(s, b'%')
+}
+
+/// The inverse of [`subject_token`]; None for a token it cannot have written.
+pub fn from_subject_token(t: &str) -> Option<String> {
+    unescape(t, b'%')
+}
+
+/// A stream id as a KV key, reversibly: as [`subject_token`] with `=XX` (KV keys take no `%`).
+pub fn kv_key(s: &str) -> String {
+    escape(s, b'=')
+}
+
+pub fn from_kv_key(t: &str) -> Option<String> {
+    unescape(t, b'=')
+}
+
+fn escape(s: &str, esc: u8) -> String {
     if s.is_empty() {
-        return "%".into();
+        return (esc as char).to_string();
     }
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push(esc as char);
+            out.push_str(&format!("{b:02X}"));
         }
     }
     out
 }
 
-/// The inverse of [`subject_token`]; None for a token it cannot have written.
-pub fn from_subject_token(t: &str) -> Option<String> {
-    if t == "%" {
+fn unescape(t: &str, esc: u8) -> Option<String> {
+    if t.len() == 1 && t.as_bytes()[0] == esc {
         return Some(String::new());
     }
     let b = t.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' {
+        if b[i] == esc {
             let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
             out.push(u8::from_str_radix(h, 16).ok()?);
             i += 3;
@@ -52,8 +70,8 @@ pub fn from_subject_token(t: &str) -> Option<String> {
 }
 
 /// An id that names what the event describes, the same whichever worker or attempt produced
-/// it: the event's own `event_id`, else its stream and type (the per-stream events:
-/// `stream_started`, `stream_ended`, `stream_error`), else its stream, type and time.
+/// it: the event's own `event_id` (every mone event has one); for other JSON, its stream and
+/// type (the per-stream events), else its stream, type and time.
 pub fn stable_id(event: &serde_json::Value) -> String {
     if let Some(id) = event.get("event_id").and_then(|v| v.as_str()) {
         return id.to_string();
@@ -231,6 +249,15 @@ mod tests {
         }
         assert_eq!(subject_token("rtsp://cam/x"), "rtsp%3A%2F%2Fcam%2Fx");
         assert_eq!(from_subject_token("%G1"), None);
+        for s in ["door", "rtsp://u@cam:554/x?y=1", "", "a=b", "ünï%"] {
+            let k = kv_key(s);
+            assert!(
+                k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_=".contains(&b)),
+                "{k}"
+            );
+            assert_eq!(from_kv_key(&k).as_deref(), Some(s));
+        }
     }
 
     #[test]

@@ -35,15 +35,30 @@ struct State {
     /// Bytes confirmed by the receiver.
     acked: u64,
     closing: bool,
-    /// Events refused because the spool was full.
+    /// Events refused, or evicted, because the spool was full.
     dropped: u64,
+    /// Of those, evicted after they were appended.
+    evicted: u64,
     /// Events appended since open, plus those found undelivered at open.
     appended: u64,
+}
+
+/// What a full spool does with one more event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Refuse the new event (files: the worker stops taking jobs before this happens).
+    #[default]
+    DropNewest,
+    /// Evict the oldest undelivered events to make room (live streams: recent events are
+    /// worth more than stale ones).
+    DropOldest,
 }
 
 pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
+    when_full: WhenFull,
     state: Mutex<State>,
     more: Condvar,
     _lock: File,
@@ -66,6 +81,10 @@ fn io(dir: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
 impl Spool {
     /// Opens (or creates) the spool in `dir`, holding an exclusive lock on it while it lives.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
+        Self::open_with(dir, max_bytes, WhenFull::DropNewest)
+    }
+
+    pub fn open_with(dir: &Path, max_bytes: u64, when_full: WhenFull) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let lock = OpenOptions::new()
             .create(true)
@@ -105,12 +124,14 @@ impl Spool {
         let mut spool = Self {
             dir: dir.to_path_buf(),
             max_bytes,
+            when_full,
             state: Mutex::new(State {
                 file,
                 len,
                 acked,
                 closing: false,
                 dropped: 0,
+                evicted: 0,
                 appended: 0,
             }),
             more: Condvar::new(),
@@ -133,14 +154,32 @@ impl Spool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one event (a JSON line without its newline). Returns false, counting it as
-    /// dropped, when the undelivered events already fill `max_bytes`.
+    /// Appends one event (a JSON line without its newline). When the undelivered events
+    /// already fill `max_bytes`: with [`WhenFull::DropNewest`] returns false, counting it as
+    /// dropped; with [`WhenFull::DropOldest`] evicts (and counts) the oldest until it fits.
     pub fn append(&self, line: &str) -> Result<bool, SpoolError> {
         let mut st = self.lock();
         let n = line.len() as u64 + 1;
         if st.len - st.acked + n > self.max_bytes {
-            st.dropped += 1;
-            return Ok(false);
+            if self.when_full == WhenFull::DropNewest || n > self.max_bytes {
+                st.dropped += 1;
+                return Ok(false);
+            }
+            let mut r = BufReader::new(st.file.try_clone().map_err(io(&self.dir))?);
+            r.seek(SeekFrom::Start(st.acked)).map_err(io(&self.dir))?;
+            let mut skip = Vec::new();
+            while st.len - st.acked + n > self.max_bytes {
+                skip.clear();
+                let got = r.read_until(b'\n', &mut skip).map_err(io(&self.dir))?;
+                if got == 0 {
+                    break;
+                }
+                st.acked += got as u64;
+                st.dropped += 1;
+                st.evicted += 1;
+            }
+            write_atomic(&self.dir.join("acked"), st.acked.to_string().as_bytes())
+                .map_err(io(&self.dir))?;
         }
         let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line.as_bytes());
@@ -189,7 +228,8 @@ impl Spool {
     /// left. Returns the offset delivery goes on from (0 after a truncation).
     pub fn ack(&self, end: u64) -> Result<u64, SpoolError> {
         let mut st = self.lock();
-        st.acked = end.min(st.len);
+        // Never backwards: eviction may have moved past what the reader was delivering.
+        st.acked = end.min(st.len).max(st.acked);
         if st.acked == st.len && st.len >= COMPACT_BYTES {
             st.file.set_len(0).map_err(io(&self.dir))?;
             st.len = 0;
@@ -226,6 +266,10 @@ impl Spool {
 
     pub fn dropped(&self) -> u64 {
         self.lock().dropped
+    }
+
+    pub fn evicted(&self) -> u64 {
+        self.lock().evicted
     }
 
     /// Wakes a reader waiting in `next` so that it can see the spool is closing.
@@ -283,6 +327,33 @@ mod tests {
             pos = e.end;
         }
         (out, pos)
+    }
+
+    #[test]
+    fn a_full_drop_oldest_spool_evicts_the_oldest_and_a_drop_newest_one_refuses() {
+        let line = |i: usize| format!("{{\"i\":{i:03}}}");
+        // Each line is 10 bytes with its newline: 5 fit in 50.
+        let d = tmp("evict");
+        let s = Spool::open_with(&d, 50, WhenFull::DropOldest).unwrap();
+        let first = s.next(0, Duration::ZERO).unwrap();
+        assert!(first.is_none());
+        for i in 0..8 {
+            assert!(s.append(&line(i)).unwrap());
+        }
+        assert_eq!(s.dropped(), 3);
+        let (got, _) = drain(&s, s.acked());
+        assert_eq!(got, (3..8).map(line).collect::<Vec<_>>());
+        // A reader's ack from before the eviction does not move delivery backwards.
+        assert_eq!(s.ack(10).unwrap(), 30);
+        drop(s);
+        let s = Spool::open(&d, 50).unwrap();
+        assert_eq!(drain(&s, s.acked()).0, (3..8).map(line).collect::<Vec<_>>());
+        drop(s);
+        let d = tmp("refuse");
+        let s = Spool::open(&d, 50).unwrap();
+        let kept: Vec<bool> = (0..8).map(|i| s.append(&line(i)).unwrap()).collect();
+        assert_eq!(kept, [true, true, true, true, true, false, false, false]);
+        assert_eq!(drain(&s, 0).0, (0..5).map(line).collect::<Vec<_>>());
     }
 
     #[test]
