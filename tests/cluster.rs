@@ -365,26 +365,28 @@ fn holders(url: &str) -> std::collections::BTreeMap<String, Option<String>> {
         .collect()
 }
 
-fn camera_worker(url: &str, id: &str, dir: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mone"))
-        .args([
-            "worker",
-            "--nats",
-            url,
-            "--id",
-            id,
-            "--no-jobs",
-            "--lease-ttl-s",
-            "3",
-            "--model",
-        ])
-        .arg(model())
-        .arg("--spool-dir")
-        .arg(dir.join(format!("spool-{id}")))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn camera_worker(url: &str, id: &str, dir: &std::path::Path, listen: Option<&str>) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mone"));
+    c.args([
+        "worker",
+        "--nats",
+        url,
+        "--id",
+        id,
+        "--no-jobs",
+        "--lease-ttl-s",
+        "3",
+        "--model",
+    ])
+    .arg(model())
+    .arg("--spool-dir")
+    .arg(dir.join(format!("spool-{id}")))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if let Some(l) = listen {
+        c.args(["--listen", l]);
+    }
+    c.spawn().unwrap()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -427,17 +429,60 @@ fn cameras_spread_move_off_a_killed_worker_and_ride_out_a_broker_outage() {
     let o = mone(&["streams", "add", "--nats", &url, "test:live=false,frames=8"]);
     assert!(!o.status.success());
 
-    let mut a = camera_worker(&url, "a", &dir);
+    let api = format!("127.0.0.1:{}", free_port());
+    let mut a = camera_worker(&url, "a", &dir, Some(&api));
     let a_lines = lines(&mut a);
     wait_for("a to run all three", Duration::from_secs(60), || {
         holders(&url).values().all(|h| h.as_deref() == Some("a"))
     });
-    let mut b = camera_worker(&url, "b", &dir);
+    let mut b = camera_worker(&url, "b", &dir, None);
     let b_lines = lines(&mut b);
     // Spread: ceil(3 / 2) = 2 at most each.
     wait_for(
         "the cameras to spread over a and b",
         Duration::from_secs(60),
+        || {
+            let h = holders(&url);
+            let on = |w: &str| h.values().filter(|x| x.as_deref() == Some(w)).count();
+            on("a") + on("b") == 3 && on("a") <= 2 && on("b") <= 2
+        },
+    );
+    // Any worker's API manages every camera: it writes the bucket.
+    let http = reqwest::blocking::Client::new();
+    let metrics = http
+        .get(format!("http://{api}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("mone_worker_live_workers 2") && metrics.contains("mone_worker_leases "),
+        "{metrics}"
+    );
+    let r = http
+        .post(format!("http://{api}/streams"))
+        .header("content-type", "application/json")
+        .body(
+            serde_json::json!({"uri": "test:pattern=ball,fps=25,width=96,height=96", "id": "cam4"})
+                .to_string(),
+        )
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text());
+    wait_for("a worker to run cam4", Duration::from_secs(30), || {
+        holders(&url).get("cam4").is_some_and(|h| h.is_some())
+    });
+    let r = http
+        .delete(format!("http://{api}/streams/cam4"))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{:?}", r.text());
+    wait_for("cam4 to go", Duration::from_secs(30), || {
+        !holders(&url).contains_key("cam4")
+    });
+    wait_for(
+        "the cameras to settle at 2 and 1",
+        Duration::from_secs(30),
         || {
             let h = holders(&url);
             let on = |w: &str| h.values().filter(|x| x.as_deref() == Some(w)).count();

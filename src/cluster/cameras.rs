@@ -198,7 +198,12 @@ pub struct CameraOptions {
 struct Held {
     revision: u64,
     camera: Camera,
+    started: Instant,
 }
+
+/// A held camera whose stream ended for good (a `stream_error`: bad credentials, too many
+/// reconnects) is started again this long after its last start.
+const RESTART_AFTER: Duration = Duration::from_secs(30);
 
 struct Buckets {
     streams: kv::Store,
@@ -309,6 +314,14 @@ pub fn run_cameras(
     Ok(())
 }
 
+fn spec_of(cam: &Camera) -> rt::StreamSpec {
+    rt::StreamSpec {
+        name: cam.id.clone(),
+        input: cam.uri.clone(),
+        origin_ns: Some(cam.origin_ns),
+    }
+}
+
 struct Manager<'a> {
     c: &'a CameraOptions,
     b: &'a Buckets,
@@ -354,6 +367,7 @@ impl Manager<'_> {
             self.connected = false;
             self.log("the broker does not answer; keeping its cameras until it does");
         }
+        self.restart_ended();
         self.gauges
             .connected
             .store(self.connected as u64, Ordering::Relaxed);
@@ -412,6 +426,40 @@ impl Manager<'_> {
             .tokio
             .block_on(self.b.workers.put(kv_key(&me), beat.into()));
         reachable && hb.is_ok()
+    }
+
+    /// Held cameras the runtime no longer runs (their stream failed for good) start again,
+    /// with [`RESTART_AFTER`] between tries.
+    fn restart_ended(&mut self) {
+        let running: HashSet<String> = self
+            .c
+            .telemetry
+            .streams()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        let due: Vec<(String, rt::StreamSpec)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                !running.contains(&h.camera.id) && h.started.elapsed() >= RESTART_AFTER
+            })
+            .map(|(k, h)| (k.clone(), spec_of(&h.camera)))
+            .collect();
+        for (key, spec) in due {
+            let id = spec.name.clone();
+            let r = self.ask(|reply| Control::Add {
+                stream: spec,
+                reply,
+            });
+            self.log(&match r {
+                Ok(()) => format!("{id} had ended; started again"),
+                Err(e) => format!("{id} had ended and cannot start again ({e})"),
+            });
+            if let Some(h) = self.held.get_mut(&key) {
+                h.started = Instant::now();
+            }
+        }
     }
 
     fn rebalance(&mut self) -> Result<(), String> {
@@ -484,13 +532,8 @@ impl Manager<'_> {
             .ok()
             .flatten()
             .and_then(|v| serde_json::from_slice::<Placement>(&v).ok());
-        let spec = rt::StreamSpec {
-            name: cam.id.clone(),
-            input: cam.uri.clone(),
-            origin_ns: Some(cam.origin_ns),
-        };
         match self.ask(|reply| Control::Add {
-            stream: spec,
+            stream: spec_of(&cam),
             reply,
         }) {
             Ok(()) => {}
@@ -529,6 +572,7 @@ impl Manager<'_> {
             Held {
                 revision,
                 camera: cam,
+                started: Instant::now(),
             },
         );
     }
