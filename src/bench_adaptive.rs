@@ -121,7 +121,7 @@ struct Trace {
     done: Vec<(f64, f64, f64)>, // (t, latency ms, capacity)
     dropped: Vec<(f64, u64, bool)>,
     /// (phase, clip data, top-1) samples for the agreement figure.
-    samples: [Vec<(Vec<f32>, usize)>; 2],
+    samples: [Vec<(Vec<u8>, usize)>; 2],
     seen: [u64; 2],
 }
 
@@ -259,21 +259,22 @@ impl Run<'_> {
         Ok(trace)
     }
 
-    fn agreement(&self, samples: &[(Vec<f32>, usize)]) -> anyhow::Result<Option<f64>> {
+    fn agreement(&self, samples: &[(Vec<u8>, usize)]) -> anyhow::Result<Option<f64>> {
         if samples.is_empty() {
             return Ok(None);
         }
         let cfg = &self.model.config;
         let mut same = 0;
         for chunk in samples.chunks(self.a.batch) {
-            let refs: Vec<&[f32]> = chunk.iter().map(|(d, _)| d.as_slice()).collect();
-            let x = crate::tokenizer::batch(
+            let refs: Vec<&[u8]> = chunk.iter().map(|(d, _)| d.as_slice()).collect();
+            let x = crate::tokenizer::batch_u8(
                 &refs,
                 cfg.frames,
                 cfg.image_size,
                 cfg.image_size,
                 self.device,
             )?;
+            let x = crate::tokenizer::normalize(&x, cfg.mean, cfg.std, candle_core::DType::F32)?;
             let (probs, _) = self.model.classify(&x, 1.0)?;
             same += chunk
                 .iter()

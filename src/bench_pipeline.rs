@@ -67,21 +67,21 @@ pub struct PipelineBench {
 fn decode(
     input: &Input,
     sopts: &SourceOptions,
-    clips: Option<(ClipSpec, [f32; 3], [f32; 3])>,
+    clips: Option<ClipSpec>,
 ) -> anyhow::Result<(u64, f64)> {
     let t = Instant::now();
     let mut p = SourcePipeline::new(input, sopts)?;
     p.start()?;
     let mut n = 0u64;
-    let mut asm = clips.map(|(s, _, _)| ClipAssembler::new(s));
+    let mut asm = clips.map(ClipAssembler::new);
     let mut sink = 0f32;
     loop {
         match p.pull(Duration::from_millis(500)) {
             Pulled::Frame(f) => {
                 n += 1;
-                if let (Some(a), Some((_, mean, std))) = (asm.as_mut(), clips) {
+                if let Some(a) = asm.as_mut() {
                     if let Some(c) = a.push(f) {
-                        sink += crate::tokenizer::clip_to_chw(&c, mean, std)[0];
+                        sink += crate::tokenizer::clip_to_chw_u8(&c)[0] as f32;
                     }
                 }
             }
@@ -162,7 +162,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
     eprintln!("(a) decode ...");
     let (frames, t_dec) = decode(&input, &sopts, None)?;
     eprintln!("decode + clips + tokenize ...");
-    let (_, t_tok) = decode(&input, &sopts, Some((spec, cfg.mean, cfg.std)))?;
+    let (_, t_tok) = decode(&input, &sopts, Some(spec))?;
 
     eprintln!("(b) model ...");
     let x = Tensor::randn(

@@ -255,6 +255,9 @@ pub struct ControllerSettings {
     pub alpha: f64,
     /// Capacity levels the controller moves between (ascending); clipped to the bounds.
     pub levels: Vec<f64>,
+    /// A level is used only if the profile predicts it at least this much faster than the
+    /// next level up at the batch size in use (see [`useful_levels`]).
+    pub min_gain: f64,
 }
 
 impl Default for ControllerSettings {
@@ -273,6 +276,7 @@ impl Default for ControllerSettings {
             levels: vec![
                 0.125, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
             ],
+            min_gain: 0.03,
         }
     }
 }
@@ -322,8 +326,39 @@ impl ControllerSettings {
         if self.max_batch == 0 {
             return bad("max_batch must be at least 1".into());
         }
+        if !(self.min_gain >= 0.0 && self.min_gain < 1.0) {
+            return bad(format!("min_gain must be in [0, 1), got {}", self.min_gain));
+        }
         Ok(())
     }
+}
+
+/// The levels worth moving between: from the top down, a level is kept only if `profile`
+/// predicts it at least `min_gain` faster than the last level kept, at `batch` clips. A lower
+/// capacity that is not faster (a V-MoE, whose compute does not depend on it; MoNE on a device
+/// where the narrow GEMMs do not pay at this batch size) would lose accuracy and buy no time:
+/// the controller then holds the target with batch sizes and shedding alone. Returns (kept,
+/// left out), both ascending; the top level is always kept.
+pub fn useful_levels(
+    levels: &[f64],
+    profile: &LatencyProfile,
+    batch: usize,
+    min_gain: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut kept, mut left) = (Vec::new(), Vec::new());
+    let mut last = f64::INFINITY;
+    for &c in levels.iter().rev() {
+        let t = profile.predict(c, batch);
+        if kept.is_empty() || t <= last * (1.0 - min_gain) {
+            kept.push(c);
+            last = t;
+        } else {
+            left.push(c);
+        }
+    }
+    kept.reverse();
+    left.reverse();
+    (kept, left)
 }
 
 /// One batch's decision.
@@ -361,6 +396,8 @@ pub struct Controller {
     pub switches: u64,
     /// Clips arriving per millisecond (all streams), when known.
     arrival_rate: Option<f64>,
+    /// Levels the profile says buy no time at the batch size in use ([`useful_levels`]).
+    pub unused_levels: Vec<f64>,
 }
 
 impl Controller {
@@ -370,7 +407,12 @@ impl Controller {
     ) -> Result<Self, ControllerError> {
         settings.validate()?;
         profile.validate()?;
-        let levels = settings.effective_levels();
+        let (levels, unused_levels) = useful_levels(
+            &settings.effective_levels(),
+            &profile,
+            settings.max_batch,
+            settings.min_gain,
+        );
         let z = normal_quantile(settings.percentile / 100.0);
         let level = levels.len() - 1;
         let alpha = settings.alpha;
@@ -391,6 +433,7 @@ impl Controller {
             shed: 0,
             switches: 0,
             arrival_rate: None,
+            unused_levels,
         })
     }
 
@@ -646,7 +689,25 @@ mod tests {
         step_at_ms: f64,
         step: f64,
     ) -> SimResult {
-        let (a, b) = (2.0, 1.0);
+        simulate_on(
+            ctl,
+            &|c, n| 2.0 + c * n as f64,
+            gap_ms,
+            total_ms,
+            step_at_ms,
+            step,
+        )
+    }
+
+    /// [`simulate`] on a device whose batch of n clips at capacity c takes `cost(c, n)` ms.
+    fn simulate_on(
+        ctl: &mut Controller,
+        cost: &dyn Fn(f64, usize) -> f64,
+        gap_ms: f64,
+        total_ms: f64,
+        step_at_ms: f64,
+        step: f64,
+    ) -> SimResult {
         let mut rng = crate::dataset::Rng::new(7);
         let arrivals: Vec<f64> = (0..)
             .map(|i| i as f64 * gap_ms)
@@ -680,7 +741,7 @@ mod tests {
             let ids: Vec<usize> = queue.drain(..p.batch).collect();
             let slow = if now >= step_at_ms { step } else { 1.0 };
             let noise = 1.0 + 0.1 * (rng.f() as f64 - 0.5);
-            let took = (a + b * p.capacity * p.batch as f64) * slow * noise;
+            let took = cost(p.capacity, p.batch) * slow * noise;
             batches.push((now, p.capacity));
             now += took;
             ctl.observe(p.capacity, p.batch, took);
@@ -764,6 +825,7 @@ mod tests {
         assert!(bad(|s| s.max_capacity = 1.5));
         assert!(bad(|s| s.percentile = 100.0));
         assert!(bad(|s| s.max_batch = 0));
+        assert!(bad(|s| s.min_gain = 1.0));
         assert!(!bad(|_| {}));
     }
 
@@ -879,6 +941,68 @@ mod tests {
         let r = simulate(&mut ctl, 0.5, 1000.0, 0.0, 1.0);
         assert!(r.batches.iter().all(|(_, c)| *c == 0.5));
         assert!(r.clips.iter().all(|(_, l)| l.is_some()));
+    }
+
+    /// A profile where capacity buys nothing at large batches: `a + b n` ms whatever the
+    /// capacity, except that at batch 1 the lower capacities are a little faster (the GPU
+    /// case: MoNE's gather/scatter eats the narrow GEMMs' savings once batches are big).
+    fn flat_profile() -> LatencyProfile {
+        let mut p = profile(2.0, 1.0);
+        p.ms = p
+            .capacities
+            .iter()
+            .map(|c| {
+                p.batches
+                    .iter()
+                    .map(|&n| if n == 1 { 2.0 + c } else { 2.0 + n as f64 })
+                    .collect()
+            })
+            .collect();
+        p
+    }
+
+    #[test]
+    fn levels_that_are_not_faster_are_left_out() {
+        let levels = [0.125, 0.25, 0.5, 0.75, 1.0];
+        // Linear in capacity: every level pays.
+        let (kept, left) = useful_levels(&levels, &profile(2.0, 1.0), 16, 0.03);
+        assert_eq!((kept.as_slice(), left.len()), (&levels[..], 0));
+        // Flat at batch 16: only the top is worth anything; at batch 1 every level is faster.
+        let (kept, left) = useful_levels(&levels, &flat_profile(), 16, 0.03);
+        assert_eq!(kept, [1.0]);
+        assert_eq!(left, [0.125, 0.25, 0.5, 0.75]);
+        assert_eq!(useful_levels(&levels, &flat_profile(), 1, 0.03).0.len(), 5);
+        // 0.25 slower than 0.5 (as MoNE at e_c 0.3 was on an H100): dropped, 0.125 kept.
+        let mut p = profile(2.0, 1.0);
+        p.ms[1] = p.ms[2].iter().map(|t| t * 1.1).collect();
+        let (kept, left) = useful_levels(&levels, &p, 16, 0.03);
+        assert_eq!(kept, [0.125, 0.5, 0.75, 1.0]);
+        assert_eq!(left, [0.25]);
+    }
+
+    /// On a device where capacity buys nothing, an overloaded live controller keeps full
+    /// capacity (no accuracy thrown away) and holds the target for the clips it runs by
+    /// batching and shedding.
+    #[test]
+    fn on_a_flat_profile_it_keeps_capacity_and_sheds_instead() {
+        let flat = |_: f64, n: usize| 2.0 + n as f64;
+        let mut ctl = Controller::new(settings(true), flat_profile()).unwrap();
+        assert_eq!(ctl.levels(), [1.0]);
+        // A clip every 0.5 ms against at most 16 / 18 ms = 0.89 clips/ms: overloaded.
+        let r = simulate_on(&mut ctl, &flat, 0.5, 2000.0, 0.0, 1.0);
+        assert!(r.batches.iter().all(|(_, c)| *c == 1.0));
+        let shed = r.clips.iter().filter(|(_, l)| l.is_none()).count();
+        assert!(shed > 0 && ctl.shed as usize == shed);
+        let ran: Vec<f64> = r.clips.iter().filter_map(|(_, l)| *l).collect();
+        let late = ran.iter().filter(|l| **l > 40.0).count();
+        assert!(late * 100 <= ran.len(), "{late} of {} late", ran.len());
+        // Batches run full: throughput is what batching can give.
+        let mean = r.batches.len() as f64;
+        assert!(
+            ran.len() as f64 / mean > 12.0,
+            "{} clips per batch",
+            ran.len() as f64 / mean
+        );
     }
 
     #[test]

@@ -1,6 +1,10 @@
-//! Clips to the model's input: normalised (C, T, H, W) f32, stacked into (B, C, T, H, W).
+//! Clips to the model's input. The pipeline keeps a clip as raw (C, T, H, W) u8 until its
+//! batch reaches the device ([`clip_to_chw_u8`], [`batch_u8`]): a quarter of f32's bytes in the
+//! queues and the upload. [`normalize`] then runs on the device just before the forward.
+//! Training, `mone infer` and the parity checks build normalised f32 batches directly
+//! ([`clip_to_chw`], [`frames_batch`]); both give the same values.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::clip::Clip;
 
@@ -56,6 +60,54 @@ pub fn frames_batch(
     Tensor::from_vec(data, (clips.len(), 3, t, size, size), device)
 }
 
+/// A clip's raw RGB laid out (C, T, H, W), not normalised.
+pub fn clip_to_chw_u8(clip: &Clip) -> Vec<u8> {
+    let t = clip.frames.len();
+    let plane = clip.frames.first().map_or(0, |f| f.height * f.width);
+    let mut out = vec![0u8; 3 * t * plane];
+    for (ti, f) in clip.frames.iter().enumerate() {
+        for (p, px) in f.rgb.chunks_exact(3).take(plane).enumerate() {
+            for c in 0..3 {
+                out[(c * t + ti) * plane + p] = px[c];
+            }
+        }
+    }
+    out
+}
+
+/// Stack raw (C, T, H, W) clips into one (B, C, T, H, W) u8 tensor on `device`.
+pub fn batch_u8(clips: &[&[u8]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+    let per = 3 * t * h * w;
+    let mut data = Vec::with_capacity(per * clips.len());
+    for c in clips {
+        if c.len() != per {
+            candle_core::bail!(
+                "clip has {} values, expected {per} for (3, {t}, {h}, {w})",
+                c.len()
+            );
+        }
+        data.extend_from_slice(c);
+    }
+    Tensor::from_vec(data, (clips.len(), 3, t, h, w), device)
+}
+
+/// (x / 255 - mean) / std per channel of a (B, 3, ...) u8 tensor, as `dtype`, where `x` is.
+pub fn normalize(x: &Tensor, mean: [f32; 3], std: [f32; 3], dtype: DType) -> Result<Tensor> {
+    let mut shape = vec![1usize; x.rank()];
+    if shape.len() < 2 {
+        candle_core::bail!("normalize wants (B, 3, ...), got {:?}", x.dims());
+    }
+    shape[1] = 3;
+    let scale: Vec<f32> = (0..3).map(|c| 1.0 / (255.0 * std[c])).collect();
+    let shift: Vec<f32> = (0..3).map(|c| mean[c] / std[c]).collect();
+    let scale = Tensor::from_vec(scale, shape.as_slice(), x.device())?;
+    let shift = Tensor::from_vec(shift, shape.as_slice(), x.device())?;
+    x.to_dtype(DType::F32)?
+        .broadcast_mul(&scale)?
+        .broadcast_sub(&shift)?
+        .to_dtype(dtype)
+}
+
 /// Stack tokenised clips of shape (C, T, H, W) into one (B, C, T, H, W) tensor.
 pub fn batch(clips: &[&[f32]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
     let per = 3 * t * h * w;
@@ -103,5 +155,58 @@ mod tests {
         let t = batch(&[&x, &x], 2, 1, 2, &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[2, 3, 2, 1, 2]);
         assert!(batch(&[&x[..5]], 2, 1, 2, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn the_u8_path_equals_the_f32_path() {
+        // Two 3-frame 5x4 clips of varied pixels, and the model's usual and unusual stats.
+        let clip = |seed: u64| {
+            let mut r = crate::dataset::Rng::new(seed);
+            Clip {
+                index: 0,
+                frames: (0..3)
+                    .map(|i| Frame {
+                        rgb: Arc::new((0..5 * 4 * 3).map(|_| r.below(256) as u8).collect()),
+                        width: 5,
+                        height: 4,
+                        index: i,
+                        pts_ns: 0,
+                        duration_ns: 0,
+                    })
+                    .collect(),
+                padded: 0,
+            }
+        };
+        let clips = [clip(1), clip(2)];
+        for (mean, std) in [
+            ([0.5; 3], [0.5; 3]),
+            ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ] {
+            let f: Vec<Vec<f32>> = clips.iter().map(|c| clip_to_chw(c, mean, std)).collect();
+            let u: Vec<Vec<u8>> = clips.iter().map(clip_to_chw_u8).collect();
+            let fr: Vec<&[f32]> = f.iter().map(|v| v.as_slice()).collect();
+            let ur: Vec<&[u8]> = u.iter().map(|v| v.as_slice()).collect();
+            let want = batch(&fr, 3, 4, 5, &Device::Cpu).unwrap();
+            let got = normalize(
+                &batch_u8(&ur, 3, 4, 5, &Device::Cpu).unwrap(),
+                mean,
+                std,
+                DType::F32,
+            )
+            .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "max difference {d}");
+        }
+        assert!(batch_u8(&[&[0u8; 7]], 3, 4, 5, &Device::Cpu).is_err());
     }
 }

@@ -264,7 +264,6 @@ pub(crate) fn add_controller(
         // A V-MoE costs the same at any capacity: the controller only sizes batches and
         // sheds, at full capacity.
         eprintln!("mone: {} is a V-MoE (fixed compute per clip): the controller holds the target with batch size and shedding only", model_dir.display());
-        settings.adaptive = false;
         settings.min_capacity = 1.0;
         settings.max_capacity = 1.0;
     }
@@ -283,6 +282,15 @@ pub(crate) fn add_controller(
         profile.predict(settings.min_capacity, opts.batch),
         settings.min_capacity,
     );
+    let (_, unused) =
+        crate::controller::useful_levels(&levels, &profile, opts.batch, settings.min_gain);
+    if !unused.is_empty() {
+        eprintln!(
+            "mone: capacities {unused:?} are not at least {:.0}% faster than the next one up at batch {} on this device: the controller leaves them out (lower accuracy for no time)",
+            settings.min_gain * 100.0,
+            opts.batch
+        );
+    }
     opts.controller = Some(runtime::ControlOptions { settings, profile });
     Ok(())
 }

@@ -298,8 +298,8 @@ pub enum ClipOutcome<'a> {
     Classified {
         stream: &'a str,
         clip_index: u64,
-        /// The normalised (C, T, H, W) clip the model saw.
-        data: &'a [f32],
+        /// The raw (C, T, H, W) clip the model saw, before normalisation.
+        data: &'a [u8],
         probs: &'a [f32],
         capacity: f64,
         /// Last frame in to event written.

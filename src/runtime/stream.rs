@@ -35,7 +35,8 @@ pub(super) struct ClipMsg {
     pub(super) frames: [u64; 2],
     pub(super) padded: usize,
     pub(super) pts: [u64; 2],
-    pub(super) data: Vec<f32>,
+    /// Raw (C, T, H, W) RGB: normalised on the device with its batch.
+    pub(super) data: Vec<u8>,
     /// When the clip's last frame was pulled from the source: latency runs from here.
     pub(super) arrived: Instant,
     /// When its first frame was captured (Unix nanoseconds), and how that is known.
@@ -60,8 +61,6 @@ pub(super) struct StreamCtx {
     pub(super) live: Arc<AtomicBool>,
     pub(super) sopts: SourceOptions,
     pub(super) spec: ClipSpec,
-    pub(super) mean: [f32; 3],
-    pub(super) std: [f32; 3],
     pub(super) opts: RuntimeOptions,
     pub(super) tx: Sender<StreamMsg>,
     /// A second handle on the stream's own queue, to drop its oldest clip in live mode.
@@ -131,7 +130,7 @@ impl StreamCtx {
             frames: [clip.first_frame(), clip.last_frame()],
             padded: clip.padded,
             pts: [clip.pts_start_ns(), clip.pts_end_ns()],
-            data: tokenizer::clip_to_chw(&clip, self.mean, self.std),
+            data: tokenizer::clip_to_chw_u8(&clip),
             arrived,
             capture,
         });

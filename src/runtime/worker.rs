@@ -206,8 +206,6 @@ impl Worker<'_, '_> {
             live: live.clone(),
             sopts: self.sopts.clone(),
             spec: self.spec,
-            mean: cfg.mean,
-            std: cfg.std,
             opts: self.opts.clone(),
             tx,
             oldest: rx.clone(),
@@ -507,8 +505,9 @@ impl Worker<'_, '_> {
         let started = Instant::now();
         let cfg = self.model.config();
         let (t, hw) = (cfg.frames, cfg.image_size);
-        let refs: Vec<&[f32]> = batch.iter().map(|(_, c)| c.data.as_slice()).collect();
-        let x = tokenizer::batch(&refs, t, hw, hw, self.device)?;
+        let refs: Vec<&[u8]> = batch.iter().map(|(_, c)| c.data.as_slice()).collect();
+        let x = tokenizer::batch_u8(&refs, t, hw, hw, self.device)?;
+        let x = tokenizer::normalize(&x, cfg.mean, cfg.std, candle_core::DType::F32)?;
         let Classified {
             probs,
             capacity: caps,
