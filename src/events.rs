@@ -291,6 +291,23 @@ impl Event {
             time,
         }
     }
+    /// The stream an event is about (None for `stats`).
+    pub fn stream(&self) -> Option<&str> {
+        match self {
+            Event::StreamStarted { stream, .. }
+            | Event::Clip { stream, .. }
+            | Event::Video { stream, .. }
+            | Event::SegmentStarted { stream, .. }
+            | Event::SegmentEnded { stream, .. }
+            | Event::StreamEnded { stream, .. }
+            | Event::StreamError { stream, .. }
+            | Event::Offline { stream, .. }
+            | Event::Reconnected { stream, .. }
+            | Event::StreamMoved { stream, .. } => Some(stream),
+            Event::Stats { .. } => None,
+        }
+    }
+
     /// The id every event carries.
     pub fn event_id(&self) -> &str {
         match self {

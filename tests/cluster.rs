@@ -636,3 +636,73 @@ fn cameras_spread_move_off_a_killed_worker_and_ride_out_a_broker_outage() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM mid-file: the worker gives its unfinished jobs back at once, and publishes nothing
+/// of them that would stand in for the redone file's events (a `video` of the clips so far
+/// carries the same id as the complete one, which de-duplication would then drop).
+#[test]
+fn a_stopped_worker_gives_unfinished_files_back_and_their_events_stay_whole() {
+    let dir = tmpdir("sigterm");
+    let port = free_port();
+    let _server = Server::start(port, &dir.join("store"));
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut files = Vec::new();
+    for i in 0..2 {
+        let p = dir.join(format!("long{i}.mp4"));
+        mone::source::write_test_video(&p, "ball", 4000, 16, 96, 96, "mp4").unwrap();
+        files.push(p.display().to_string());
+    }
+    let o = mone(
+        &[
+            &["submit", "--nats", &url][..],
+            &files.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut a = worker(&url, "a", &dir, false);
+    let a_lines = lines(&mut a);
+    let mut started = 0;
+    let mut log = Vec::new();
+    while started < 2 {
+        let l = a_lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{log:#?}"));
+        started += l.contains("(attempt 1)") as usize;
+        log.push(l);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling a child this test started.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    assert!(a.wait().unwrap().success());
+    log.extend(a_lines.try_iter());
+    let given_back = log.iter().filter(|l| l.contains("given back")).count();
+    assert!(given_back > 0, "both files ended before the stop: {log:#?}");
+
+    let mut b = worker(&url, "b", &dir, true);
+    assert!(b.wait().unwrap().success());
+    let ev = all_events(&url);
+    for f in &files {
+        let clips = ev
+            .iter()
+            .filter(|e| e["type"] == "clip" && e["stream"] == f.as_str())
+            .count() as u64;
+        assert_eq!(clips, 250, "{f}: 4000 frames make 250 clips of 16");
+        let videos: Vec<&serde_json::Value> = ev
+            .iter()
+            .filter(|e| e["type"] == "video" && e["stream"] == f.as_str())
+            .collect();
+        assert_eq!(videos.len(), 1, "{f}");
+        assert_eq!(
+            videos[0]["clips"], clips,
+            "{f}: the video event covers the whole file"
+        );
+        let ended: Vec<&serde_json::Value> = ev
+            .iter()
+            .filter(|e| e["type"] == "stream_ended" && e["stream"] == f.as_str())
+            .collect();
+        assert_eq!(ended.len(), 1, "{f}");
+        assert_eq!(ended[0]["clips"], clips, "{f}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -59,6 +59,10 @@ pub struct WorkerArgs {
     /// Pull no file jobs (cameras only).
     #[arg(long)]
     pub no_jobs: bool,
+    /// Files run at once, their clips batched together (default: as `mone classify`: two per
+    /// core, at most 16, within the memory available).
+    #[arg(long)]
+    pub jobs: Option<usize>,
     /// Seconds a job may go unconfirmed before the server gives it to another worker (this
     /// worker sends in-progress acks every third of it while it works).
     #[arg(long, default_value_t = 30.0)]
@@ -137,6 +141,9 @@ pub fn worker(a: &WorkerArgs) -> anyhow::Result<i32> {
     }
     if !(a.lease_ttl_s.is_finite() && a.lease_ttl_s >= 1.0) {
         anyhow::bail!("--lease-ttl-s must be at least 1");
+    }
+    if a.jobs == Some(0) {
+        anyhow::bail!("--jobs must be at least 1");
     }
     if a.no_jobs && a.max_streams == 0 {
         anyhow::bail!("--no-jobs with --max-streams 0 leaves this worker nothing to do");
@@ -222,6 +229,7 @@ pub fn worker(a: &WorkerArgs) -> anyhow::Result<i32> {
         spool_root,
         id,
         gauges: gauges.clone(),
+        jobs: a.jobs.unwrap_or_else(|| super::default_jobs().0),
     };
     let (jobs_r, cams_r) = std::thread::scope(|s| {
         let cameras = (a.max_streams > 0).then(|| {

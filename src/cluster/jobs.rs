@@ -5,6 +5,7 @@
 //! the events the dead worker did publish come again with the same ids and are dropped by
 //! the events stream's de-duplication.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::{
     connect, jobs_consumer, jobs_stream, runtime, ClusterError, EVENTS_PREFIX, JOBS_SUBJECT,
 };
-use crate::events::JsonLinesSink;
-use crate::runtime::{self as rt, Classifier, Hooks, RuntimeOptions, StreamSpec};
+use crate::events::{Event, EventSink, JsonLinesSink};
+use crate::runtime::{
+    self as rt, Classifier, Control, ControlError, Hooks, RuntimeOptions, StreamSpec,
+};
 use crate::sinks::{Fanout, SinkKind, SinkSpec};
 
 /// One file to classify: a URI every worker can read, and the stream id its events carry.
@@ -92,6 +95,8 @@ pub struct WorkerOptions {
     /// The nats sink's spool (events wait there while the server is away).
     pub spool_root: PathBuf,
     pub gauges: Arc<super::Gauges>,
+    /// Files run at once (their clips share batches).
+    pub jobs: usize,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -101,7 +106,70 @@ pub struct WorkerReport {
     pub redelivered: u64,
 }
 
-/// Pulls and runs jobs until `stop` (or, with `until_idle`, until none is left).
+/// Passes events to the fanout and notes, when a stream's `stream_ended` is written, how many
+/// events each sink had been given by then: once they have all settled, so has every event of
+/// that stream (spools deliver in order).
+struct Marking<'a> {
+    inner: &'a mut Fanout,
+    failed: HashSet<String>,
+    ended: crossbeam_channel::Sender<Ended>,
+    /// Jobs given back unfinished: what the runtime still writes of them (a `video` of the
+    /// clips so far, a `stream_ended`) is not published, since the redone job's complete
+    /// events carry the same ids and would be dropped as their duplicates.
+    abandoned: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+struct Ended {
+    stream: String,
+    mark: Vec<u64>,
+    clips: u64,
+    failed: bool,
+}
+
+impl EventSink for Marking<'_> {
+    fn write(&mut self, e: &Event) -> std::io::Result<()> {
+        if let Some(stream) = e.stream() {
+            let gone = self
+                .abandoned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(stream);
+            if gone {
+                return Ok(());
+            }
+        }
+        self.inner.write(e)?;
+        match e {
+            Event::StreamError { stream, .. } => {
+                self.failed.insert(stream.clone());
+            }
+            Event::StreamEnded { stream, clips, .. } => {
+                let _ = self.ended.send(Ended {
+                    stream: stream.clone(),
+                    mark: self.inner.mark(),
+                    clips: *clips,
+                    failed: self.failed.remove(stream),
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    fn written(&self) -> u64 {
+        self.inner.written()
+    }
+}
+
+/// A job this worker holds.
+struct Held {
+    msg: jetstream::Message,
+    last_progress: Instant,
+    ended: Option<Ended>,
+}
+
+/// Pulls jobs and runs up to `w.jobs` files at once through one runtime (their clips share
+/// batches), until `stop` (or, with `until_idle`, until none is left). Each job gets
+/// in-progress acks while it runs and is acked once every one of its events is confirmed.
 pub fn work(
     model: &dyn Classifier,
     model_name: &str,
@@ -125,32 +193,132 @@ pub fn work(
         Duration::from_secs(30),
     )
     .map_err(|e| ClusterError::Other(e.to_string()))?;
-    let mut report = WorkerReport::default();
     let probe = fanout.probe();
-    let g = &w.gauges;
-    let update = |report: &WorkerReport| {
-        g.jobs_done.store(report.jobs, Ordering::Relaxed);
-        g.jobs_failed.store(report.failed, Ordering::Relaxed);
-        g.jobs_redelivered
-            .store(report.redelivered, Ordering::Relaxed);
-        g.job_published.store(probe.delivered(), Ordering::Relaxed);
-        g.job_spooled.store(probe.pending(), Ordering::Relaxed);
-        g.job_dropped.store(probe.dropped(), Ordering::Relaxed);
-        let mut c = consumer.clone();
-        if let Ok(i) = rt.block_on(c.info()) {
-            g.jobs_queued.store(i.num_pending, Ordering::Relaxed);
-        }
-    };
+    let mut report = WorkerReport::default();
+    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded::<Control>();
+    let (end_tx, end_rx) = crossbeam_channel::unbounded::<Ended>();
+    let run_stop = Arc::new(AtomicBool::new(false));
+    let abandoned = Arc::new(std::sync::Mutex::new(HashSet::new()));
     eprintln!(
-        "mone worker {}: pulling jobs from {}",
+        "mone worker {}: pulling jobs from {} ({} files at once)",
         w.id,
-        crate::events::redact(&w.url)
+        crate::events::redact(&w.url),
+        w.jobs
     );
+    let result = std::thread::scope(|s| {
+        let runner = {
+            let run_stop = run_stop.clone();
+            let fanout = &mut fanout;
+            let abandoned = abandoned.clone();
+            s.spawn(move || {
+                let mut sink = Marking {
+                    inner: fanout,
+                    failed: HashSet::new(),
+                    ended: end_tx,
+                    abandoned,
+                };
+                let mut hooks = Hooks::new(run_stop);
+                hooks.control = Some(ctl_rx);
+                rt::run(model, model_name, device, &[], opts, &mut sink, hooks)
+            })
+        };
+        let r = pull_loop(
+            w,
+            &rt,
+            &consumer,
+            &ctl_tx,
+            &end_rx,
+            &probe,
+            &stop,
+            &abandoned,
+            &mut report,
+        );
+        run_stop.store(true, Ordering::SeqCst);
+        match runner.join() {
+            Ok(Err(e)) => eprintln!("mone worker {}: file jobs: {e}", w.id),
+            Err(_) => eprintln!("mone worker {}: the job runtime panicked", w.id),
+            Ok(Ok(_)) => {}
+        }
+        r
+    });
+    crate::sinks::print_reports(&fanout.close());
+    result.map(|()| report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pull_loop(
+    w: &WorkerOptions,
+    rt: &tokio::runtime::Runtime,
+    consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    ctl: &crossbeam_channel::Sender<Control>,
+    ended: &crossbeam_channel::Receiver<Ended>,
+    probe: &crate::sinks::SinkProbe,
+    stop: &AtomicBool,
+    abandoned: &std::sync::Mutex<HashSet<String>>,
+    report: &mut WorkerReport,
+) -> Result<(), ClusterError> {
+    let g = &w.gauges;
+    let mut held: HashMap<String, Held> = HashMap::new();
     let mut held_back = false;
+    let mut last_info = Instant::now() - Duration::from_secs(1);
     while !stop.load(Ordering::SeqCst) {
-        update(&report);
+        for e in ended.try_iter() {
+            if let Some(h) = held.get_mut(&e.stream) {
+                h.ended = Some(e);
+            }
+        }
+        // Settled jobs are acked; the others are kept alive.
+        let settled = probe.settled();
+        let done: Vec<String> = held
+            .iter()
+            .filter(|(_, h)| {
+                h.ended
+                    .as_ref()
+                    .is_some_and(|e| settled.iter().zip(&e.mark).all(|(s, m)| s >= m))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in done {
+            let Some(h) = held.remove(&id) else { continue };
+            let e = h.ended.as_ref().map_or((0, false), |e| (e.clips, e.failed));
+            report.jobs += 1;
+            // A bad input's stream_error is published; running it again would fail the same way.
+            report.failed += e.1 as u64;
+            match rt.block_on(h.msg.double_ack()) {
+                Ok(()) => eprintln!(
+                    "mone worker {}: job {id} done ({} clips{})",
+                    w.id,
+                    e.0,
+                    if e.1 { ", failed" } else { "" }
+                ),
+                Err(err) => eprintln!(
+                    "mone worker {}: job {id} done but its ack failed ({err}); it will be redone",
+                    w.id
+                ),
+            }
+        }
+        for h in held.values_mut() {
+            if h.last_progress.elapsed() >= w.ack_wait / 3 {
+                let _ = rt.block_on(h.msg.ack_with(AckKind::Progress));
+                h.last_progress = Instant::now();
+            }
+        }
+        if last_info.elapsed() >= Duration::from_secs(1) {
+            last_info = Instant::now();
+            g.jobs_done.store(report.jobs, Ordering::Relaxed);
+            g.jobs_failed.store(report.failed, Ordering::Relaxed);
+            g.jobs_redelivered
+                .store(report.redelivered, Ordering::Relaxed);
+            g.job_published.store(probe.delivered(), Ordering::Relaxed);
+            g.job_spooled.store(probe.pending(), Ordering::Relaxed);
+            g.job_dropped.store(probe.dropped(), Ordering::Relaxed);
+            let mut c = consumer.clone();
+            if let Ok(i) = rt.block_on(c.info()) {
+                g.jobs_queued.store(i.num_pending, Ordering::Relaxed);
+            }
+        }
         // Backpressure: while the server does not take the events, take no new work.
-        if fanout.fill() > SPOOL_HIGH {
+        if probe.fill() > SPOOL_HIGH {
             if !held_back {
                 eprintln!(
                     "mone worker {}: the event spool is over {:.0}% full; no new jobs until it drains",
@@ -163,11 +331,21 @@ pub fn work(
             continue;
         }
         held_back = false;
+        if held.len() >= w.jobs {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        // Short waits while jobs run, so that their acks are not held up.
+        let wait = if held.is_empty() {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(200)
+        };
         let next = rt.block_on(async {
             let mut batch = consumer
                 .fetch()
                 .max_messages(1)
-                .expires(Duration::from_secs(1))
+                .expires(wait)
                 .messages()
                 .await
                 .map_err(|e| ClusterError::Nats(e.to_string()))?;
@@ -179,7 +357,7 @@ pub fn work(
         let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => {
-                if w.until_idle && idle(&rt, &consumer) {
+                if w.until_idle && held.is_empty() && idle(rt, consumer) {
                     break;
                 }
                 continue;
@@ -202,91 +380,100 @@ pub fn work(
                 continue;
             }
         };
+        if held.contains_key(&job.id) {
+            // The same file again while it runs here (its ack wait ran out): it is still
+            // being done; the copy goes back.
+            let _ = rt.block_on(msg.ack_with(AckKind::Nak(Some(w.ack_wait))));
+            continue;
+        }
         if attempt > 1 {
             report.redelivered += 1;
         }
         eprintln!("mone worker {}: job {} (attempt {attempt})", w.id, job.id);
-        let done = AtomicBool::new(false);
-        let outcome = std::thread::scope(|s| {
-            // In-progress acks well inside the ack wait, until the job is settled.
-            s.spawn(|| {
-                let every = w.ack_wait / 3;
-                let mut last = Instant::now();
-                while !done.load(Ordering::SeqCst) {
-                    if last.elapsed() >= every {
-                        let _ = rt.handle().block_on(msg.ack_with(AckKind::Progress));
-                        last = Instant::now();
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
-            let spec = StreamSpec {
-                name: job.id.clone(),
-                input: job.uri.clone(),
-                origin_ns: None,
-            };
-            let r = rt::run(
-                model,
-                model_name,
-                device,
-                &[spec],
-                opts,
-                &mut fanout,
-                Hooks::new(stop.clone()),
-            );
-            let mark = fanout.mark();
-            // Stopping mid-job: what was not confirmed is redone elsewhere.
-            let settled = loop {
-                if fanout.wait_settled(&mark, Duration::from_millis(500)) {
-                    break true;
-                }
-                if stop.load(Ordering::SeqCst)
-                    && !fanout.wait_settled(&mark, Duration::from_secs(5))
-                {
-                    break false;
-                }
-            };
-            done.store(true, Ordering::SeqCst);
-            (r, settled)
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let spec = StreamSpec {
+            name: job.id.clone(),
+            input: job.uri.clone(),
+            origin_ns: None,
+        };
+        let _ = ctl.send(Control::Add {
+            stream: spec,
+            reply: tx,
         });
-        match outcome {
-            // A stop mid-file leaves the file partly classified: its job goes back to the queue.
-            (Ok(summary), true) if !stop.load(Ordering::SeqCst) => {
-                report.jobs += 1;
-                if !summary.failed.is_empty() {
-                    // The input itself is bad: its stream_error is published, and running it
-                    // again elsewhere would fail the same way.
-                    report.failed += 1;
-                }
-                match rt.block_on(msg.double_ack()) {
-                    Ok(()) => eprintln!(
-                        "mone worker {}: job {} done ({} clips{})",
-                        w.id,
-                        job.id,
-                        summary.clips,
-                        if summary.failed.is_empty() {
-                            ""
-                        } else {
-                            ", failed"
-                        }
-                    ),
-                    Err(e) => eprintln!(
-                        "mone worker {}: job {} done but its ack failed ({e}); it will be redone",
-                        w.id, job.id
-                    ),
-                }
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => {}
+            Ok(Err(ControlError::BadInput(f))) => {
+                // Published like any stream's failure, and the job settles with it.
+                let time = crate::events::now();
+                let _ = ctl.send(Control::Emit(Box::new(Event::stream_error(
+                    &job.id, &f, false,
+                ))));
+                let _ = ctl.send(Control::Emit(Box::new(Event::StreamEnded {
+                    event_id: crate::events::lifecycle_id(&job.id, "stream_ended", false, &time),
+                    stream: job.id.clone(),
+                    clips: 0,
+                    frames: 0,
+                    dropped_clips: 0,
+                    time,
+                })));
             }
-            (r, _) => {
-                if let Err(e) = &r {
-                    eprintln!("mone worker {}: job {}: {e}", w.id, job.id);
-                }
-                // Give it back at once rather than after the ack wait.
+            other => {
+                eprintln!(
+                    "mone worker {}: job {} cannot start ({}); giving it back",
+                    w.id,
+                    job.id,
+                    match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "the runtime does not answer".into(),
+                    }
+                );
                 let _ = rt.block_on(msg.ack_with(AckKind::Nak(None)));
+                continue;
             }
         }
+        held.insert(
+            job.id.clone(),
+            Held {
+                msg,
+                last_progress: Instant::now(),
+                ended: None,
+            },
+        );
     }
-    crate::sinks::print_reports(&fanout.close());
-    Ok(report)
+    // Stopping: a job that is complete gets a few seconds for its events to be confirmed,
+    // then its ack; what is not complete goes back to the queue at once, to be redone
+    // elsewhere (a complete one still unconfirmed is left to its ack wait).
+    let t0 = Instant::now();
+    for e in ended.try_iter() {
+        if let Some(h) = held.get_mut(&e.stream) {
+            h.ended = Some(e);
+        }
+    }
+    for (id, h) in &held {
+        let Some(e) = &h.ended else { continue };
+        while t0.elapsed() < Duration::from_secs(5) {
+            if probe.settled().iter().zip(&e.mark).all(|(s, m)| s >= m) {
+                if rt.block_on(h.msg.double_ack()).is_ok() {
+                    report.jobs += 1;
+                    eprintln!("mone worker {}: job {id} done ({} clips)", w.id, e.clips);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for (id, h) in held {
+        if h.ended.is_some() {
+            continue;
+        }
+        abandoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
+        eprintln!("mone worker {}: job {id} given back", w.id);
+        let _ = rt.block_on(h.msg.ack_with(AckKind::Nak(None)));
+    }
+    Ok(())
 }
 
 /// Nothing queued and nothing held by a worker.

@@ -376,6 +376,21 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
 pub struct SinkProbe(Vec<(Arc<Spool>, Arc<SinkCounters>)>);
 
 impl SinkProbe {
+    /// Per sink, the events delivered, refused or evicted: compare with [`Fanout::mark`].
+    pub fn settled(&self) -> Vec<u64> {
+        self.0
+            .iter()
+            .map(|(s, c)| {
+                c.delivered.load(Ordering::Relaxed)
+                    + c.rejected.load(Ordering::Relaxed)
+                    + s.evicted()
+            })
+            .collect()
+    }
+    /// The fullest spool, as a fraction of its bound.
+    pub fn fill(&self) -> f64 {
+        self.0.iter().map(|(s, _)| s.fill()).fold(0.0, f64::max)
+    }
     pub fn delivered(&self) -> u64 {
         self.0
             .iter()
