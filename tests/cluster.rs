@@ -222,6 +222,19 @@ fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
     let unique: std::collections::HashSet<&&str> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "duplicate event ids in the stream");
 
+    // --since: a span before now takes everything, the present takes nothing.
+    let o = mone(&["events", "--nats", &url, "--since", "1h"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        events.len()
+    );
+    let now = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
+    let o = mone(&["events", "--nats", &url, "--since", &now]);
+    assert!(o.status.success() && o.stdout.is_empty());
+    assert!(!mone(&["events", "--nats", &url, "--since", "soon"])
+        .status
+        .success());
+
     // One stream's events only.
     let o = Command::new(env!("CARGO_BIN_EXE_mone"))
         .args(["events", "--nats", &url, "--stream", &files[0]])

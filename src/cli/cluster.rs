@@ -119,6 +119,10 @@ pub struct EventsArgs {
     /// Only this stream's events (its id, as in the events' `stream`).
     #[arg(long)]
     pub stream: Option<String>,
+    /// Only events the server stored since this time: RFC 3339 (`2026-12-02T13:00:00Z`) or a
+    /// span before now (`10m`, `2h`).
+    #[arg(long)]
+    pub since: Option<String>,
 }
 
 pub fn submit(a: &SubmitArgs) -> anyhow::Result<i32> {
@@ -363,6 +367,18 @@ pub fn streams(c: &StreamsCommand) -> anyhow::Result<i32> {
 
 pub fn events(a: &EventsArgs) -> anyhow::Result<i32> {
     let mut out = std::io::stdout().lock();
-    jobs::print_events(&a.nats, a.follow, a.stream.as_deref(), &mut out)?;
+    let since = match a.since.as_deref() {
+        None => None,
+        Some(t) => Some(match humantime::parse_rfc3339_weak(t) {
+            Ok(at) => at,
+            Err(_) => {
+                let ago = humantime::parse_duration(t).map_err(|_| {
+                    anyhow::anyhow!("--since {t:?}: want an RFC 3339 time or a span like 10m")
+                })?;
+                std::time::SystemTime::now() - ago
+            }
+        }),
+    };
+    jobs::print_events(&a.nats, a.follow, a.stream.as_deref(), since, &mut out)?;
     Ok(0)
 }

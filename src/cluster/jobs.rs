@@ -496,6 +496,7 @@ pub fn print_events(
     url: &str,
     follow: bool,
     stream: Option<&str>,
+    since: Option<std::time::SystemTime>,
     out: &mut dyn Write,
 ) -> Result<u64, ClusterError> {
     let rt = runtime()?;
@@ -514,6 +515,18 @@ pub fn print_events(
         let consumer = s
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: filter,
+                deliver_policy: match since {
+                    None => jetstream::consumer::DeliverPolicy::All,
+                    Some(t) => {
+                        let ns = t
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_nanos() as i128);
+                        jetstream::consumer::DeliverPolicy::ByStartTime {
+                            start_time: async_nats::datetime::from_nanos(ns)
+                                .map_err(|e| ClusterError::Other(e.to_string()))?,
+                        }
+                    }
+                },
                 ..Default::default()
             })
             .await
