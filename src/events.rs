@@ -210,6 +210,8 @@ pub enum Event {
         capacity: f64,
         /// The controller's estimate of measured over profiled forward time.
         slowdown: Option<f64>,
+        /// Events the sinks have dropped so far from full spools (all sinks, since start).
+        events_dropped: u64,
         streams: Vec<StreamStats>,
         total: StreamStats,
         time: String,
@@ -221,6 +223,11 @@ pub trait EventSink {
     fn write(&mut self, e: &Event) -> std::io::Result<()>;
     /// Events written so far.
     fn written(&self) -> u64;
+    /// Events an alert or NATS sink dropped so far because its spool was full (refused, or
+    /// evicted oldest first).
+    fn dropped(&self) -> u64 {
+        0
+    }
 }
 
 /// Events kept in memory (benchmarks, tests).
@@ -621,6 +628,7 @@ mod tests {
                 latency_target_ms: Some(100.0),
                 capacity: 0.5,
                 slowdown: Some(1.1),
+                events_dropped: 0,
                 streams: vec![],
                 total: StreamStats {
                     stream: "*".into(),

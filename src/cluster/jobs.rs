@@ -158,6 +158,9 @@ impl EventSink for Marking<'_> {
     fn written(&self) -> u64 {
         self.inner.written()
     }
+    fn dropped(&self) -> u64 {
+        self.inner.dropped()
+    }
 }
 
 /// A job this worker holds.

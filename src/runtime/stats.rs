@@ -121,6 +121,7 @@ impl Worker<'_, '_> {
             latency_target_ms: self.target_ms(),
             capacity: self.capacity(),
             slowdown: self.controller.as_ref().map(|c| c.slowdown.factor()),
+            events_dropped: self.sink.dropped(),
             streams,
             total,
             time,

@@ -542,6 +542,9 @@ impl EventSink for Fanout {
     fn written(&self) -> u64 {
         self.primary.written
     }
+    fn dropped(&self) -> u64 {
+        self.sinks.iter().map(|s| s.spool.dropped()).sum()
+    }
 }
 
 /// The `type` of a serialised event (serde writes the tag first).
