@@ -719,3 +719,63 @@ fn a_stopped_worker_gives_unfinished_files_back_and_their_events_stay_whole() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Anyone who can write the streams bucket could name any URI: a worker runs only what its
+/// own allow-lists (its pipeline's `[http]` section) take, and leaves the rest unleased.
+#[test]
+fn a_worker_runs_only_cameras_its_allow_lists_take() {
+    let dir = tmpdir("allow");
+    let port = free_port();
+    let _server = Server::start(port, &dir.join("store"));
+    let url = format!("nats://127.0.0.1:{port}");
+    let cfg = dir.join("worker.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\ndir = '{}'\n[batch]\nsize = 2\n[http]\nlisten = '127.0.0.1:0'\nallow_schemes = ['rtsp']\n",
+            model().display()
+        ),
+    )
+    .unwrap();
+    // A pipeline with [[streams]] is not a worker's.
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[model]\n[[streams]]\nuri = 'test:'\n").unwrap();
+    let o = mone(&["worker", "--nats", &url, bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("mone streams add"));
+
+    let o = mone(&[
+        "streams",
+        "add",
+        "--nats",
+        &url,
+        "--id",
+        "lab",
+        "test:fps=25",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut w = Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args(["worker", "--nats", &url, "--id", "strict", "--no-jobs"])
+        .arg(&cfg)
+        .arg("--spool-dir")
+        .arg(dir.join("spool"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(&mut w);
+    let t0 = Instant::now();
+    let mut log = Vec::new();
+    while !(log.iter().any(|l: &String| l.contains("will not run lab"))
+        && log.iter().any(|l| l.contains("HTTP API on")))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{log:#?}");
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            log.push(l);
+        }
+    }
+    assert_eq!(holders(&url).get("lab"), Some(&None), "{log:#?}");
+    w.kill().unwrap();
+    w.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -73,7 +73,7 @@ pub struct WorkerArgs {
     /// Where events wait while the server is away (default $XDG_STATE_HOME/mone/spool/worker-<id>).
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
-    /// Serve the HTTP API here (IP:PORT): /healthz, /metrics (with lease counts, queue lag,
+    /// Serve the HTTP API here (IP:PORT; default: the pipeline's `[http] listen`, else none): /healthz, /metrics (with lease counts, queue lag,
     /// spool depth and events published), GET /streams (this worker's cameras), and POST and
     /// DELETE /streams, which write the cluster's streams bucket. Token and allow-lists: the
     /// pipeline's `[http]` section, else MONE_API_TOKEN and the defaults.
@@ -206,7 +206,12 @@ pub fn worker(a: &WorkerArgs) -> anyhow::Result<i32> {
             .map(|c| c.settings.latency_target_ms),
     ));
     let stop = super::install_signal_handlers()?;
-    let _server = match &a.listen {
+    let listen = a.listen.clone().or_else(|| {
+        cfg.as_ref()
+            .and_then(|c| c.http.as_ref())
+            .map(|h| h.listen.clone())
+    });
+    let _server = match &listen {
         None => None,
         Some(listen) => Some(serve_api(
             listen,
