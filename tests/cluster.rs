@@ -779,3 +779,94 @@ fn a_worker_runs_only_cameras_its_allow_lists_take() {
     w.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tiny HTTP receiver: answers 200 to every POST and hands over the bodies.
+fn receiver() -> (u16, mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Headers, then Content-Length bytes of body.
+            let body = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let len = text[..i]
+                        .lines()
+                        .find_map(|h| {
+                            let (k, v) = h.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= i + 4 + len {
+                        break Some(String::from_utf8_lossy(&buf[i + 4..i + 4 + len]).to_string());
+                    }
+                }
+            };
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            if let Some(b) = body {
+                let _ = tx.send(b);
+            }
+        }
+    });
+    (port, rx)
+}
+
+/// A worker's pipeline may add alert sinks: a file job's `video` event reaches the webhook as
+/// well as the events stream.
+#[test]
+fn a_workers_pipeline_sinks_get_its_events_too() {
+    let dir = tmpdir("alerts");
+    let port = free_port();
+    let _server = Server::start(port, &dir.join("store"));
+    let url = format!("nats://127.0.0.1:{port}");
+    let (hook, bodies) = receiver();
+    let cfg = dir.join("worker.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\ndir = '{}'\n[[output.sinks]]\nname = 'hook'\nkind = 'webhook'\nurl = 'http://127.0.0.1:{hook}/e'\nevents = ['video']\n",
+            model().display()
+        ),
+    )
+    .unwrap();
+    let v = dir.join("v.mp4");
+    mone::source::write_test_video(&v, "ball", 32, 16, 96, 96, "mp4").unwrap();
+    assert!(mone(&["submit", "--nats", &url, v.to_str().unwrap()])
+        .status
+        .success());
+    let o = Command::new(env!("CARGO_BIN_EXE_mone"))
+        .args([
+            "worker",
+            "--nats",
+            &url,
+            "--max-streams",
+            "0",
+            "--until-idle",
+        ])
+        .arg(&cfg)
+        .arg("--spool-dir")
+        .arg(dir.join("spool"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value =
+        serde_json::from_str(&bodies.recv_timeout(Duration::from_secs(30)).unwrap()).unwrap();
+    assert_eq!(got["type"], "video");
+    assert_eq!(got["stream"], v.to_str().unwrap());
+    assert!(all_events(&url)
+        .iter()
+        .any(|e| e["type"] == "video" && e["event_id"] == got["event_id"]));
+    let _ = std::fs::remove_dir_all(&dir);
+}

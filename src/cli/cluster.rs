@@ -199,6 +199,10 @@ pub fn worker(a: &WorkerArgs) -> anyhow::Result<i32> {
         .spool_dir
         .clone()
         .unwrap_or_else(|| crate::sinks::config::default_spool_root().join(format!("worker-{id}")));
+    let alerts = cfg
+        .as_ref()
+        .map(|c| c.output.sinks.clone())
+        .unwrap_or_default();
     let gauges = Arc::new(Gauges::default());
     let telemetry = Arc::new(crate::metrics::Telemetry::new(
         opts.controller
@@ -230,6 +234,7 @@ pub fn worker(a: &WorkerArgs) -> anyhow::Result<i32> {
         access,
         spool_root: spool_root.clone(),
         telemetry,
+        alerts: alerts.clone(),
     };
     let w = WorkerOptions {
         url: a.nats.clone(),
@@ -239,6 +244,7 @@ pub fn worker(a: &WorkerArgs) -> anyhow::Result<i32> {
         id,
         gauges: gauges.clone(),
         jobs: a.jobs.unwrap_or_else(|| super::default_jobs().0),
+        alerts,
     };
     let (jobs_r, cams_r) = std::thread::scope(|s| {
         let cameras = (a.max_streams > 0).then(|| {

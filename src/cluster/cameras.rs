@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::leases::{self, View};
-use super::{connect, runtime, ClusterError, Gauges, EVENTS_PREFIX};
+use super::{connect, runtime, with_alerts, ClusterError, Gauges, EVENTS_PREFIX};
 use crate::events::{lifecycle_id, now, Event, JsonLinesSink, MoveReason};
 use crate::http::ApiAccess;
 use crate::runtime::{self as rt, Classifier, Control, ControlError, Hooks, RuntimeOptions};
@@ -192,6 +192,8 @@ pub struct CameraOptions {
     pub spool_root: std::path::PathBuf,
     /// The camera runtime's per-stream figures (the worker's `/metrics` and `GET /streams`).
     pub telemetry: Arc<crate::metrics::Telemetry>,
+    /// The pipeline's alert sinks (webhook, MQTT), besides the events stream.
+    pub alerts: Vec<SinkSpec>,
 }
 
 /// A lease this worker holds: the revision it last wrote.
@@ -254,7 +256,7 @@ pub fn run_cameras(
     };
     let mut fanout = Fanout::start(
         JsonLinesSink::null(),
-        std::slice::from_ref(&spec),
+        &with_alerts(spec, &c.alerts, "cameras"),
         &c.spool_root,
         Duration::from_secs(10),
     )
@@ -296,9 +298,13 @@ pub fn run_cameras(
                 next = Instant::now() + poll;
                 gauges
                     .cam_published
-                    .store(probe.delivered(), Ordering::Relaxed);
-                gauges.cam_spooled.store(probe.pending(), Ordering::Relaxed);
-                gauges.cam_dropped.store(probe.dropped(), Ordering::Relaxed);
+                    .store(probe.only(0).delivered(), Ordering::Relaxed);
+                gauges
+                    .cam_spooled
+                    .store(probe.only(0).pending(), Ordering::Relaxed);
+                gauges
+                    .cam_dropped
+                    .store(probe.only(0).dropped(), Ordering::Relaxed);
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -17,7 +17,8 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    connect, jobs_consumer, jobs_stream, runtime, ClusterError, EVENTS_PREFIX, JOBS_SUBJECT,
+    connect, jobs_consumer, jobs_stream, runtime, with_alerts, ClusterError, EVENTS_PREFIX,
+    JOBS_SUBJECT,
 };
 use crate::events::{Event, EventSink, JsonLinesSink};
 use crate::runtime::{
@@ -97,6 +98,8 @@ pub struct WorkerOptions {
     pub gauges: Arc<super::Gauges>,
     /// Files run at once (their clips share batches).
     pub jobs: usize,
+    /// The pipeline's alert sinks (webhook, MQTT), besides the events stream.
+    pub alerts: Vec<SinkSpec>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -163,6 +166,15 @@ impl EventSink for Marking<'_> {
     }
 }
 
+/// The events stream (the first sink) has confirmed everything up to `mark`. The alert sinks
+/// deliver on their own: a webhook that is down holds no job (its events wait in its spool).
+fn confirmed(settled: &[u64], mark: &[u64]) -> bool {
+    settled
+        .first()
+        .zip(mark.first())
+        .is_none_or(|(s, m)| s >= m)
+}
+
 /// A job this worker holds.
 struct Held {
     msg: jetstream::Message,
@@ -191,7 +203,7 @@ pub fn work(
     };
     let mut fanout = Fanout::start(
         JsonLinesSink::null(),
-        std::slice::from_ref(&spec),
+        &with_alerts(spec, &w.alerts, "jobs"),
         &w.spool_root,
         Duration::from_secs(30),
     )
@@ -277,7 +289,7 @@ fn pull_loop(
             .filter(|(_, h)| {
                 h.ended
                     .as_ref()
-                    .is_some_and(|e| settled.iter().zip(&e.mark).all(|(s, m)| s >= m))
+                    .is_some_and(|e| confirmed(&settled, &e.mark))
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -312,16 +324,19 @@ fn pull_loop(
             g.jobs_failed.store(report.failed, Ordering::Relaxed);
             g.jobs_redelivered
                 .store(report.redelivered, Ordering::Relaxed);
-            g.job_published.store(probe.delivered(), Ordering::Relaxed);
-            g.job_spooled.store(probe.pending(), Ordering::Relaxed);
-            g.job_dropped.store(probe.dropped(), Ordering::Relaxed);
+            g.job_published
+                .store(probe.only(0).delivered(), Ordering::Relaxed);
+            g.job_spooled
+                .store(probe.only(0).pending(), Ordering::Relaxed);
+            g.job_dropped
+                .store(probe.only(0).dropped(), Ordering::Relaxed);
             let mut c = consumer.clone();
             if let Ok(i) = rt.block_on(c.info()) {
                 g.jobs_queued.store(i.num_pending, Ordering::Relaxed);
             }
         }
         // Backpressure: while the server does not take the events, take no new work.
-        if probe.fill() > SPOOL_HIGH {
+        if probe.fill_at(0) > SPOOL_HIGH {
             if !held_back {
                 eprintln!(
                     "mone worker {}: the event spool is over {:.0}% full; no new jobs until it drains",
@@ -455,7 +470,7 @@ fn pull_loop(
     for (id, h) in &held {
         let Some(e) = &h.ended else { continue };
         while t0.elapsed() < Duration::from_secs(5) {
-            if probe.settled().iter().zip(&e.mark).all(|(s, m)| s >= m) {
+            if confirmed(&probe.settled(), &e.mark) {
                 if rt.block_on(h.msg.double_ack()).is_ok() {
                     report.jobs += 1;
                     eprintln!("mone worker {}: job {id} done ({} clips)", w.id, e.clips);

@@ -169,6 +169,23 @@ impl Gauges {
     }
 }
 
+/// The events stream's sink and the pipeline's alert sinks, each alert sink's spool named for
+/// the part of the worker that feeds it (`<name>-jobs`, `<name>-cameras`: the two parts run
+/// side by side and a spool has one writer).
+pub fn with_alerts(
+    nats: crate::sinks::SinkSpec,
+    alerts: &[crate::sinks::SinkSpec],
+    part: &str,
+) -> Vec<crate::sinks::SinkSpec> {
+    let mut all = vec![nats];
+    for a in alerts {
+        let mut a = a.clone();
+        a.name = format!("{}-{part}", a.name);
+        all.push(a);
+    }
+    all
+}
+
 /// A tokio runtime for the cluster commands' NATS calls (the pipeline itself is threads).
 pub fn runtime() -> Result<tokio::runtime::Runtime, ClusterError> {
     tokio::runtime::Builder::new_multi_thread()

@@ -387,9 +387,13 @@ impl SinkProbe {
             })
             .collect()
     }
-    /// The fullest spool, as a fraction of its bound.
-    pub fn fill(&self) -> f64 {
-        self.0.iter().map(|(s, _)| s.fill()).fold(0.0, f64::max)
+    /// Sink `i` alone.
+    pub fn only(&self, i: usize) -> SinkProbe {
+        SinkProbe(self.0.get(i).cloned().into_iter().collect())
+    }
+    /// Sink `i`'s spool, as a fraction of its bound (0 when there is none).
+    pub fn fill_at(&self, i: usize) -> f64 {
+        self.0.get(i).map_or(0.0, |(s, _)| s.fill())
     }
     pub fn delivered(&self) -> u64 {
         self.0
