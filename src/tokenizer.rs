@@ -77,18 +77,7 @@ pub fn clip_to_chw_u8(clip: &Clip) -> Vec<u8> {
 
 /// Stack raw (C, T, H, W) clips into one (B, C, T, H, W) u8 tensor on `device`.
 pub fn batch_u8(clips: &[&[u8]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
-    let per = 3 * t * h * w;
-    let mut data = Vec::with_capacity(per * clips.len());
-    for c in clips {
-        if c.len() != per {
-            candle_core::bail!(
-                "clip has {} values, expected {per} for (3, {t}, {h}, {w})",
-                c.len()
-            );
-        }
-        data.extend_from_slice(c);
-    }
-    Tensor::from_vec(data, (clips.len(), 3, t, h, w), device)
+    stack(clips, t, h, w, device)
 }
 
 /// (x / 255 - mean) / std per channel of a (B, 3, ...) u8 tensor, as `dtype`, where `x` is.
@@ -110,6 +99,16 @@ pub fn normalize(x: &Tensor, mean: [f32; 3], std: [f32; 3], dtype: DType) -> Res
 
 /// Stack tokenised clips of shape (C, T, H, W) into one (B, C, T, H, W) tensor.
 pub fn batch(clips: &[&[f32]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+    stack(clips, t, h, w, device)
+}
+
+fn stack<T: candle_core::WithDType>(
+    clips: &[&[T]],
+    t: usize,
+    h: usize,
+    w: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let per = 3 * t * h * w;
     let mut data = Vec::with_capacity(per * clips.len());
     for c in clips {

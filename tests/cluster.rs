@@ -19,6 +19,14 @@ use common::{free_port, system_tool};
 
 struct Server(Child);
 
+/// A temporary folder and a nats-server on a free port with its store in it, and its URL.
+fn with_server(name: &str) -> (PathBuf, Server, String) {
+    let dir = tmpdir(name);
+    let port = free_port();
+    let server = Server::start(port, &dir.join("store"));
+    (dir, server, format!("nats://127.0.0.1:{port}"))
+}
+
 impl Server {
     fn start(port: u16, store: &std::path::Path) -> Self {
         let child = Command::new(
@@ -92,10 +100,7 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
 
 #[test]
 fn file_jobs_survive_a_killed_worker_and_each_file_reports_once() {
-    let dir = tmpdir("jobs");
-    let port = free_port();
-    let _server = Server::start(port, &dir.join("store"));
-    let url = format!("nats://127.0.0.1:{port}");
+    let (dir, _server, url) = with_server("jobs");
     let mut files = Vec::new();
     for i in 0..19 {
         let p = dir.join(format!("v{i}.mp4"));
@@ -353,6 +358,13 @@ fn mone(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The events of one type and stream.
+fn of<'a>(ev: &'a [serde_json::Value], ty: &str, stream: &str) -> Vec<&'a serde_json::Value> {
+    ev.iter()
+        .filter(|e| e["type"] == ty && e["stream"] == stream)
+        .collect()
+}
+
 fn all_events(url: &str) -> Vec<serde_json::Value> {
     let o = mone(&["events", "--nats", url]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -408,6 +420,14 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
         assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn now_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3
 }
 
 fn unix_ms(rfc3339: &str) -> f64 {
@@ -516,11 +536,7 @@ fn cameras_spread_move_off_a_killed_worker_and_ride_out_a_broker_outage() {
                 .any(|e| e["type"] == "clip" && e["stream"] == c.as_str())
         })
     });
-    let killed_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        * 1e3;
+    let killed_at = now_ms();
     a.kill().unwrap();
     a.wait().unwrap();
     wait_for(
@@ -590,11 +606,7 @@ fn cameras_spread_move_off_a_killed_worker_and_ride_out_a_broker_outage() {
     // cameras throughout (nobody can claim them), re-validates the leases and goes on.
     drop(server.take());
     std::thread::sleep(Duration::from_secs(5));
-    let restarted_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        * 1e3;
+    let restarted_at = now_ms();
     server = Some(Server::start(port, &store));
     wait_for(
         "clips from every camera after the outage",
@@ -655,10 +667,7 @@ fn cameras_spread_move_off_a_killed_worker_and_ride_out_a_broker_outage() {
 /// carries the same id as the complete one, which de-duplication would then drop).
 #[test]
 fn a_stopped_worker_gives_unfinished_files_back_and_their_events_stay_whole() {
-    let dir = tmpdir("sigterm");
-    let port = free_port();
-    let _server = Server::start(port, &dir.join("store"));
-    let url = format!("nats://127.0.0.1:{port}");
+    let (dir, _server, url) = with_server("sigterm");
     let mut files = Vec::new();
     for i in 0..2 {
         let p = dir.join(format!("long{i}.mp4"));
@@ -696,24 +705,15 @@ fn a_stopped_worker_gives_unfinished_files_back_and_their_events_stay_whole() {
     assert!(b.wait().unwrap().success());
     let ev = all_events(&url);
     for f in &files {
-        let clips = ev
-            .iter()
-            .filter(|e| e["type"] == "clip" && e["stream"] == f.as_str())
-            .count() as u64;
+        let clips = of(&ev, "clip", f).len() as u64;
         assert_eq!(clips, 250, "{f}: 4000 frames make 250 clips of 16");
-        let videos: Vec<&serde_json::Value> = ev
-            .iter()
-            .filter(|e| e["type"] == "video" && e["stream"] == f.as_str())
-            .collect();
+        let videos = of(&ev, "video", f);
         assert_eq!(videos.len(), 1, "{f}");
         assert_eq!(
             videos[0]["clips"], clips,
             "{f}: the video event covers the whole file"
         );
-        let ended: Vec<&serde_json::Value> = ev
-            .iter()
-            .filter(|e| e["type"] == "stream_ended" && e["stream"] == f.as_str())
-            .collect();
+        let ended = of(&ev, "stream_ended", f);
         assert_eq!(ended.len(), 1, "{f}");
         assert_eq!(ended[0]["clips"], clips, "{f}");
     }
@@ -724,10 +724,7 @@ fn a_stopped_worker_gives_unfinished_files_back_and_their_events_stay_whole() {
 /// own allow-lists (its pipeline's `[http]` section) take, and leaves the rest unleased.
 #[test]
 fn a_worker_runs_only_cameras_its_allow_lists_take() {
-    let dir = tmpdir("allow");
-    let port = free_port();
-    let _server = Server::start(port, &dir.join("store"));
-    let url = format!("nats://127.0.0.1:{port}");
+    let (dir, _server, url) = with_server("allow");
     let cfg = dir.join("worker.toml");
     std::fs::write(
         &cfg,
@@ -827,10 +824,7 @@ fn receiver() -> (u16, mpsc::Receiver<String>) {
 /// well as the events stream.
 #[test]
 fn a_workers_pipeline_sinks_get_its_events_too() {
-    let dir = tmpdir("alerts");
-    let port = free_port();
-    let _server = Server::start(port, &dir.join("store"));
-    let url = format!("nats://127.0.0.1:{port}");
+    let (dir, _server, url) = with_server("alerts");
     let (hook, bodies) = receiver();
     let cfg = dir.join("worker.toml");
     std::fs::write(

@@ -19,13 +19,13 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::leases::{self, View};
-use super::{connect, runtime, with_alerts, ClusterError, Gauges, EVENTS_PREFIX};
-use crate::events::{lifecycle_id, now, Event, JsonLinesSink, MoveReason};
+use super::{connect, runtime, worker_fanout, ClusterError, Gauges};
+use crate::events::{lifecycle_id, now, Event, MoveReason};
 use crate::http::ApiAccess;
 use crate::runtime::{self as rt, Classifier, Control, ControlError, Hooks, RuntimeOptions};
 use crate::sinks::nats::kv_key;
 use crate::sinks::spool::WhenFull;
-use crate::sinks::{Fanout, SinkKind, SinkSpec};
+use crate::sinks::SinkSpec;
 
 /// The cameras wanted: key = the stream id as a KV key, value = a [`Camera`].
 pub const STREAMS_BUCKET: &str = "mone_streams";
@@ -247,20 +247,16 @@ pub fn run_cameras(
         .unwrap_or(c.lease_ttl);
     let poll = ttl / 3;
     drop(js);
-    let spec = SinkSpec {
-        subject_prefix: Some(EVENTS_PREFIX.into()),
-        retry_max_s: Some(5.0),
-        // Live events: while the broker is away, keep the newest.
-        when_full: Some(WhenFull::DropOldest),
-        ..SinkSpec::new("nats-cameras", SinkKind::Nats, &c.url)
-    };
-    let mut fanout = Fanout::start(
-        JsonLinesSink::null(),
-        &with_alerts(spec, &c.alerts, "cameras"),
+    // Live events: while the broker is away, keep the newest.
+    let mut fanout = worker_fanout(
+        &c.url,
+        "nats-cameras",
+        WhenFull::DropOldest,
+        &c.alerts,
+        "cameras",
         &c.spool_root,
         Duration::from_secs(10),
-    )
-    .map_err(|e| ClusterError::Other(e.to_string()))?;
+    )?;
     let probe = fanout.probe();
     let (ctl_tx, ctl_rx) = unbounded::<Control>();
     let run_stop = Arc::new(AtomicBool::new(false));

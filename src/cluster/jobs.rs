@@ -17,14 +17,15 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    connect, jobs_consumer, jobs_stream, runtime, with_alerts, ClusterError, EVENTS_PREFIX,
+    connect, jobs_consumer, jobs_stream, runtime, worker_fanout, ClusterError, EVENTS_PREFIX,
     JOBS_SUBJECT,
 };
-use crate::events::{Event, EventSink, JsonLinesSink};
+use crate::events::{Event, EventSink};
 use crate::runtime::{
     self as rt, Classifier, Control, ControlError, Hooks, RuntimeOptions, StreamSpec,
 };
-use crate::sinks::{Fanout, SinkKind, SinkSpec};
+use crate::sinks::spool::WhenFull;
+use crate::sinks::{Fanout, SinkSpec};
 
 /// One file to classify: a URI every worker can read, and the stream id its events carry.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -196,18 +197,16 @@ pub fn work(
     let rt = runtime()?;
     let js = rt.block_on(connect(&w.url, Duration::from_secs(5)))?;
     let consumer = rt.block_on(jobs_consumer(&js, w.ack_wait))?;
-    let spec = SinkSpec {
-        subject_prefix: Some(EVENTS_PREFIX.into()),
-        retry_max_s: Some(5.0),
-        ..SinkSpec::new("nats", SinkKind::Nats, &w.url)
-    };
-    let mut fanout = Fanout::start(
-        JsonLinesSink::null(),
-        &with_alerts(spec, &w.alerts, "jobs"),
+    // Files: the worker stops pulling jobs well before a full spool would refuse events.
+    let mut fanout = worker_fanout(
+        &w.url,
+        "nats",
+        WhenFull::DropNewest,
+        &w.alerts,
+        "jobs",
         &w.spool_root,
         Duration::from_secs(30),
-    )
-    .map_err(|e| ClusterError::Other(e.to_string()))?;
+    )?;
     let probe = fanout.probe();
     let mut report = WorkerReport::default();
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded::<Control>();

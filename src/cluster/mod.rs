@@ -169,21 +169,37 @@ impl Gauges {
     }
 }
 
-/// The events stream's sink and the pipeline's alert sinks, each alert sink's spool named for
-/// the part of the worker that feeds it (`<name>-jobs`, `<name>-cameras`: the two parts run
+/// A worker part's sinks: the events stream (its spool `nats_name`), and the pipeline's alert
+/// sinks, each spool named for the part (`<name>-jobs`, `<name>-cameras`: the two parts run
 /// side by side and a spool has one writer).
-pub fn with_alerts(
-    nats: crate::sinks::SinkSpec,
+pub fn worker_fanout(
+    url: &str,
+    nats_name: &str,
+    when_full: crate::sinks::spool::WhenFull,
     alerts: &[crate::sinks::SinkSpec],
     part: &str,
-) -> Vec<crate::sinks::SinkSpec> {
-    let mut all = vec![nats];
+    spool_root: &std::path::Path,
+    drain: Duration,
+) -> Result<crate::sinks::Fanout, ClusterError> {
+    use crate::sinks::{SinkKind, SinkSpec};
+    let mut specs = vec![SinkSpec {
+        subject_prefix: Some(EVENTS_PREFIX.into()),
+        retry_max_s: Some(5.0),
+        when_full: Some(when_full),
+        ..SinkSpec::new(nats_name, SinkKind::Nats, url)
+    }];
     for a in alerts {
         let mut a = a.clone();
         a.name = format!("{}-{part}", a.name);
-        all.push(a);
+        specs.push(a);
     }
-    all
+    crate::sinks::Fanout::start(
+        crate::events::JsonLinesSink::null(),
+        &specs,
+        spool_root,
+        drain,
+    )
+    .map_err(|e| ClusterError::Other(e.to_string()))
 }
 
 /// A tokio runtime for the cluster commands' NATS calls (the pipeline itself is threads).

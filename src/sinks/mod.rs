@@ -200,17 +200,14 @@ impl AlertSink {
             .is_none_or(|t| t.iter().any(|x| x == event_type))
     }
 
-    /// Events this sink has finished with (delivered, refused, or evicted from a full
-    /// drop-oldest spool) since it started.
+    /// Events this sink has finished with since it started.
     pub fn settled(&self) -> u64 {
-        self.counters.delivered.load(Ordering::Relaxed)
-            + self.counters.rejected.load(Ordering::Relaxed)
-            + self.spool.evicted()
+        settled(&self.spool, &self.counters)
     }
 
     /// Events given to this sink and not yet settled (from the counters: no file read).
     pub fn pending(&self) -> u64 {
-        self.spool.appended().saturating_sub(self.settled())
+        pending(&self.spool, &self.counters)
     }
 
     /// Waits up to `drain` for the spool to empty, then stops the thread; what is left stays in
@@ -371,6 +368,16 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
 }
 
 /// The pipeline's sink: the JSON Lines output plus the alert sinks.
+/// Events a sink has finished with: delivered, refused, or evicted from a full drop-oldest
+/// spool.
+fn settled(spool: &Spool, c: &SinkCounters) -> u64 {
+    c.delivered.load(Ordering::Relaxed) + c.rejected.load(Ordering::Relaxed) + spool.evicted()
+}
+
+fn pending(spool: &Spool, c: &SinkCounters) -> u64 {
+    spool.appended().saturating_sub(settled(spool, c))
+}
+
 /// Totals over a [`Fanout`]'s sinks, read while it runs.
 #[derive(Clone)]
 pub struct SinkProbe(Vec<(Arc<Spool>, Arc<SinkCounters>)>);
@@ -378,14 +385,7 @@ pub struct SinkProbe(Vec<(Arc<Spool>, Arc<SinkCounters>)>);
 impl SinkProbe {
     /// Per sink, the events delivered, refused or evicted: compare with [`Fanout::mark`].
     pub fn settled(&self) -> Vec<u64> {
-        self.0
-            .iter()
-            .map(|(s, c)| {
-                c.delivered.load(Ordering::Relaxed)
-                    + c.rejected.load(Ordering::Relaxed)
-                    + s.evicted()
-            })
-            .collect()
+        self.0.iter().map(|(s, c)| settled(s, c)).collect()
     }
     /// Sink `i` alone.
     pub fn only(&self, i: usize) -> SinkProbe {
@@ -403,16 +403,7 @@ impl SinkProbe {
     }
     /// Events in the spools not yet delivered, refused or evicted.
     pub fn pending(&self) -> u64 {
-        self.0
-            .iter()
-            .map(|(s, c)| {
-                s.appended().saturating_sub(
-                    c.delivered.load(Ordering::Relaxed)
-                        + c.rejected.load(Ordering::Relaxed)
-                        + s.evicted(),
-                )
-            })
-            .sum()
+        self.0.iter().map(|(s, c)| pending(s, c)).sum()
     }
     /// Refused or evicted because a spool was full.
     pub fn dropped(&self) -> u64 {
