@@ -230,8 +230,43 @@ const LIVE_SCHEMES: &[&str] = &[
     "rist", "rtmp", "rtmps", "rtmpt", "rtmpe", "rtmpte", "rtmpts", "rtmfp", "icy", "icyx", "rfb",
 ];
 
+/// The elements of mone's own pipelines and the usual demuxers and decoders, loaded at start.
+/// A plugin is loaded on first use, under the dynamic loader's process-wide lock: a third-party
+/// plugin whose load hangs (a URI check of a scheme someone configured) would otherwise block
+/// every healthy stream that loads its first element after it.
+const PRELOAD: &[&str] = &[
+    "queue",
+    "capsfilter",
+    "videotestsrc",
+    "videorate",
+    "aspectratiocrop",
+    "videoscale",
+    "videoconvert",
+    "appsink",
+    "uridecodebin",
+    "decodebin",
+    "typefind",
+    "filesrc",
+    "qtdemux",
+    "matroskademux",
+    "h264parse",
+    "avdec_h264",
+    "jpegdec",
+    "multipartdemux",
+];
+
 pub fn init() -> Result<(), SourceError> {
-    gst::init().map_err(|e| SourceError::Gst(format!("cannot initialise GStreamer: {e}")))
+    gst::init().map_err(|e| SourceError::Gst(format!("cannot initialise GStreamer: {e}")))?;
+    static PRELOADED: std::sync::Once = std::sync::Once::new();
+    PRELOADED.call_once(|| {
+        for name in PRELOAD {
+            // A missing one is reported where it is used (`make`), with its package.
+            if let Some(f) = gst::ElementFactory::find(name) {
+                let _ = f.load();
+            }
+        }
+    });
+    Ok(())
 }
 
 /// What a pull from a running source gives.
