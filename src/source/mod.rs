@@ -729,4 +729,21 @@ mod tests {
             Err(SourceError::Invalid(..))
         ));
     }
+
+    #[test]
+    fn init_loads_the_plugins_of_our_own_elements() {
+        init().unwrap();
+        for name in [
+            "videotestsrc",
+            "videoconvert",
+            "appsink",
+            "uridecodebin",
+            "queue",
+        ] {
+            let plugin = gst::ElementFactory::find(name)
+                .and_then(|f| f.plugin())
+                .unwrap_or_else(|| panic!("{name} has no plugin"));
+            assert!(plugin.is_loaded(), "{name}'s plugin is not loaded");
+        }
+    }
 }
