@@ -3,6 +3,7 @@
 //! Mobile V-MoE (`moe`: per-clip expert MLPs in the last temporal layers) on the same blocks.
 
 pub mod attention;
+pub mod block;
 pub mod capacity;
 pub mod config;
 pub mod embedding;
