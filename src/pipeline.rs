@@ -289,14 +289,26 @@ impl PipelineConfig {
             path: path.into(),
             error: e,
         })?;
-        let cfg: PipelineConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        Self::parse_worker(&text).map_err(invalid)
+    }
+
+    fn parse_worker(text: &str) -> Result<Self, String> {
+        let cfg: PipelineConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         if !cfg.streams.is_empty() {
-            return Err(invalid(
+            return Err(
                 "a worker's cameras come from the cluster (`mone streams add`), not [[streams]]"
                     .into(),
+            );
+        }
+        // A worker would silently ignore it: its events go to the cluster's stream.
+        if let Some(p) = &cfg.output.path {
+            return Err(format!(
+                "[output] path `{}`: a worker publishes its events to the cluster's events \
+                 stream (read them with `mone events`), not to a file; remove `path`",
+                p.display()
             ));
         }
-        cfg.check().map_err(invalid)?;
+        cfg.check()?;
         Ok(cfg)
     }
 
@@ -409,6 +421,24 @@ impl PipelineConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_config_rejects_what_a_worker_would_ignore() {
+        let model = "[model]\ncapacity = 0.5\n";
+        let ok = PipelineConfig::parse_worker(model).unwrap();
+        assert_eq!(ok.model.capacity, 0.5);
+        let e = PipelineConfig::parse_worker(&format!("{model}[output]\npath = \"out.jsonl\"\n"))
+            .unwrap_err();
+        assert!(
+            e.contains("[output] path `out.jsonl`") && e.contains("mone events"),
+            "{e}"
+        );
+        let e = PipelineConfig::parse_worker(&format!(
+            "{model}[[streams]]\nuri = \"test:pattern=ball\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("[[streams]]"), "{e}");
+    }
 
     #[test]
     fn parses_a_full_config_and_rejects_bad_ones() {

@@ -33,7 +33,8 @@ pub struct WorkerArgs {
     pub nats: String,
     /// A pipeline config for the model, clips, batch, sources, controller and segments, and
     /// the `[http]` allow-lists cameras are checked against (its `[[streams]]` must be empty:
-    /// cameras come from `mone streams add`).
+    /// cameras come from `mone streams add`; and it has no `[output] path`: events go to the
+    /// events stream).
     pub pipeline: Option<PathBuf>,
     /// Names the worker in leases, logs and `stream_moved` events (default: host name and
     /// process id).
