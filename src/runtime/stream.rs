@@ -49,6 +49,9 @@ pub(super) enum StreamMsg {
         frames: u64,
         dropped: u64,
         error: Option<Failure>,
+        /// Stopped before its end (the run stopping, the stream removed): a file's `video`
+        /// summary would describe only part of it.
+        interrupted: bool,
     },
 }
 
@@ -178,6 +181,7 @@ impl StreamCtx {
         let mut asm = ClipAssembler::new(self.spec);
         let (mut frames, mut dropped) = (0u64, 0u64);
         let mut error: Option<Failure> = None;
+        let mut reached_end = false;
         let mut attempt = 0u32;
         let mut offline_since: Option<Instant> = None;
         let mut started = false;
@@ -337,6 +341,7 @@ impl StreamCtx {
                                         "",
                                     ));
                                 }
+                                reached_end = true;
                                 stop_bounded(p, self.opts.eos_timeout);
                                 break 'outer;
                             }
@@ -394,6 +399,7 @@ impl StreamCtx {
             frames,
             dropped,
             error,
+            interrupted: !reached_end && stop.load(Ordering::Relaxed),
         });
     }
 }

@@ -11,6 +11,8 @@ pub(super) struct StreamState {
     pub(super) queue: VecDeque<ClipMsg>,
     /// The End message, once received.
     pub(super) end: Option<(u64, u64, Option<Failure>)>,
+    /// The End message said the source was stopped before its end.
+    pub(super) interrupted: bool,
     pub(super) stop: Arc<AtomicBool>,
     /// When the worker first saw the stop flag set.
     pub(super) stopping_since: Option<Instant>,
@@ -242,6 +244,7 @@ impl Worker<'_, '_> {
             rx,
             queue: VecDeque::new(),
             end: None,
+            interrupted: false,
             stop,
             stopping_since: None,
             frames_seen,
@@ -354,6 +357,7 @@ impl Worker<'_, '_> {
             let since = *st.stopping_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= grace {
                 st.handle = None;
+                st.interrupted = true;
                 st.end = Some((
                     st.frames_seen.load(Ordering::Relaxed),
                     st.dropped_live.load(Ordering::Relaxed),
@@ -397,9 +401,11 @@ impl Worker<'_, '_> {
                         frames,
                         dropped,
                         error,
+                        interrupted,
                     }) => {
                         took = true;
                         st.end = Some((frames, dropped, error));
+                        st.interrupted = interrupted;
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -624,7 +630,10 @@ impl Worker<'_, '_> {
             let dropped_total = dropped.max(st.dropped_seen) + st.dropped_here;
             self.summary.frames += frames;
             self.summary.dropped_clips += dropped_total;
-            if !st.live.load(Ordering::Relaxed) && st.clips > 0 {
+            // A file stopped part-way (the run stopping, the stream removed) gets no summary:
+            // it would pass part of the file for the whole, and its event id would make a
+            // broker drop the complete summary of a later run as a duplicate.
+            if !st.live.load(Ordering::Relaxed) && !st.interrupted && st.clips > 0 {
                 let avg: Vec<f32> = st
                     .prob_sum
                     .iter()
