@@ -6,6 +6,8 @@
 #
 #   scripts/build_cuda.sh          full binary (GStreamer pipeline + CUDA): target/cuda/release/mone
 #   scripts/build_cuda.sh model    model-only binary (no GStreamer; for a GPU machine without it)
+#   scripts/build_cuda.sh tests    the GPU test binary (tests/cuda_kernels.rs, model-only build):
+#                                  target/cudamodel/release/cuda_kernels
 #
 # Run the binary on a machine with the NVIDIA driver (>= 580, CUDA 13.0) and the CUDA 13 runtime
 # libraries (libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10,
@@ -54,12 +56,24 @@ if [ ! -f "$STUB" ]; then
   echo "build_cuda: libcuda stub with $(wc -l < "$ROOT/libcuda_stub.c") symbols" >&2
 fi
 case "$MODE" in
-  full) FEATURES=(--features cuda) ;;
-  model) FEATURES=(--no-default-features --features cuda) ;;
-  *) echo "usage: scripts/build_cuda.sh [full|model]" >&2; exit 2 ;;
+  full) FEATURES=(--features cuda); TARGET_DIR=target/cuda ;;
+  model|tests) FEATURES=(--no-default-features --features cuda); TARGET_DIR=target/cudamodel ;;
+  *) echo "usage: scripts/build_cuda.sh [full|model|tests]" >&2; exit 2 ;;
 esac
-TARGET_DIR=target/cuda${MODE/full/}
-PATH="$CUDA_HOME/bin:$PATH" CUDA_HOME="$CUDA_HOME" CUDA_PATH="$CUDA_HOME" \
-  CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2} \
-  cargo build --release --locked "${FEATURES[@]}" --target-dir "$TARGET_DIR" --bin mone
+export PATH="$CUDA_HOME/bin:$PATH" CUDA_HOME="$CUDA_HOME" CUDA_PATH="$CUDA_HOME" \
+  CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-2}
+if [ "$MODE" = tests ]; then
+  # The same release profile as the model-only binary, so only mone itself recompiles.
+  BIN=$(cargo test --release --locked "${FEATURES[@]}" --target-dir "$TARGET_DIR" \
+    --test cuda_kernels --no-run --message-format=json \
+    | python3 -c 'import json, sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_kernels":
+        print(m["executable"])')
+  cp "$BIN" "$TARGET_DIR/release/cuda_kernels"
+  echo "$PWD/$TARGET_DIR/release/cuda_kernels"
+  exit 0
+fi
+cargo build --release --locked "${FEATURES[@]}" --target-dir "$TARGET_DIR" --bin mone
 echo "$PWD/$TARGET_DIR/release/mone"

@@ -7,7 +7,8 @@
 #   source scripts/gpu_env.sh        # unpacks .gpu/, sets LD_LIBRARY_PATH and GStreamer's paths
 #   $MONE bench model --preset vivit-fe-b16 --device cuda --dtype bf16
 #
-#   scripts/gpu_bundle.sh            # needs target/cuda/release/mone (scripts/build_cuda.sh)
+#   scripts/gpu_bundle.sh            # needs target/cuda/release/mone (scripts/build_cuda.sh);
+#                                    # packs the GPU tests too where scripts/build_cuda.sh tests ran
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=.gpu
@@ -41,6 +42,9 @@ for b in cuda cudamodel; do
     objcopy --strip-debug "target/$b/release/mone" "$WORK/mone-$b"
   fi
 done
+if [ -x target/cudamodel/release/cuda_kernels ]; then
+  objcopy --strip-debug target/cudamodel/release/cuda_kernels "$WORK/mone-cudatests"
+fi
 ls "$WORK"/mone-* >/dev/null 2>&1 || { echo "gpu_bundle: no CUDA binary; run scripts/build_cuda.sh first" >&2; exit 1; }
 tar -C "$WORK" -cf - lib $(cd "$WORK" && ls mone-*) | xz -T2 -6 > "$OUT/bundle.tar.xz"
 du -h "$OUT/bundle.tar.xz"

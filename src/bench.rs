@@ -98,7 +98,8 @@ pub struct BenchReport {
     pub device: String,
     pub dtype: String,
     pub threads: usize,
-    /// The fused kernels' SIMD level (scalar, avx2, avx512).
+    /// The kernels in use: the CPU's SIMD level (scalar, avx2, avx512), or on CUDA `cuda fused`
+    /// (mone's kernels, `MONE_CUDA_KERNELS=fused`) or `cuda generic` (candle's ops).
     pub simd: String,
     /// The CPU's avx512 flags, as /proc/cpuinfo lists them.
     pub cpu_avx512: Vec<String>,
@@ -381,7 +382,16 @@ pub fn measure(args: &ModelBenchArgs) -> anyhow::Result<BenchReport> {
         device: crate::device::describe(&dev),
         dtype: format!("{dtype:?}").to_lowercase(),
         threads: rayon::current_num_threads(),
-        simd: model::kernels::simd::level().to_string(),
+        simd: if dev.is_cuda() {
+            let path = if model::cuda::fused() {
+                "fused"
+            } else {
+                "generic"
+            };
+            format!("cuda {path}")
+        } else {
+            model::kernels::simd::level().to_string()
+        },
         cpu_avx512: cpu_avx512_flags(),
         iters: args.iters,
         dense,

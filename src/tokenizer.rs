@@ -77,7 +77,14 @@ pub fn clip_to_chw_u8(clip: &Clip) -> Vec<u8> {
 
 /// Stack raw (C, T, H, W) clips into one (B, C, T, H, W) u8 tensor on `device`.
 pub fn batch_u8(clips: &[&[u8]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
-    stack(clips, t, h, w, device)
+    let per = 3 * t * h * w;
+    if let Some(c) = clips.iter().find(|c| c.len() != per) {
+        candle_core::bail!(
+            "clip has {} values, expected {per} for (3, {t}, {h}, {w})",
+            c.len()
+        );
+    }
+    crate::device::upload_u8(clips, &[clips.len(), 3, t, h, w], device)
 }
 
 /// (x / 255 - mean) / std per channel of a (B, 3, ...) u8 tensor, as `dtype`, where `x` is.

@@ -4,7 +4,9 @@
 //! models side by side on the same clips: top-1, GMACs, measured latency, and for a V-MoE its
 //! router against the super-classes and the expert load per class.
 
-use std::path::{Path, PathBuf};
+#[cfg(feature = "gst")]
+use std::path::Path;
+use std::path::PathBuf;
 
 use candle_core::Device;
 #[cfg(feature = "gst")]

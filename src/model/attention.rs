@@ -5,6 +5,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Init, Linear, VarBuilder};
 
+use super::cuda;
 use super::kernels::{FusedAttention, NestedInProj, NestedOutAccum};
 use super::nested::{fused_ok, in_proj, out_proj, TokenLayout};
 use super::profile::{scope, Part};
@@ -87,6 +88,33 @@ impl Attention {
                     bias: &b,
                     row_scale: None,
                 },
+            )?;
+            return Ok(x);
+        }
+        if cuda::applies(h, train) && cuda::head_dim_ok(hd) {
+            let qkv = {
+                let _p = scope(Part::Qkv);
+                cuda::in_proj(
+                    h,
+                    self.qkv.weight(),
+                    bias(&self.qkv)?,
+                    &layout.groups,
+                    None,
+                    None,
+                )?
+            };
+            let a = {
+                let _p = scope(Part::Attention);
+                cuda::attention(&qkv, layout.n, layout.s, self.num_heads, layout.token_major)?
+            };
+            let _p = scope(Part::Proj);
+            cuda::out_accum(
+                &x,
+                &a,
+                self.proj.weight(),
+                bias(&self.proj)?,
+                &layout.groups,
+                None,
             )?;
             return Ok(x);
         }

@@ -6,6 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::attention::linear;
 use super::config::Activation;
+use super::cuda;
 use super::kernels::linear::FusedAct;
 use super::kernels::{NestedInProj, NestedOutAccum};
 use super::nested::{fused_ok, in_proj, out_proj, TokenLayout};
@@ -90,6 +91,32 @@ impl Mlp {
                     bias: &b,
                     row_scale: host,
                 },
+            )?;
+            return Ok(x);
+        }
+        if cuda::applies(h, train) {
+            let s = scale
+                .map(|s| s.tensor.to_dtype(h.dtype())?.contiguous())
+                .transpose()?;
+            let f = {
+                let _p = scope(Part::Fc1);
+                cuda::in_proj(
+                    h,
+                    self.fc1.weight(),
+                    bias(&self.fc1)?,
+                    &layout.groups,
+                    Some(self.act),
+                    s.as_ref(),
+                )?
+            };
+            let _p = scope(Part::Fc2);
+            cuda::out_accum(
+                &x,
+                &f,
+                self.fc2.weight(),
+                bias(&self.fc2)?,
+                &layout.groups,
+                s.as_ref(),
             )?;
             return Ok(x);
         }

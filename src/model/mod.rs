@@ -6,6 +6,7 @@ pub mod attention;
 pub mod block;
 pub mod capacity;
 pub mod config;
+pub mod cuda;
 pub mod embedding;
 pub mod flops;
 pub mod io;

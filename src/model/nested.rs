@@ -1,5 +1,6 @@
 //! Token layouts and the nested (width-sliced) linear layers, generic over device and
-//! differentiable. The CPU f32 inference path uses the fused equivalents in `kernels.rs`.
+//! differentiable. The CPU f32 inference path uses the fused equivalents in `kernels/`, the CUDA
+//! one (opt-in) those in `cuda/`.
 
 use candle_core::{DType, Device, Result, Tensor};
 
