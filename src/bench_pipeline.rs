@@ -1,5 +1,8 @@
 //! `mone bench pipeline`: frames/s of decode, model and the full pipeline on one long input, in
-//! one run, against the shared-CPU ceiling 1 / (1/decode + 1/model).
+//! one run, against the shared-CPU ceiling 1 / (1/decode + 1/model). The three are measured in
+//! rounds, one after another in each, and every round gives its own ratio: on a shared 2-core VM
+//! the machine's speed drifts by up to 2x between passes a minute apart, which a ceiling measured
+//! once at the start would put on the ratio.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -38,10 +41,9 @@ pub struct PipelineBenchArgs {
     pub capacity: f64,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Decode-only passes; the ceiling takes their median. One pass swung by 2x between runs
-    /// on a 2-core VM (the first pays GStreamer's start-up and a cold file cache).
+    /// Rounds of (decode only, model only, full pipeline); the report takes the medians.
     #[arg(long, default_value_t = 3)]
-    pub decode_runs: usize,
+    pub rounds: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -54,19 +56,37 @@ pub struct PipelineBench {
     pub device: String,
     pub batch: usize,
     pub capacity: f64,
-    /// (a) decode to RGB at the model's size, frames/s: the median of `decode_runs_fps`.
+    /// (a) decode to RGB at the model's size, frames/s (median over the rounds).
     pub decode_fps: f64,
-    pub decode_runs_fps: Vec<f64>,
     pub decode_clips_tokenize_fps: f64,
     /// (b) model clips/s times frames per clip advance.
     pub model_fps: f64,
     pub model_clips_per_s: f64,
     pub full_pipeline_fps: f64,
-    /// 1 / (1/a + 1/b) on a shared CPU, min(a, b) when the model runs elsewhere.
+    /// 1 / (1/a + 1/b) on a shared CPU, min(a, b) when the model runs elsewhere (from the
+    /// median a and b).
     pub ceiling_fps: f64,
+    /// The median of the rounds' own full / ceiling.
     pub full_vs_ceiling: f64,
+    pub rounds: Vec<Round>,
     /// Peak resident memory of the whole run (VmHWM), MiB.
     pub peak_rss_mib: f64,
+}
+
+/// One round's frames/s.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Round {
+    pub decode_fps: f64,
+    pub model_fps: f64,
+    pub full_fps: f64,
+    pub ceiling_fps: f64,
+    pub full_vs_ceiling: f64,
+}
+
+fn median(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn decode(
@@ -164,21 +184,9 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         tail: Tail::Pad,
     };
 
-    let mut frames = 0;
-    let mut runs = Vec::new();
-    for i in 0..a.decode_runs.max(1) {
-        eprintln!("(a) decode, pass {} ...", i + 1);
-        let (n, t) = decode(&input, &sopts, None)?;
-        frames = n;
-        runs.push(n as f64 / t);
-    }
-    let mut sorted = runs.clone();
-    sorted.sort_by(f64::total_cmp);
-    let dec_fps = sorted[sorted.len() / 2];
     eprintln!("decode + clips + tokenize ...");
-    let (_, t_tok) = decode(&input, &sopts, Some(spec))?;
+    let (frames, t_tok) = decode(&input, &sopts, Some(spec))?;
 
-    eprintln!("(b) model ...");
     let x = Tensor::randn(
         0f32,
         1f32,
@@ -187,38 +195,53 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
     )?;
     let opts = ForwardOptions::default();
     loaded.model.forward(&x, &[a.capacity], &opts)?;
-    let (mut n, t0) = (0usize, Instant::now());
-    while n < 3 || t0.elapsed() < Duration::from_secs(5) {
-        loaded.model.forward(&x, &[a.capacity], &opts)?;
-        device.synchronize()?;
-        n += 1;
-    }
-    let clips_per_s = (n * a.batch) as f64 / t0.elapsed().as_secs_f64();
-    let model_fps = clips_per_s * spec.stride as f64;
-
-    eprintln!("full pipeline ...");
     let ropts = RuntimeOptions {
         batch: a.batch,
         capacity: a.capacity,
         ..RuntimeOptions::default()
     };
-    let mut sink = JsonLinesSink::null();
-    let s = runtime::run(
-        &loaded,
-        "bench",
-        &device,
-        &[StreamSpec::from_input(&input_str)],
-        &ropts,
-        &mut sink,
-        runtime::Hooks::new(Arc::new(AtomicBool::new(false))),
-    )?;
-    anyhow::ensure!(s.failed.is_empty(), "pipeline failed: {:?}", s.failed);
-    let full = s.frames as f64 / s.elapsed.as_secs_f64();
-    let ceiling = if device.is_cpu() {
-        1.0 / (1.0 / dec_fps + 1.0 / model_fps)
-    } else {
-        dec_fps.min(model_fps)
-    };
+    let mut rounds = Vec::new();
+    let mut clips_per_s = Vec::new();
+    for i in 0..a.rounds.max(1) {
+        eprintln!("round {}: (a) decode ...", i + 1);
+        let (n, t) = decode(&input, &sopts, None)?;
+        let dec_fps = n as f64 / t;
+
+        eprintln!("round {}: (b) model ...", i + 1);
+        let (mut k, t0) = (0usize, Instant::now());
+        while k < 3 || t0.elapsed() < Duration::from_secs(3) {
+            loaded.model.forward(&x, &[a.capacity], &opts)?;
+            device.synchronize()?;
+            k += 1;
+        }
+        let cps = (k * a.batch) as f64 / t0.elapsed().as_secs_f64();
+        clips_per_s.push(cps);
+        let model_fps = cps * spec.stride as f64;
+
+        eprintln!("round {}: full pipeline ...", i + 1);
+        let mut sink = JsonLinesSink::null();
+        let s = runtime::run(
+            &loaded,
+            "bench",
+            &device,
+            &[StreamSpec::from_input(&input_str)],
+            &ropts,
+            &mut sink,
+            runtime::Hooks::new(Arc::new(AtomicBool::new(false))),
+        )?;
+        anyhow::ensure!(s.failed.is_empty(), "pipeline failed: {:?}", s.failed);
+        let full = s.frames as f64 / s.elapsed.as_secs_f64();
+        let ceiling = ceiling(&device, dec_fps, model_fps);
+        rounds.push(Round {
+            decode_fps: dec_fps,
+            model_fps,
+            full_fps: full,
+            ceiling_fps: ceiling,
+            full_vs_ceiling: full / ceiling,
+        });
+    }
+    let dec_fps = median(rounds.iter().map(|r| r.decode_fps));
+    let model_fps = median(rounds.iter().map(|r| r.model_fps));
     Ok(PipelineBench {
         input: input_str,
         frames,
@@ -227,15 +250,23 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         batch: a.batch,
         capacity: a.capacity,
         decode_fps: dec_fps,
-        decode_runs_fps: runs,
         decode_clips_tokenize_fps: frames as f64 / t_tok,
         model_fps,
-        model_clips_per_s: clips_per_s,
-        full_pipeline_fps: full,
-        ceiling_fps: ceiling,
-        full_vs_ceiling: full / ceiling,
+        model_clips_per_s: median(clips_per_s.into_iter()),
+        full_pipeline_fps: median(rounds.iter().map(|r| r.full_fps)),
+        ceiling_fps: ceiling(&device, dec_fps, model_fps),
+        full_vs_ceiling: median(rounds.iter().map(|r| r.full_vs_ceiling)),
+        rounds,
         peak_rss_mib: crate::bench::peak_rss_mib().unwrap_or(f64::NAN),
     })
+}
+
+fn ceiling(device: &candle_core::Device, decode: f64, model: f64) -> f64 {
+    if device.is_cpu() {
+        1.0 / (1.0 / decode + 1.0 / model)
+    } else {
+        decode.min(model)
+    }
 }
 
 pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
@@ -248,17 +279,8 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}",
         r.input, r.frames, r.model, r.device, r.batch, r.capacity
     );
-    println!("stage                          frames/s");
-    let runs: Vec<String> = r
-        .decode_runs_fps
-        .iter()
-        .map(|f| format!("{f:.0}"))
-        .collect();
-    println!(
-        "(a) decode to RGB            {:>10.1}   (median of {})",
-        r.decode_fps,
-        runs.join(", ")
-    );
+    println!("stage                          frames/s (median of {} rounds)", r.rounds.len());
+    println!("(a) decode to RGB            {:>10.1}", r.decode_fps);
     println!(
         "decode + clips + tokenize    {:>10.1}",
         r.decode_clips_tokenize_fps
@@ -269,10 +291,22 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
     );
     println!("full pipeline                {:>10.1}", r.full_pipeline_fps);
     println!(
-        "ceiling 1/(1/a + 1/b)        {:>10.1}   full = {:.0}% of it",
+        "ceiling 1/(1/a + 1/b)        {:>10.1}   full = {:.0}% of it (median of the rounds' own)",
         r.ceiling_fps,
         r.full_vs_ceiling * 100.0
     );
+    println!("round   decode    model     full  ceiling  full/ceiling");
+    for (i, x) in r.rounds.iter().enumerate() {
+        println!(
+            "{:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>12.0}%",
+            i + 1,
+            x.decode_fps,
+            x.model_fps,
+            x.full_fps,
+            x.ceiling_fps,
+            x.full_vs_ceiling * 100.0
+        );
+    }
     println!("peak memory (RSS)            {:>10.1} MiB", r.peak_rss_mib);
     Ok(())
 }
