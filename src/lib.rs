@@ -2,7 +2,8 @@
 //!
 //! - [`model`]: the MoNE-ViViT in candle (config, capacity solver, router/EPR, nested
 //!   attention and MLP, the factorized and joint encoders, FLOP counts, model folders), and
-//!   the Mobile V-MoE on the same blocks (`model::moe`: per-clip expert MLPs).
+//!   the Mobile V-MoE on the same blocks (`model::moe`: per-clip expert MLPs); its fused
+//!   kernels for the CPU (`model::kernels`) and for CUDA (`model::cuda`, feature `cuda`).
 //! - [`import`] (`mone import-hf`: transformers ViViT/VideoMAE checkpoints as model folders)
 //!   and [`infer`] (`mone infer`: logits for a raw input tensor, for parity checks).
 //! - [`inputs`] (folders and lists of inputs), `source` (GStreamer; the default feature `gst`),
@@ -21,7 +22,7 @@
 //!   latency target on live streams.
 //! - [`bench`] (model), `bench_pipeline`, `bench_adaptive`, `bench_classify` (batch memory),
 //!   [`bench_gemm`] and [`bench_train`] (training memory): the `mone bench` measurements.
-//! - [`device`]: choosing the compute device; [`redact`]: credentials out of the process's stderr.
+//! - [`device`]: choosing the compute device and uploading u8 clips to it; [`redact`]: credentials out of the process's stderr.
 
 pub mod bench;
 #[cfg(feature = "gst")]
