@@ -279,7 +279,10 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}",
         r.input, r.frames, r.model, r.device, r.batch, r.capacity
     );
-    println!("stage                          frames/s (median of {} rounds)", r.rounds.len());
+    println!(
+        "stage                          frames/s (median of {} rounds)",
+        r.rounds.len()
+    );
     println!("(a) decode to RGB            {:>10.1}", r.decode_fps);
     println!(
         "decode + clips + tokenize    {:>10.1}",

@@ -91,7 +91,7 @@ impl Attention {
             )?;
             return Ok(x);
         }
-        if cuda::applies(h, train) && cuda::head_dim_ok(hd) {
+        if cuda::applies(h, train) && cuda::head_dim_ok(hd) && x.is_contiguous() {
             let qkv = {
                 let _p = scope(Part::Qkv);
                 cuda::in_proj(

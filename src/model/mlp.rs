@@ -94,7 +94,7 @@ impl Mlp {
             )?;
             return Ok(x);
         }
-        if cuda::applies(h, train) {
+        if cuda::applies(h, train) && x.is_contiguous() {
             let s = scale
                 .map(|s| s.tensor.to_dtype(h.dtype())?.contiguous())
                 .transpose()?;
