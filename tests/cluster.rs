@@ -1,5 +1,7 @@
 //! File jobs through a real nats-server (JetStream, started on a free loopback port with a
 //! temporary store): two workers, one killed mid-job, every file's events exactly once.
+//! Workers run the GStreamer pipeline (the default feature `gst`).
+#![cfg(feature = "gst")]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -1,4 +1,6 @@
 //! `mone eval` end to end on a rendered dataset folder, and the folder formats it reads.
+//! Rendering and decoding the folders needs GStreamer (the default feature `gst`).
+#![cfg(feature = "gst")]
 
 use std::path::PathBuf;
 

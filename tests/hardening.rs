@@ -1,6 +1,8 @@
 //! Inputs that once crashed the process or leaked what they carried: a source element whose
 //! properties have other types than rtspsrc's (srtsrc), and credentials in a URI that
 //! GStreamer quotes in its error text.
+//! Needs GStreamer (the default feature `gst`).
+#![cfg(feature = "gst")]
 
 use std::io::Read;
 use std::process::{Command, Stdio};

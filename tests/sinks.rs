@@ -463,6 +463,7 @@ fn mqtt_loses_nothing_while_the_broker_restarts() {
 }
 
 #[test]
+#[cfg(feature = "gst")]
 fn a_pipeline_sends_only_the_filtered_events_to_its_webhook() {
     let rx = Receiver::start();
     let dir = tmpdir("pipeline");

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+#[cfg(feature = "gst")]
 pub mod rtsp;
 
 /// A Debian tool on PATH or in /usr/sbin (where mosquitto and nats-server go, which is not on
