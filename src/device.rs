@@ -68,11 +68,7 @@ pub fn upload_u8(parts: &[&[u8]], shape: &[usize], device: &Device) -> candle_co
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) if n > 0 => pinned::upload(parts, n, shape, d),
-        _ => {
-            let mut data = Vec::with_capacity(n);
-            parts.iter().for_each(|p| data.extend_from_slice(p));
-            Tensor::from_vec(data, shape, device)
-        }
+        _ => Tensor::from_vec(parts.concat(), shape, device),
     }
 }
 

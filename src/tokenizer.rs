@@ -77,13 +77,7 @@ pub fn clip_to_chw_u8(clip: &Clip) -> Vec<u8> {
 
 /// Stack raw (C, T, H, W) clips into one (B, C, T, H, W) u8 tensor on `device`.
 pub fn batch_u8(clips: &[&[u8]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
-    let per = 3 * t * h * w;
-    if let Some(c) = clips.iter().find(|c| c.len() != per) {
-        candle_core::bail!(
-            "clip has {} values, expected {per} for (3, {t}, {h}, {w})",
-            c.len()
-        );
-    }
+    check_lengths(clips, t, h, w)?;
     crate::device::upload_u8(clips, &[clips.len(), 3, t, h, w], device)
 }
 
@@ -106,28 +100,20 @@ pub fn normalize(x: &Tensor, mean: [f32; 3], std: [f32; 3], dtype: DType) -> Res
 
 /// Stack tokenised clips of shape (C, T, H, W) into one (B, C, T, H, W) tensor.
 pub fn batch(clips: &[&[f32]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
-    stack(clips, t, h, w, device)
+    check_lengths(clips, t, h, w)?;
+    Tensor::from_vec(clips.concat(), (clips.len(), 3, t, h, w), device)
 }
 
-fn stack<T: candle_core::WithDType>(
-    clips: &[&[T]],
-    t: usize,
-    h: usize,
-    w: usize,
-    device: &Device,
-) -> Result<Tensor> {
+/// Every clip holds (3, t, h, w) values.
+fn check_lengths<T>(clips: &[&[T]], t: usize, h: usize, w: usize) -> Result<()> {
     let per = 3 * t * h * w;
-    let mut data = Vec::with_capacity(per * clips.len());
-    for c in clips {
-        if c.len() != per {
-            candle_core::bail!(
-                "clip has {} values, expected {per} for (3, {t}, {h}, {w})",
-                c.len()
-            );
-        }
-        data.extend_from_slice(c);
+    if let Some(c) = clips.iter().find(|c| c.len() != per) {
+        candle_core::bail!(
+            "clip has {} values, expected {per} for (3, {t}, {h}, {w})",
+            c.len()
+        );
     }
-    Tensor::from_vec(data, (clips.len(), 3, t, h, w), device)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,9 @@ use candle_nn::VarBuilder;
 use mone::model::nested::{self, RowGroup, TokenLayout};
 use mone::model::{self, cuda, Activation, Config, ForwardOptions, MoneVivit, Routing};
 
+mod common;
+use common::weights;
+
 fn gpu(test: &str) -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
@@ -198,41 +201,8 @@ fn pinned_upload_equals_the_cpu_tensor() {
     }
 }
 
-/// Deterministic weights with a spread, so that nested widths change the output.
-fn weights(cfg: &Config) -> std::collections::HashMap<String, Tensor> {
-    let mut state = 7u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64) as f32 * 2.0 - 1.0
-    };
-    cfg.expected_tensors()
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let fan_in = if shape.len() >= 2 {
-                shape[1..].iter().product::<usize>() as f32
-            } else {
-                4.0
-            };
-            let vals: Vec<f32> = if name.ends_with("norm1.weight")
-                || name.ends_with("norm2.weight")
-                || name.ends_with("norm.weight")
-            {
-                (0..n).map(|_| 1.0 + 0.2 * next()).collect()
-            } else if name == "router.alpha" {
-                vec![0.5]
-            } else {
-                (0..n).map(|_| next() * 1.5 / fan_in.sqrt()).collect()
-            };
-            (name, Tensor::from_vec(vals, shape, &Device::Cpu).unwrap())
-        })
-        .collect()
-}
-
 fn build(cfg: &Config, dev: &Device) -> MoneVivit {
-    let w = weights(cfg)
+    let w = weights(cfg, 7, 0.5)
         .into_iter()
         .map(|(k, v)| (k, v.to_device(dev).unwrap()))
         .collect();

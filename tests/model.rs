@@ -8,39 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use mone::model::{self, capacity, Config, ForwardOptions, MoneVivit, Routing};
 
-/// Weights with a large spread, so that nested slicing changes the output visibly.
-fn weights(cfg: &Config, seed: u64, alpha: f32) -> HashMap<String, Tensor> {
-    let mut state = seed;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f64 / (1u64 << 31) as f64) as f32 * 2.0 - 1.0
-    };
-    let mut m = HashMap::new();
-    for (name, shape) in cfg.expected_tensors() {
-        let n: usize = shape.iter().product();
-        let vals: Vec<f32> = if name.ends_with("norm1.weight")
-            || name.ends_with("norm2.weight")
-            || name.ends_with("norm.weight")
-        {
-            (0..n).map(|_| 1.0 + 0.2 * next()).collect()
-        } else if name == "router.alpha" {
-            vec![alpha]
-        } else if name == "router.weight" {
-            (0..n).map(|_| 2.0 * next()).collect()
-        } else {
-            let fan_in = if shape.len() >= 2 {
-                shape[1..].iter().product::<usize>() as f32
-            } else {
-                4.0
-            };
-            (0..n).map(|_| next() * 1.5 / fan_in.sqrt()).collect()
-        };
-        m.insert(name, Tensor::from_vec(vals, shape, &Device::Cpu).unwrap());
-    }
-    m
-}
+mod common;
+use common::weights;
 
 fn build(cfg: &Config, w: &HashMap<String, Tensor>) -> MoneVivit {
     MoneVivit::new(

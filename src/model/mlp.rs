@@ -95,9 +95,7 @@ impl Mlp {
             return Ok(x);
         }
         if cuda::applies(h, train) && x.is_contiguous() {
-            let s = scale
-                .map(|s| s.tensor.to_dtype(h.dtype())?.contiguous())
-                .transpose()?;
+            let s = scale.map(|s| &s.tensor);
             let f = {
                 let _p = scope(Part::Fc1);
                 cuda::in_proj(
@@ -106,7 +104,7 @@ impl Mlp {
                     bias(&self.fc1)?,
                     &layout.groups,
                     Some(self.act),
-                    s.as_ref(),
+                    s,
                 )?
             };
             let _p = scope(Part::Fc2);
@@ -116,7 +114,7 @@ impl Mlp {
                 self.fc2.weight(),
                 bias(&self.fc2)?,
                 &layout.groups,
-                s.as_ref(),
+                s,
             )?;
             return Ok(x);
         }

@@ -21,6 +21,7 @@ use candle_core::{
 };
 
 use super::super::config::Activation;
+use super::super::kernels::linear::check_groups;
 use super::super::kernels::RowGroup;
 
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mone_kernels.fatbin"));
@@ -177,20 +178,6 @@ fn contiguous1(l: &Layout, n: usize, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_groups(groups: &[RowGroup], rows: usize, k: usize, name: &str) -> Result<()> {
-    let mut next = 0;
-    for g in groups {
-        if g.row0 != next || g.width == 0 || g.width > k {
-            bail!("{name}: row groups {groups:?} do not partition {rows} rows of width {k}");
-        }
-        next += g.rows;
-    }
-    if next != rows {
-        bail!("{name}: row groups {groups:?} do not partition {rows} rows");
-    }
-    Ok(())
-}
-
 /// C (m x n, column-major, ldc) = A^T B + beta C for A stored k x m (lda) and B k x n (ldb),
 /// column-major: with row-major weights and activations, Y[rows, :m] = X[rows, :k] W[:m, :k]^T.
 #[allow(clippy::too_many_arguments)]
@@ -248,18 +235,12 @@ fn grid_1d(total: usize) -> LaunchConfig {
 
 /// An optional per-row scale tensor's device address (0 for none), checked to hold `rows`
 /// values of `dt`.
-struct Scale<'a> {
-    storage: Option<candle_core::StorageRef<'a>>,
-    layout: Option<&'a Layout>,
-}
+struct Scale<'a>(Option<(candle_core::StorageRef<'a>, &'a Layout)>);
 
 impl<'a> Scale<'a> {
     fn of(t: Option<&'a Tensor>, rows: usize, dt: DType, name: &str) -> Result<Self> {
         let Some(t) = t else {
-            return Ok(Self {
-                storage: None,
-                layout: None,
-            });
+            return Ok(Self(None));
         };
         if t.dtype() != dt {
             bail!(
@@ -269,18 +250,15 @@ impl<'a> Scale<'a> {
         }
         let (s, l) = t.storage_and_layout();
         contiguous1(l, rows, name)?;
-        Ok(Self {
-            storage: Some(s),
-            layout: Some(l),
-        })
+        Ok(Self(Some((s, l))))
     }
     fn ptr<'b>(&'b self, stream: &'b CudaStream) -> Result<Option<Ptr<'b>>> {
-        match (&self.storage, self.layout) {
-            (Some(s), Some(l)) => match &**s {
+        match &self.0 {
+            Some((s, l)) => match &**s {
                 Storage::Cuda(c) => Ok(Some(read(c, l, stream)?)),
                 _ => bail!("row scale is not on the GPU"),
             },
-            _ => Ok(None),
+            None => Ok(None),
         }
     }
 }
@@ -415,7 +393,7 @@ impl CustomOp3 for InProj<'_> {
             bail!("{name}: x has {k} features, the weight {wk}");
         }
         contiguous1(bl, n_out, name)?;
-        check_groups(self.groups, rows, k, name)?;
+        check_groups(name, self.groups, rows, k)?;
         let dt = Dt::of(xs.dtype())?;
         if ws.dtype() != xs.dtype() || bs.dtype() != xs.dtype() {
             bail!("{name}: x, weight and bias differ in dtype");
@@ -508,7 +486,7 @@ impl InplaceOp3 for OutAccum<'_> {
         if arows != rows || wd != d || wk != k {
             bail!("{name}: x {rows} x {d}, a {arows} x {k}, weight {wd} x {wk} do not fit");
         }
-        check_groups(self.groups, rows, d, name)?;
+        check_groups(name, self.groups, rows, d)?;
         let dt = Dt::of(xs.dtype())?;
         if as_.dtype() != xs.dtype() || ws.dtype() != xs.dtype() || self.bias.dtype() != xs.dtype()
         {

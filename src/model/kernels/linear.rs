@@ -28,7 +28,12 @@ fn use_gemm512(g: &RowGroup) -> bool {
 }
 
 /// Checks that the groups tile [0, rows) and fit `width`.
-fn check_groups(name: &str, groups: &[RowGroup], rows: usize, width: usize) -> Result<()> {
+pub(crate) fn check_groups(
+    name: &str,
+    groups: &[RowGroup],
+    rows: usize,
+    width: usize,
+) -> Result<()> {
     let mut next = 0;
     for g in groups {
         if g.row0 != next || g.width > width || g.width == 0 && g.rows > 0 {
