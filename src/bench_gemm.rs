@@ -98,6 +98,12 @@ fn time_shape(s: &Shape, dev: &Device) -> anyhow::Result<f64> {
             let w = Tensor::randn(0f32, 0.02, (d, s.k), dev)?;
             let x = Tensor::zeros((s.rows, d), candle_core::DType::F32, dev)?;
             let bias = vec![0f32; d];
+            // fc2's weight comes packed, as in a loaded model (`Mlp::prepack`).
+            let packed = if s.name.ends_with("fc2") {
+                crate::model::kernels::linear::prepack_out(&w)?
+            } else {
+                None
+            };
             let groups = [RowGroup {
                 row0: 0,
                 rows: s.rows,
@@ -111,6 +117,7 @@ fn time_shape(s: &Shape, dev: &Device) -> anyhow::Result<f64> {
                     groups: &groups,
                     bias: &bias,
                     row_scale: None,
+                    packed: packed.as_ref(),
                 },
             )?;
             Ok(t.elapsed().as_secs_f64())

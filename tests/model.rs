@@ -643,7 +643,9 @@ fn every_simd_level_gives_the_same_logits() {
         ..tiny()
     };
     let w = weights(&cfg, 12, 0.4);
-    let m = build(&cfg, &w);
+    // As a loaded model: fc2's weights packed once (D 384 is wide enough for that path).
+    let mut m = build(&cfg, &w);
+    m.prepack().unwrap();
     let x = input(&cfg, 2, 13);
     let rw = W::new(&w);
     let n = cfg.spatial_tokens();

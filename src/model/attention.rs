@@ -87,6 +87,7 @@ impl Attention {
                     groups: &layout.groups,
                     bias: &b,
                     row_scale: None,
+                    packed: None,
                 },
             )?;
             return Ok(x);

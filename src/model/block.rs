@@ -97,6 +97,14 @@ impl Block {
         })
     }
 
+    /// Packs the MLPs' weights for the CPU (`Mlp::prepack`).
+    pub fn prepack(&mut self) -> Result<()> {
+        match &mut self.mlp {
+            Ffn::Dense(m) => m.prepack(),
+            Ffn::Experts(ms) => ms.iter_mut().try_for_each(Mlp::prepack),
+        }
+    }
+
     fn dense_mlp(&self) -> Result<&Mlp> {
         match &self.mlp {
             Ffn::Dense(m) => Ok(m),

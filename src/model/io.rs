@@ -113,10 +113,13 @@ pub fn load_weights(
                 message: e.to_string(),
             }
         })?;
-    MoneVivit::new(cfg, vb).map_err(|e| ModelError::Weights {
+    let weights_err = |e: candle_core::Error| ModelError::Weights {
         path: path.to_path_buf(),
         message: e.to_string(),
-    })
+    };
+    let mut m = MoneVivit::new(cfg, vb).map_err(weights_err)?;
+    m.prepack().map_err(weights_err)?;
+    Ok(m)
 }
 
 pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
@@ -193,7 +196,9 @@ pub fn random_model(cfg: &Config, device: &Device) -> Result<MoneVivit, ModelErr
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    Ok(MoneVivit::new(cfg, vb)?)
+    let mut m = MoneVivit::new(cfg, vb)?;
+    m.prepack()?;
+    Ok(m)
 }
 
 /// The same weights in another precision (and on another device).
@@ -208,5 +213,7 @@ pub fn convert_model(
         .map(|(k, v)| Ok((k, v.to_device(device)?.to_dtype(dtype)?)))
         .collect::<candle_core::Result<HashMap<_, _>>>()?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    Ok(MoneVivit::new(m.config(), vb)?)
+    let mut out = MoneVivit::new(m.config(), vb)?;
+    out.prepack()?;
+    Ok(out)
 }

@@ -1,13 +1,16 @@
 //! The nested MLP: fc1 reads the first d_j features into the full hidden width, GELU, fc2
 //! writes the first d_j channels, scaled by (alpha * r + 1) for routed tokens.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::attention::linear;
 use super::config::Activation;
 use super::cuda;
-use super::kernels::linear::FusedAct;
+use super::kernels::gemm512::Packed;
+use super::kernels::linear::{prepack_out, FusedAct};
 use super::kernels::{NestedInProj, NestedOutAccum};
 use super::nested::{fused_ok, in_proj, out_proj, TokenLayout};
 use super::profile::{scope, Part};
@@ -18,6 +21,8 @@ pub struct Mlp {
     pub fc1: Linear,
     pub fc2: Linear,
     pub act: Activation,
+    /// fc2's weight packed for the CPU's AVX-512 out-projection (`prepack`).
+    pub fc2_packed: Option<Arc<Packed>>,
 }
 
 /// Per-row MLP scale (alpha * r + 1): as a (rows, 1) tensor for the generic path and as
@@ -40,7 +45,16 @@ impl Mlp {
             fc1: linear(d, m, vb.pp("fc1"))?,
             fc2: linear(m, d, vb.pp("fc2"))?,
             act: cfg.hidden_act,
+            fc2_packed: None,
         })
+    }
+
+    /// Packs fc2's weight once for the fused CPU path, where it applies (AVX-512, f32). For
+    /// weights that no longer change (a loaded model): the fused path would keep using the
+    /// packing made here.
+    pub fn prepack(&mut self) -> Result<()> {
+        self.fc2_packed = prepack_out(self.fc2.weight())?.map(Arc::new);
+        Ok(())
     }
 
     fn act(&self, h: &Tensor) -> Result<Tensor> {
@@ -90,6 +104,7 @@ impl Mlp {
                     groups: &layout.groups,
                     bias: &b,
                     row_scale: host,
+                    packed: self.fc2_packed.as_deref(),
                 },
             )?;
             return Ok(x);

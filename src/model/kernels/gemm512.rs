@@ -1,13 +1,15 @@
-//! An AVX-512 GEMM for the out-projections of small wide groups: C += A[:, :k] W[:n, :k]^T, with
+//! An AVX-512 GEMM for the wide out-projections: C += A[:, :k] W[:n, :k]^T, with
 //! W packed (per call) into panels of 32 output features, k-major (a narrower group uses the
-//! first panels of the same packing) and A packed per block. A 12 x 32 register tile, 24
+//! first panels of the same packing) and A copied per block. A 12 x 32 register tile, 24
 //! accumulators.
 //!
-//! `mone bench gemm` (b16, 2 threads, AVX-512) measured the gemm crate's own AVX-512 kernels
-//! faster on every in-projection and on the large groups, but at 55-67 GFLOP/s against this
-//! kernel's 91-96 on the widest group's fc2 at e_c 0.3 (208 rows, K 3072, N 768), and 123 against
-//! 138-142 on its attention out-projection: few rows against a long K is the shape the crate
-//! blocks badly. So only those products come here (`linear.rs` picks).
+//! `mone bench gemm --iters 15` (b16, 2 threads, AVX-512, alternated with the gemm crate's own
+//! AVX-512 kernels in one run) measured this kernel faster on fc2 (K 3072) wherever the output
+//! is at least 384 wide: 155-166 GFLOP/s against 140-160 on the e_c 0.5 and 0.3 groups of
+//! 600-900 rows, 118 against 70 on the widest group at e_c 0.3 (208 rows), 188-190 against
+//! 180-184 dense; and on the attention's out-projection (K 768) only for groups of few rows
+//! (141 against 126 at 208 rows). The crate won on every in-projection and on outputs of 96
+//! columns, and tied at 192. So only those products come here (`linear.rs` picks).
 // Without the `avx512` feature nothing calls into it.
 #![cfg_attr(not(feature = "avx512"), allow(dead_code))]
 
@@ -25,12 +27,18 @@ pub const MR: usize = 12;
 const KC: usize = 256;
 /// Rows per block: the packed MC x KC block of A (96 KiB) stays in L2 across the panels.
 const MC: usize = 96;
-/// The products that come here: out-projections of groups with fewer rows than this and at
-/// least `MIN_WIDTH` output columns (see the module doc).
+/// Row stride of the packed A micro-panels: KC plus one cache line, so that the rows of a
+/// tile fall into different L1 sets.
+const KS: usize = KC + 16;
+/// The products that come here: out-projections of at least `MIN_WIDTH` output columns with
+/// fewer rows than `MAX_ROWS` or a K of at least `LONG_K` (see the module doc).
 pub const MAX_ROWS: usize = 512;
 pub const MIN_WIDTH: usize = 384;
+pub const LONG_K: usize = 2048;
 
 /// W's first `n` rows and first `k` columns as panels of NR rows, k-major, zero past `n`.
+/// Packing fc2's 768 x 3072 weight took 3.7-6.6 ms (2 threads), 4-7% of a b16 forward at e_c
+/// 0.3 over its 16 layers, so loaded models keep fc2's packing (`Mlp::prepack`).
 pub struct Packed {
     pub n: usize,
     pub k: usize,
@@ -62,8 +70,19 @@ impl Packed {
         Self { n, k, data }
     }
 
+    /// Whether this packs all of a (n, k) weight.
+    pub fn covers(&self, n: usize, k: usize) -> bool {
+        self.n == n && self.k == k
+    }
+
     fn panel(&self, p: usize, k0: usize) -> *const f32 {
         self.data[p * self.k * NR + k0 * NR..].as_ptr()
+    }
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed({} x {})", self.n, self.k)
     }
 }
 
@@ -95,26 +114,25 @@ impl Gemm<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Gemm, KC, MC, MR, NR};
+    use super::{Gemm, KC, KS, MC, MR, NR};
 
-    /// A's block [ic, ie) x [pc, pc + kc) as MR-row micro-panels, k-major: the kernel then
-    /// broadcasts from one stream instead of MR rows that may alias in L1 (a 3072-float row
-    /// is exactly 3 x 4 KiB, so all twelve rows of an fc2 tile fall into the same sets).
+    /// A's block [ic, ie) x [pc, pc + kc) as MR-row micro-panels of row copies KS floats apart:
+    /// plain vector copies (a transposing pack cost a third of the FMAs on narrow outputs), and
+    /// a stride that is no multiple of 4 KiB (a 3072-float row is exactly 3 x 4 KiB, so twelve
+    /// fc2 rows read in place all fall into the same L1 sets).
     #[inline(always)]
     unsafe fn pack_a(g: &Gemm, ic: usize, ie: usize, pc: usize, kc: usize, buf: &mut [f32]) {
         let mut t = 0;
         let mut ir = ic;
         while ir < ie {
             let mr = MR.min(ie - ir);
-            let dst = &mut buf[t * kc * MR..t * kc * MR + kc * MR];
             for r in 0..MR {
                 // Rows past the block repeat its first row (computed, never stored).
                 let row = if r < mr { ir + r } else { ir };
                 // SAFETY: rows [ic, ie) and columns [pc, pc + kc) are inside A.
                 let src = unsafe { std::slice::from_raw_parts(g.a.add(row * g.lda + pc), kc) };
-                for (kk, v) in src.iter().enumerate() {
-                    dst[kk * MR + r] = *v;
-                }
+                let o = (t * MR + r) * KS;
+                buf[o..o + kc].copy_from_slice(src);
             }
             t += 1;
             ir += mr;
@@ -124,7 +142,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
     pub(super) unsafe fn run(g: &Gemm, r0: usize, r1: usize, p0: usize, p1: usize) {
         let n = g.n.min(g.w.n);
-        let mut buf = super::overwritten_f32(MC.div_ceil(MR) * KC * MR);
+        let mut buf = super::overwritten_f32(MC.div_ceil(MR) * MR * KS);
         let mut ic = r0;
         while ic < r1 {
             let ie = (ic + MC).min(r1);
@@ -143,7 +161,7 @@ mod x86 {
                         // SAFETY: the tile is inside A's block and C (the caller's contract).
                         unsafe {
                             let c = g.c.add(ir * g.ldc + j0);
-                            tile(kc, buf[t * kc * MR..].as_ptr(), mr, b, c, g.ldc, nr);
+                            tile(kc, buf[t * MR * KS..].as_ptr(), mr, b, c, g.ldc, nr);
                         }
                         ir += mr;
                         t += 1;
@@ -167,7 +185,8 @@ mod x86 {
         }
     }
 
-    /// C[0..mr, 0..nr] += A B, A a packed micro-panel (kc x MR), B a packed panel (kc x NR).
+    /// C[0..mr, 0..nr] += A B, A a packed micro-panel (MR rows KS apart), B a packed panel
+    /// (kc x NR).
     /// Rows past `mr` are computed and not stored.
     #[inline(always)]
     unsafe fn tile(
@@ -186,7 +205,7 @@ mod x86 {
                 let b0 = _mm512_loadu_ps(b.add(kk * NR));
                 let b1 = _mm512_loadu_ps(b.add(kk * NR + 16));
                 for r in 0..MR {
-                    let av = _mm512_set1_ps(*a.add(kk * MR + r));
+                    let av = _mm512_set1_ps(*a.add(r * KS + kk));
                     c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
                     c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
                 }

@@ -1,7 +1,7 @@
 //! The nested linear layers: partial in-projections (the first d_g input features of each row
 //! group, full output) and partial out-projections accumulated into the residual in place.
-//! They run on the gemm crate, but for the out-projections of small wide groups on AVX-512,
-//! which run on `gemm512`.
+//! They run on the gemm crate, but for the wide out-projections on AVX-512 (fc2's, and the
+//! attention's of small groups), which run on `gemm512`.
 
 use candle_core::{bail, CpuStorage, CustomOp3, InplaceOp3, Layout, Result, Shape};
 use gemm::{gemm, Parallelism};
@@ -19,11 +19,14 @@ pub struct FusedAct<'a> {
     pub row_scale: Option<&'a [f32]>,
 }
 
-/// Whether the out-projection of `g` runs on `gemm512` here.
-fn use_gemm512(g: &RowGroup) -> bool {
+/// Whether the out-projection of `g` runs on `gemm512` here: every group when W comes
+/// packed (it won or tied on every fc2 group then), else the shapes where it wins even with
+/// packing W per call (see `gemm512`).
+fn use_gemm512(g: &RowGroup, k: usize, prepacked: bool) -> bool {
     cfg!(all(target_arch = "x86_64", feature = "avx512"))
-        && g.rows < gemm512::MAX_ROWS
-        && g.width >= gemm512::MIN_WIDTH
+        && (prepacked
+            || g.width >= gemm512::MIN_WIDTH
+                && (g.rows < gemm512::MAX_ROWS || k >= gemm512::LONG_K))
         && level() == SimdLevel::Avx512
 }
 
@@ -151,11 +154,31 @@ impl CustomOp3 for NestedInProj<'_> {
 
 /// In place: x[rows_g, :d_g] += s_r * (a[rows_g] @ W[:d_g]^T + b[:d_g]) with x (R, D),
 /// a (R, in), W (D, in). When `row_scale` is set, `a` must already be scaled by s_r (the
-/// caller folds the scale into the activation); only the bias is scaled here.
+/// caller folds the scale into the activation); only the bias is scaled here. `packed`, W's
+/// `gemm512` packing made once at load, saves packing it per call.
 pub struct NestedOutAccum<'a> {
     pub groups: &'a [RowGroup],
     pub bias: &'a [f32],
     pub row_scale: Option<&'a [f32]>,
+    pub packed: Option<&'a gemm512::Packed>,
+}
+
+/// W's `gemm512` packing for `NestedOutAccum`, where this CPU and build run it: a contiguous
+/// f32 (out, in) weight on the CPU with at least `MIN_WIDTH` outputs. The packing is a copy:
+/// the weight must not change while it is in use.
+pub fn prepack_out(w: &candle_core::Tensor) -> Result<Option<gemm512::Packed>> {
+    let (n, k) = w.dims2()?;
+    if !cfg!(all(target_arch = "x86_64", feature = "avx512"))
+        || super::simd::supported() < SimdLevel::Avx512
+        || !w.device().is_cpu()
+        || w.dtype() != candle_core::DType::F32
+        || !w.is_contiguous()
+        || n < gemm512::MIN_WIDTH
+    {
+        return Ok(None);
+    }
+    let v = w.flatten_all()?.to_vec1::<f32>()?;
+    Ok(Some(gemm512::Packed::new(&v, k, n, k)))
 }
 
 impl InplaceOp3 for NestedOutAccum<'_> {
@@ -197,10 +220,11 @@ impl InplaceOp3 for NestedOutAccum<'_> {
                 bail!("nested-out-accum: group {g:?} outside ({r}, {d})");
             }
         }
+        let pre = self.packed.filter(|p| p.covers(d, k));
         let small: Vec<bool> = self
             .groups
             .iter()
-            .map(|g| a_cs == 1 && w_cs == 1 && use_gemm512(g))
+            .map(|g| a_cs == 1 && (w_cs == 1 || pre.is_some()) && use_gemm512(g, k, pre.is_some()))
             .collect();
         let nmax = self
             .groups
@@ -209,7 +233,11 @@ impl InplaceOp3 for NestedOutAccum<'_> {
             .filter(|(_, s)| **s)
             .map(|(g, _)| g.width)
             .max();
-        let packed = nmax.map(|n| gemm512::Packed::new(w, w_rs, n, k));
+        let own = match (nmax, pre) {
+            (Some(n), None) => Some(gemm512::Packed::new(w, w_rs, n, k)),
+            _ => None,
+        };
+        let packed = own.as_ref().or(pre);
         // Each thread takes a contiguous share of every group's rows and runs its GEMMs
         // single-threaded: one join per op, no per-group barrier.
         let threads = rayon::current_num_threads().max(1);
@@ -275,7 +303,83 @@ impl InplaceOp3 for NestedOutAccum<'_> {
             }
         });
         #[cfg(not(all(target_arch = "x86_64", feature = "avx512")))]
-        drop(packed);
+        let _ = packed;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The out-projection with W packed at load, packed per call, and with a packing of the
+    /// wrong shape (which must be ignored, not read), against an f64 reference: widths on both
+    /// sides of `MIN_WIDTH`, a K past `LONG_K`, a row scale, the columns past each width kept.
+    #[test]
+    fn out_accum_with_a_prepacked_weight_equals_the_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        let (d, k) = (448, 2080);
+        let groups = [(0, 40, 448), (40, 9, 416), (49, 5, 96)]
+            .map(|(row0, rows, width)| RowGroup { row0, rows, width });
+        let r = 54;
+        let a = Tensor::randn(0f32, 1.0, (r, k), &dev)?;
+        let w = Tensor::randn(0f32, 0.05, (d, k), &dev)?;
+        let x0 = Tensor::randn(0f32, 1.0, (r, d), &dev)?;
+        let bias: Vec<f32> = (0..d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let scale: Vec<f32> = (0..r).map(|i| 1.0 + (i % 7) as f32 * 0.1).collect();
+        let (av, wv, xv) = (
+            a.to_vec2::<f32>()?,
+            w.to_vec2::<f32>()?,
+            x0.to_vec2::<f32>()?,
+        );
+        let mut want = xv.clone();
+        for g in &groups {
+            for i in g.row0..g.row0 + g.rows {
+                for j in 0..g.width {
+                    let dot: f64 = (0..k).map(|c| av[i][c] as f64 * wv[j][c] as f64).sum();
+                    want[i][j] = (xv[i][j] as f64 + dot + scale[i] as f64 * bias[j] as f64) as f32;
+                }
+            }
+        }
+        let prepacked = prepack_out(&w)?;
+        if cfg!(all(target_arch = "x86_64", feature = "avx512"))
+            && super::super::simd::supported() >= SimdLevel::Avx512
+        {
+            assert!(
+                prepacked.is_some(),
+                "no packing on an AVX-512 build and CPU"
+            );
+        } else {
+            eprintln!("prepacked weights: skipped, this CPU (or build) has no AVX-512");
+        }
+        let wrong = prepack_out(&Tensor::randn(0f32, 1.0, (d, k - 32), &dev)?)?;
+        for (name, packed) in [
+            ("prepacked", prepacked.as_ref()),
+            ("packed per call", None),
+            ("wrong packing", wrong.as_ref()),
+        ] {
+            let x = x0.copy()?;
+            x.inplace_op3(
+                &a,
+                &w,
+                &NestedOutAccum {
+                    groups: &groups,
+                    bias: &bias,
+                    row_scale: Some(&scale),
+                    packed,
+                },
+            )?;
+            for (i, (got, want)) in x.to_vec2::<f32>()?.iter().zip(&want).enumerate() {
+                for (j, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{name}: ({i}, {j}) {g} vs {w}"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
