@@ -325,7 +325,7 @@ impl MoneVivit {
     }
 
     /// Packs weights once for the CPU's fused kernels where this machine runs them (AVX-512,
-    /// f32): fc2's weight, for about 0.55x more weight memory (`mone bench model --memory`).
+    /// f32): fc2's weight, a third of each block's weights, so about a third more weight memory.
     /// Only for weights that no longer change; the loaders call it, training does not.
     pub fn prepack(&mut self) -> Result<()> {
         for stage in std::iter::once(&mut self.spatial).chain(self.temporal.as_mut()) {
