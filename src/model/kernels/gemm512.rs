@@ -9,7 +9,9 @@
 //! 600-900 rows, 118 against 70 on the widest group at e_c 0.3 (208 rows), 188-190 against
 //! 180-184 dense; and on the attention's out-projection (K 768) only for groups of few rows
 //! (141 against 126 at 208 rows). The crate won on every in-projection and on outputs of 96
-//! columns, and tied at 192. So only those products come here (`linear.rs` picks).
+//! columns, and tied at 192. So only those products come here (`linear.rs` picks), but for a
+//! weight packed at load (fc2's, `Mlp::prepack`): then every group does, since without the
+//! per-call packing this kernel won at 192 columns (181-184 against 144-166) and tied at 96.
 // Without the `avx512` feature nothing calls into it.
 #![cfg_attr(not(feature = "avx512"), allow(dead_code))]
 
@@ -117,7 +119,8 @@ mod x86 {
     use super::{Gemm, KC, KS, MC, MR, NR};
 
     /// A's block [ic, ie) x [pc, pc + kc) as MR-row micro-panels of row copies KS floats apart:
-    /// plain vector copies (a transposing pack cost a third of the FMAs on narrow outputs), and
+    /// plain vector copies (a transposing pack, by instruction count, costs about a third of the
+    /// FMAs on 96-column outputs), and
     /// a stride that is no multiple of 4 KiB (a 3072-float row is exactly 3 x 4 KiB, so twelve
     /// fc2 rows read in place all fall into the same L1 sets).
     #[inline(always)]
