@@ -1,4 +1,5 @@
-//! Element-wise ops for training whose candle backward is slow: GELU and bias-add.
+//! Element-wise ops for training whose candle backward is slow (GELU and bias-add), and the
+//! inference path's token mean pooling.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -70,6 +71,43 @@ impl CustomOp1 for ColumnSum {
     }
 }
 
+/// The mean of each of S sequences' N token rows of width D, in a contiguous (N * S, D) buffer
+/// where token p of sequence s is row p * S + s when `token_major`, else s * N + p; returns
+/// (S, D). candle reduces over a leading dimension element by element (two divisions per
+/// element: 7 ms for one b16 clip's 3136 x 768 tokens, measured); this adds whole rows.
+/// Inference only (no backward).
+pub struct MeanPool {
+    pub n: usize,
+    pub s: usize,
+    pub token_major: bool,
+}
+
+impl CustomOp1 for MeanPool {
+    fn name(&self) -> &'static str {
+        "mean-pool"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let (n, s) = (self.n, self.s);
+        let d = match layout.dims() {
+            [rows, d] if *rows == n * s && n > 0 => *d,
+            dims => bail!("mean-pool: expected ({}, D) rows, got {dims:?}", n * s),
+        };
+        let (tok, seq) = if self.token_major { (s, 1) } else { (1, n) };
+        let inv = 1.0 / n as f32;
+        let mut out = vec![0f32; s * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(si, o)| {
+            for p in 0..n {
+                let r = (si * seq + p * tok) * d;
+                o.iter_mut().zip(&x[r..r + d]).for_each(|(o, v)| *o += v);
+            }
+            o.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((s, d))))
+    }
+}
+
 /// GELU for training on CPU f32: candle's own op computes its backward from eight separate
 /// tensor ops (powf, tanh, ...), which took a third of a training step; this one computes the
 /// value and, on backward, the derivative in one vectorised pass each.
@@ -135,6 +173,42 @@ impl CustomOp2 for GeluGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mean_pool_equals_candles_mean_in_both_row_orders() {
+        use candle_core::Device;
+        for &(n, s, d) in &[(1, 1, 1), (7, 3, 5), (13, 1, 17), (196, 4, 33)] {
+            let x = Tensor::randn(0f32, 1.0, (n * s, d), &Device::Cpu).unwrap();
+            for token_major in [false, true] {
+                let want = if token_major {
+                    x.reshape((n, s, d)).unwrap().mean(0).unwrap()
+                } else {
+                    x.reshape((s, n, d)).unwrap().mean(1).unwrap()
+                };
+                let got = x.apply_op1_no_bwd(&MeanPool { n, s, token_major }).unwrap();
+                assert_eq!(got.dims(), &[s, d]);
+                let diff = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff < 1e-5,
+                    "n {n} s {s} d {d} token-major {token_major}: {diff}"
+                );
+            }
+        }
+        let x = Tensor::zeros((10, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let wrong = MeanPool {
+            n: 3,
+            s: 3,
+            token_major: false,
+        };
+        assert!(x.apply_op1_no_bwd(&wrong).is_err());
+    }
 
     #[test]
     fn fast_gelu_matches_candles_value_and_gradient() {

@@ -23,7 +23,7 @@ pub mod norm;
 pub mod simd;
 
 pub use attention::FusedAttention;
-pub use elementwise::{BiasAdd, Gelu};
+pub use elementwise::{BiasAdd, Gelu, MeanPool};
 pub use linear::{NestedInProj, NestedOutAccum};
 pub use math::{
     erf_approx, exp_approx, gelu_erf, gelu_erf_grad, gelu_tanh, gelu_tanh_grad, tanh_approx,

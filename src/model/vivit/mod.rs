@@ -15,6 +15,7 @@ use candle_nn::{Linear, VarBuilder};
 use super::attention::linear;
 use super::capacity;
 use super::embedding::Embedding;
+use super::kernels::MeanPool;
 use super::mlp::{Mlp, RowScale};
 use super::moe::{ClipRoute, ClipRouter};
 use super::nested::{fused_ok, TokenLayout};
@@ -435,11 +436,7 @@ impl MoneVivit {
         let x = self.routed_layers(x, &layout, &r_rows, opts.train)?;
         let x = self.spatial.norm.forward(&x, opts.train)?;
         let _p = scope(Part::Rest);
-        let pooled = if layout.token_major {
-            x.reshape((n, s, d))?.mean(0)?
-        } else {
-            x.reshape((s, n, d))?.mean(1)?
-        };
+        let pooled = mean_pool(&x, n, s, layout.token_major, fused)?;
         Ok((pooled, assign))
     }
 
@@ -524,7 +521,11 @@ impl MoneVivit {
             &TokenLayout::dense(n, s, d),
             exec,
         )?;
-        let pooled = h.reshape((s, n, d))?.mean(1)?;
+        let pooled = {
+            let _p = scope(Part::Rest);
+            let fused = matches!(exec, Exec::Model { .. }) && fused_ok(&h, exec.train());
+            mean_pool(&h, n, s, false, fused)?
+        };
         let (logits, route) = self.temporal_and_head_with(&pooled, x.dim(0)?, exec, routing)?;
         Ok((widen(logits)?, route))
     }
@@ -734,5 +735,21 @@ impl MoneVivit {
         }
         lin(&mut m, "head".into(), &self.head);
         m
+    }
+}
+
+/// The mean of each sequence's token rows in a (N * S, D) stage output (see
+/// `kernels::MeanPool` for the row orders); the fused kernel only where `fused`.
+fn mean_pool(x: &Tensor, n: usize, s: usize, token_major: bool, fused: bool) -> Result<Tensor> {
+    if fused {
+        return x
+            .contiguous()?
+            .apply_op1_no_bwd(&MeanPool { n, s, token_major });
+    }
+    let d = x.dim(1)?;
+    if token_major {
+        x.reshape((n, s, d))?.mean(0)
+    } else {
+        x.reshape((s, n, d))?.mean(1)
     }
 }
