@@ -8,7 +8,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use super::gemm512;
-use super::simd::{act_row, level, SimdLevel};
+use super::simd::{act_row, bias_row, level, SimdLevel};
 use super::{f32_slice, overwritten_f32, strides2, RowGroup, SyncPtr};
 use crate::model::config::Activation;
 
@@ -97,14 +97,11 @@ impl CustomOp3 for NestedInProj<'_> {
         let mut dst = overwritten_f32(r * out);
         let dst_ptr = SyncPtr(dst.as_mut_ptr());
         let dst_ref = &dst_ptr;
-        let prefill = self.add_bias && self.act.is_none();
-        if prefill {
-            dst.par_chunks_mut(out)
-                .for_each(|row| row.copy_from_slice(b));
-        }
         // Each thread takes a contiguous block of output columns and runs every group on it
         // single-threaded: one join per op instead of one parallel region per group, and each
-        // thread's weight panel stays in its cache across the groups.
+        // thread's weight panel stays in its cache across the groups. The bias (and fc1's
+        // activation) goes onto each group's block right after its GEMM, while the block is
+        // still in cache, rather than as a prefill the GEMM reads back.
         let chunk = out.div_ceil(threads).div_ceil(16) * 16;
         (0..threads).into_par_iter().for_each(|t| {
             let c0 = t * chunk;
@@ -112,6 +109,7 @@ impl CustomOp3 for NestedInProj<'_> {
                 return;
             }
             let cn = chunk.min(out - c0);
+            let bias = &b[c0..c0 + cn];
             for g in self.groups.iter().filter(|g| g.rows > 0) {
                 // SAFETY: extents checked above; threads write disjoint column blocks.
                 unsafe {
@@ -122,14 +120,14 @@ impl CustomOp3 for NestedInProj<'_> {
                         dst_ref.0.add(g.row0 * out + c0),
                         1,
                         out as isize,
-                        prefill,
+                        false,
                         x.as_ptr().add(g.row0 * x_rs),
                         x_cs as isize,
                         x_rs as isize,
                         w.as_ptr().add(c0 * w_rs),
                         w_rs as isize,
                         w_cs as isize,
-                        1.0,
+                        0.0,
                         1.0,
                         false,
                         false,
@@ -137,14 +135,17 @@ impl CustomOp3 for NestedInProj<'_> {
                         Parallelism::None,
                     )
                 }
-            }
-            if let Some(a) = self.act {
-                for i in 0..r {
-                    let s = a.row_scale.map_or(1.0, |s| s[i]);
-                    // SAFETY: this thread's column block of row i, written above.
+                if !self.add_bias && self.act.is_none() {
+                    continue;
+                }
+                for i in g.row0..g.row0 + g.rows {
+                    // SAFETY: this thread's column block of row i, written just above.
                     let row =
                         unsafe { std::slice::from_raw_parts_mut(dst_ref.0.add(i * out + c0), cn) };
-                    act_row(row, &b[c0..c0 + cn], a.act, s);
+                    match self.act {
+                        Some(a) => act_row(row, bias, a.act, a.row_scale.map_or(1.0, |s| s[i])),
+                        None => bias_row(row, bias),
+                    }
                 }
             }
         });

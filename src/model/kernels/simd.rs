@@ -137,6 +137,7 @@ macro_rules! dispatch_simd {
 dispatch_simd!(softmax_in_place, softmax_in_place_at, softmax_body, (r: &mut [f32]));
 dispatch_simd!(layer_norm_row, layer_norm_row_at, layer_norm_row_body, (x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]));
 dispatch_simd!(act_row, act_row_at, act_row_body, (row: &mut [f32], bias: &[f32], act: Activation, scale: f32));
+dispatch_simd!(bias_row, bias_row_at, bias_row_body, (row: &mut [f32], bias: &[f32]));
 dispatch_simd!(gelu_rows, gelu_rows_at, gelu_rows_body, (x: &[f32], y: &mut [f32], act: Activation));
 dispatch_simd!(gelu_grad_rows, gelu_grad_rows_at, gelu_grad_rows_body, (x: &[f32], g: &[f32], y: &mut [f32], act: Activation));
 
@@ -217,6 +218,11 @@ pub(crate) fn act_row_body(row: &mut [f32], bias: &[f32], act: Activation, scale
         Activation::GeluTanh => it.for_each(|(v, b)| *v = gelu_tanh(*v + b) * scale),
         Activation::GeluErf => it.for_each(|(v, b)| *v = gelu_erf(*v + b) * scale),
     }
+}
+
+#[inline(always)]
+pub(crate) fn bias_row_body(row: &mut [f32], bias: &[f32]) {
+    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
 }
 
 #[inline(always)]
@@ -307,6 +313,15 @@ mod tests {
                     .map(|(v, (w, b))| (v - mean) / (var + 1e-6).sqrt() * *w as f64 + *b as f64)
                     .collect();
                 assert_rel(&got, &want, &what("layer norm"));
+
+                let mut got = x.clone();
+                bias_row_at(level, &mut got, &b);
+                let want: Vec<f64> = x
+                    .iter()
+                    .zip(&b)
+                    .map(|(v, b)| *v as f64 + *b as f64)
+                    .collect();
+                assert_rel(&got, &want, &what("bias"));
 
                 for act in [Activation::GeluTanh, Activation::GeluErf] {
                     let g = data(n, 300 + seed as u64, 3.0);
