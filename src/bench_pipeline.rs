@@ -41,6 +41,9 @@ pub struct PipelineBenchArgs {
     pub capacity: f64,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Threads per libav decoder (default: libav's, one per core).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub decode_threads: Option<u32>,
     /// Rounds of (decode only, model only, full pipeline); the report takes the medians.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -176,6 +179,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         fps: None,
         resize: Default::default(),
         rtsp_transport: Default::default(),
+        decode_threads: a.decode_threads,
     };
     let spec = ClipSpec {
         frames: cfg.frames,
@@ -198,6 +202,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
     let ropts = RuntimeOptions {
         batch: a.batch,
         capacity: a.capacity,
+        decode_threads: a.decode_threads,
         ..RuntimeOptions::default()
     };
     let mut rounds = Vec::new();

@@ -206,6 +206,8 @@ impl SegmentsSection {
 #[serde(deny_unknown_fields)]
 pub struct SourcesSection {
     pub rtsp_transport: Option<RtspTransport>,
+    /// Threads per libav decoder (default: libav's, one per core).
+    pub decode_threads: Option<u32>,
     pub watchdog_s: Option<f64>,
     pub stall_timeout_s: Option<f64>,
     pub queue: Option<usize>,
@@ -372,6 +374,15 @@ impl PipelineConfig {
             fps: self.clips.fps,
             resize: self.clips.resize.unwrap_or(d.resize),
             rtsp_transport: s.rtsp_transport.unwrap_or(d.rtsp_transport),
+            decode_threads: match s.decode_threads {
+                Some(0) => {
+                    return Err(
+                        "decode_threads must be at least 1 (leave it out for libav's default)"
+                            .into(),
+                    )
+                }
+                n => n,
+            },
             queue: s.queue.unwrap_or(d.queue),
             watchdog: secs(s.watchdog_s, d.watchdog, "watchdog_s")?,
             stall_timeout: secs(s.stall_timeout_s, d.stall_timeout, "stall_timeout_s")?,
@@ -456,6 +467,7 @@ mod tests {
             max_wait_ms = 50
             [sources]
             rtsp_transport = "udp"
+            decode_threads = 1
             watchdog_s = 2.5
             [[streams]]
             id = "door"
@@ -472,6 +484,7 @@ mod tests {
         );
         assert_eq!(o.watchdog, Duration::from_millis(2500));
         assert_eq!(o.rtsp_transport, RtspTransport::Udp);
+        assert_eq!(o.decode_threads, Some(1));
         let s = c.streams();
         assert_eq!(s[0].name, "door");
         assert_eq!(s[1].name, "test:pattern=ball");
@@ -487,6 +500,11 @@ mod tests {
             "[model]\ndir='m'\n[sources]\nwatchdog_s=-1\n[[streams]]\nuri='x'"
         )
         .is_err());
+        assert!(PipelineConfig::parse(
+            "[model]\ndir='m'\n[sources]\ndecode_threads=0\n[[streams]]\nuri='x'"
+        )
+        .unwrap_err()
+        .contains("decode_threads"));
         assert!(PipelineConfig::parse(
             "[model]\ndir='m'\n[[streams]]\nuri='x'\n[[streams]]\nuri='x'"
         )

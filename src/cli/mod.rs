@@ -33,6 +33,10 @@ pub struct ClassifyArgs {
     /// many inputs there are (default: sized to the machine's cores and memory, printed at start).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Threads per libav decoder (default: libav's, one per core); with several files open on
+    /// few cores, 1 lets them contend less with each other and the model.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub decode_threads: Option<u32>,
     /// Model folder (config.json, model.safetensors, labels.txt); default: the shipped model,
     /// wherever `mone model list` finds it.
     #[arg(long)]
@@ -485,6 +489,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
         },
         max_reconnects: Some(a.max_reconnects),
         max_open: Some(jobs),
+        decode_threads: a.decode_threads,
         segments: a.segments.then(crate::segments::SegmentSettings::default),
         ..RuntimeOptions::default()
     };

@@ -164,6 +164,8 @@ pub struct RuntimeOptions {
     pub fps: Option<f64>,
     pub resize: Resize,
     pub rtsp_transport: RtspTransport,
+    /// Threads per libav decoder; None: libav's default (one per core).
+    pub decode_threads: Option<u32>,
     /// Clips queued per stream.
     pub queue: usize,
     /// A live stream with no frame for this long is declared offline and reconnected.
@@ -202,6 +204,7 @@ impl Default for RuntimeOptions {
             fps: None,
             resize: Resize::Crop,
             rtsp_transport: RtspTransport::Tcp,
+            decode_threads: None,
             queue: 4,
             watchdog: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(30),
@@ -402,6 +405,7 @@ pub fn run(
             fps: opts.fps,
             resize: opts.resize,
             rtsp_transport: opts.rtsp_transport,
+            decode_threads: opts.decode_threads,
         },
         sink,
         hooks,

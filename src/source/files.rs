@@ -134,6 +134,7 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
         fps: None,
         resize: Resize::default(),
         rtsp_transport: RtspTransport::default(),
+        decode_threads: None,
     };
     let mut p = SourcePipeline::new(&input, &opts)?;
     p.start()?;
@@ -163,4 +164,53 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
     // 600-clip folder took 10 minutes).
     p.stop(Duration::ZERO);
     result.map(|_| frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `decode_threads` reaches the libav decoder that decodebin plugs in, and the default
+    /// leaves libav's own setting (0: one thread per core); both decode every frame.
+    #[test]
+    fn decode_threads_reach_the_libav_decoder() {
+        let dir = std::env::temp_dir().join(format!("mone-decode-threads-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ball.mp4");
+        write_test_video(&path, "ball", 24, 16, 96, 96, "mp4").unwrap();
+        let uri = format!("file://{}", path.display());
+        for (threads, want) in [(Some(1u32), 1i32), (None, 0)] {
+            let opts = SourceOptions {
+                width: 32,
+                height: 32,
+                fps: None,
+                resize: Resize::default(),
+                rtsp_transport: RtspTransport::default(),
+                decode_threads: threads,
+            };
+            let mut p = SourcePipeline::new(&Input::Uri(uri.clone()), &opts).unwrap();
+            p.start().unwrap();
+            let mut frames = 0;
+            loop {
+                match p.pull(Duration::from_secs(10)) {
+                    Pulled::Frame(_) => frames += 1,
+                    Pulled::Eos => break,
+                    Pulled::Idle => panic!("no frame within 10 s"),
+                    Pulled::Error(e) => panic!("{e:?}"),
+                }
+            }
+            let decoders: Vec<i32> = p
+                .pipeline
+                .iterate_recurse()
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter(|e| e.factory().is_some_and(|f| f.name().starts_with("avdec_")))
+                .map(|e| e.property::<i32>("max-threads"))
+                .collect();
+            p.stop(Duration::from_secs(2));
+            assert_eq!(frames, 24, "{threads:?}");
+            assert_eq!(decoders, vec![want], "{threads:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -73,6 +73,9 @@ pub struct SourceOptions {
     pub fps: Option<f64>,
     pub resize: Resize,
     pub rtsp_transport: RtspTransport,
+    /// Threads of a libav (`avdec_*`) decoder; None: libav's own choice, one per core. With
+    /// several streams, or the model sharing few cores, fewer contend less.
+    pub decode_threads: Option<u32>,
 }
 
 /// A `test:` source: `test:pattern=ball,frames=64,fps=25,live=false,width=320,height=240`.
@@ -451,10 +454,19 @@ impl SourcePipeline {
                 });
                 // An HTTP camera's MJPEG (multipart/x-mixed-replace) never says it has no more
                 // parts, and decodebin waits for that before it exposes the video.
+                let decode_threads = opts.decode_threads;
                 if let Some(bin) = dec.dynamic_cast_ref::<gst::Bin>() {
-                    bin.connect_deep_element_added(|_, _, el| {
-                        if el.factory().is_some_and(|f| f.name() == "multipartdemux") {
+                    bin.connect_deep_element_added(move |_, _, el| {
+                        let Some(factory) = el.factory() else {
+                            return;
+                        };
+                        if factory.name() == "multipartdemux" {
                             set_checked(el, "single-stream", "true");
+                        }
+                        if let Some(n) = decode_threads {
+                            if factory.name().starts_with("avdec_") {
+                                set_checked(el, "max-threads", &n.to_string());
+                            }
                         }
                     });
                 }
