@@ -41,7 +41,7 @@ pub struct PipelineBenchArgs {
     pub capacity: f64,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Threads per libav decoder (default: libav's, one per core).
+    /// Threads per libav decoder (default: as `mone run` picks for one input).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub decode_threads: Option<u32>,
     /// Rounds of (decode only, model only, full pipeline); the report takes the medians.
@@ -59,6 +59,8 @@ pub struct PipelineBench {
     pub device: String,
     pub batch: usize,
     pub capacity: f64,
+    /// Threads per libav decoder, in the decode-only pass and the full pipeline alike.
+    pub decode_threads: u32,
     /// (a) decode to RGB at the model's size, frames/s (median over the rounds).
     pub decode_fps: f64,
     pub decode_clips_tokenize_fps: f64,
@@ -173,13 +175,18 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
     };
     let input_str = input_path.display().to_string();
     let input = Input::parse(&input_str)?;
+    // The decode-only pass and the full pipeline decode alike.
+    let decode_threads = a.decode_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        source::threads_per_decoder(cores, 1)
+    });
     let sopts = SourceOptions {
         width: cfg.image_size as u32,
         height: cfg.image_size as u32,
         fps: None,
         resize: Default::default(),
         rtsp_transport: Default::default(),
-        decode_threads: a.decode_threads,
+        decode_threads: Some(decode_threads),
     };
     let spec = ClipSpec {
         frames: cfg.frames,
@@ -202,7 +209,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
     let ropts = RuntimeOptions {
         batch: a.batch,
         capacity: a.capacity,
-        decode_threads: a.decode_threads,
+        decode_threads: Some(decode_threads),
         ..RuntimeOptions::default()
     };
     let mut rounds = Vec::new();
@@ -251,6 +258,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         device: crate::device::describe(&device),
         batch: a.batch,
         capacity: a.capacity,
+        decode_threads,
         decode_fps: dec_fps,
         decode_clips_tokenize_fps: frames as f64 / t_tok,
         model_fps,
@@ -278,8 +286,8 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}",
-        r.input, r.frames, r.model, r.device, r.batch, r.capacity
+        "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}, {} decoder thread(s)",
+        r.input, r.frames, r.model, r.device, r.batch, r.capacity, r.decode_threads
     );
     println!(
         "stage                          frames/s (median of {} rounds)",

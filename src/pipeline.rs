@@ -206,7 +206,7 @@ impl SegmentsSection {
 #[serde(deny_unknown_fields)]
 pub struct SourcesSection {
     pub rtsp_transport: Option<RtspTransport>,
-    /// Threads per libav decoder (default: libav's, one per core).
+    /// Threads per libav decoder (default: the cores shared among the inputs and the model).
     pub decode_threads: Option<u32>,
     pub watchdog_s: Option<f64>,
     pub stall_timeout_s: Option<f64>,

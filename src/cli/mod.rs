@@ -33,8 +33,8 @@ pub struct ClassifyArgs {
     /// many inputs there are (default: sized to the machine's cores and memory, printed at start).
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Threads per libav decoder (default: libav's, one per core); with several files open on
-    /// few cores, 1 lets them contend less with each other and the model.
+    /// Threads per libav decoder (default: the cores shared among the open files and the
+    /// model, at least 1, printed at start).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub decode_threads: Option<u32>,
     /// Model folder (config.json, model.safetensors, labels.txt); default: the shipped model,
@@ -471,6 +471,11 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
             n
         }
     };
+    if a.decode_threads.is_none() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let n = crate::source::threads_per_decoder(cores, jobs.min(inputs.len()));
+        eprintln!("mone: {n} thread(s) per decoder (--decode-threads to change)");
+    }
     let opts = RuntimeOptions {
         capacity: a.capacity,
         topk: a.topk,

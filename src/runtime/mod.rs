@@ -164,7 +164,8 @@ pub struct RuntimeOptions {
     pub fps: Option<f64>,
     pub resize: Resize,
     pub rtsp_transport: RtspTransport,
-    /// Threads per libav decoder; None: libav's default (one per core).
+    /// Threads per libav decoder; None: the cores shared among the inputs open at the start
+    /// and the model ([`crate::source::threads_per_decoder`]).
     pub decode_threads: Option<u32>,
     /// Clips queued per stream.
     pub queue: usize,
@@ -392,6 +393,13 @@ pub fn run(
         }
     };
     let (ev_tx, ev_rx) = unbounded::<Event>();
+    let decode_threads = opts.decode_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let open = opts
+            .max_open
+            .map_or(streams.len(), |m| m.min(streams.len()));
+        crate::source::threads_per_decoder(cores, open)
+    });
     let mut w = Worker {
         model,
         model_name,
@@ -405,7 +413,7 @@ pub fn run(
             fps: opts.fps,
             resize: opts.resize,
             rtsp_transport: opts.rtsp_transport,
-            decode_threads: opts.decode_threads,
+            decode_threads: Some(decode_threads),
         },
         sink,
         hooks,

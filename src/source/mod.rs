@@ -73,8 +73,8 @@ pub struct SourceOptions {
     pub fps: Option<f64>,
     pub resize: Resize,
     pub rtsp_transport: RtspTransport,
-    /// Threads of a libav (`avdec_*`) decoder; None: libav's own choice, one per core. With
-    /// several streams, or the model sharing few cores, fewer contend less.
+    /// Threads of a libav (`avdec_*`) decoder; None: libav's own choice, one per core (the
+    /// runtime passes [`threads_per_decoder`]'s share instead).
     pub decode_threads: Option<u32>,
 }
 
@@ -257,6 +257,15 @@ const PRELOAD: &[&str] = &[
     "jpegdec",
     "multipartdemux",
 ];
+
+/// Threads per libav decoder when `open` inputs decode at once beside the model on `cores`
+/// cores: an equal share of the cores with one share left for the model, at least 1. On 2
+/// cores one thread each beat libav's one per core both for one 720p stream (full pipeline
+/// 3-9% faster) and for four files open at once (`mone classify` 11-12% faster, 15% less
+/// memory).
+pub fn threads_per_decoder(cores: usize, open: usize) -> u32 {
+    (cores / (open.max(1) + 1)).max(1).min(u32::MAX as usize) as u32
+}
 
 pub fn init() -> Result<(), SourceError> {
     gst::init().map_err(|e| SourceError::Gst(format!("cannot initialise GStreamer: {e}")))?;
@@ -708,6 +717,17 @@ impl Drop for SourcePipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoders_share_the_cores_with_the_model() {
+        assert_eq!(threads_per_decoder(2, 1), 1);
+        assert_eq!(threads_per_decoder(2, 4), 1);
+        assert_eq!(threads_per_decoder(16, 1), 8);
+        assert_eq!(threads_per_decoder(16, 3), 4);
+        assert_eq!(threads_per_decoder(32, 16), 1);
+        assert_eq!(threads_per_decoder(64, 7), 8);
+        assert_eq!(threads_per_decoder(1, 0), 1);
+    }
 
     #[test]
     fn parses_inputs() {
