@@ -176,10 +176,9 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
     let input_str = input_path.display().to_string();
     let input = Input::parse(&input_str)?;
     // The decode-only pass and the full pipeline decode alike.
-    let decode_threads = a.decode_threads.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        source::threads_per_decoder(cores, 1)
-    });
+    let decode_threads = a
+        .decode_threads
+        .unwrap_or_else(|| source::default_decode_threads(1));
     let sopts = SourceOptions {
         width: cfg.image_size as u32,
         height: cfg.image_size as u32,

@@ -377,7 +377,7 @@ impl PipelineConfig {
             decode_threads: match s.decode_threads {
                 Some(0) => {
                     return Err(
-                        "decode_threads must be at least 1 (leave it out for libav's default)"
+                        "decode_threads must be at least 1 (leave it out for a share of the cores)"
                             .into(),
                     )
                 }

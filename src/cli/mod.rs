@@ -471,11 +471,11 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
             n
         }
     };
-    if a.decode_threads.is_none() {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let n = crate::source::threads_per_decoder(cores, jobs.min(inputs.len()));
+    let decode_threads = a.decode_threads.unwrap_or_else(|| {
+        let n = crate::source::default_decode_threads(jobs.min(inputs.len()));
         eprintln!("mone: {n} thread(s) per decoder (--decode-threads to change)");
-    }
+        n
+    });
     let opts = RuntimeOptions {
         capacity: a.capacity,
         topk: a.topk,
@@ -494,7 +494,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
         },
         max_reconnects: Some(a.max_reconnects),
         max_open: Some(jobs),
-        decode_threads: a.decode_threads,
+        decode_threads: Some(decode_threads),
         segments: a.segments.then(crate::segments::SegmentSettings::default),
         ..RuntimeOptions::default()
     };

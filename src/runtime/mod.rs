@@ -394,11 +394,10 @@ pub fn run(
     };
     let (ev_tx, ev_rx) = unbounded::<Event>();
     let decode_threads = opts.decode_threads.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let open = opts
             .max_open
             .map_or(streams.len(), |m| m.min(streams.len()));
-        crate::source::threads_per_decoder(cores, open)
+        crate::source::default_decode_threads(open)
     });
     let mut w = Worker {
         model,

@@ -267,6 +267,12 @@ pub fn threads_per_decoder(cores: usize, open: usize) -> u32 {
     (cores / (open.max(1) + 1)).max(1).min(u32::MAX as usize) as u32
 }
 
+/// [`threads_per_decoder`] on this machine's cores.
+pub fn default_decode_threads(open: usize) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    threads_per_decoder(cores, open)
+}
+
 pub fn init() -> Result<(), SourceError> {
     gst::init().map_err(|e| SourceError::Gst(format!("cannot initialise GStreamer: {e}")))?;
     static PRELOADED: std::sync::Once = std::sync::Once::new();
