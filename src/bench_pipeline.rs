@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::clip::{ClipAssembler, ClipSpec, Tail};
 use crate::events::JsonLinesSink;
-use crate::model::{self, Config, ForwardOptions};
+use crate::model::{self, profile, Config, ForwardOptions};
 use crate::runtime::{self, RuntimeOptions, StreamSpec};
 use crate::source::{self, Input, Pulled, SourceOptions, SourcePipeline};
 
@@ -44,9 +44,17 @@ pub struct PipelineBenchArgs {
     /// Threads per libav decoder (default: as `mone run` picks for one input).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub decode_threads: Option<u32>,
+    /// The full pipeline as `mone classify --yield-to-model` runs it: the file's decoding drops
+    /// to the lowest priority once the model is the bottleneck.
+    #[arg(long)]
+    pub yield_to_model: bool,
     /// Rounds of (decode only, model only, full pipeline); the report takes the medians.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Also time the model's parts (ms per clip) in the model-only pass and inside the full
+    /// pipeline, to show which of them the decoder's share of the cores slows down.
+    #[arg(long)]
+    pub profile: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -61,6 +69,8 @@ pub struct PipelineBench {
     pub capacity: f64,
     /// Threads per libav decoder, in the decode-only pass and the full pipeline alike.
     pub decode_threads: u32,
+    /// The full pipeline ran with `yield_to_model`.
+    pub yield_to_model: bool,
     /// (a) decode to RGB at the model's size, frames/s (median over the rounds).
     pub decode_fps: f64,
     pub decode_clips_tokenize_fps: f64,
@@ -76,6 +86,16 @@ pub struct PipelineBench {
     pub rounds: Vec<Round>,
     /// Peak resident memory of the whole run (VmHWM), MiB.
     pub peak_rss_mib: f64,
+    /// With `--profile`: per part, ms per clip in the model-only pass and in the full
+    /// pipeline (medians over the rounds).
+    pub parts: Vec<PartTimes>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct PartTimes {
+    pub part: String,
+    pub model_only_ms: f64,
+    pub full_ms: f64,
 }
 
 /// One round's frames/s.
@@ -186,6 +206,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         resize: Default::default(),
         rtsp_transport: Default::default(),
         decode_threads: Some(decode_threads),
+        threads: None,
     };
     let spec = ClipSpec {
         frames: cfg.frames,
@@ -209,15 +230,18 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         batch: a.batch,
         capacity: a.capacity,
         decode_threads: Some(decode_threads),
+        yield_to_model: a.yield_to_model,
         ..RuntimeOptions::default()
     };
     let mut rounds = Vec::new();
+    let mut parts: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
     for i in 0..a.rounds.max(1) {
         eprintln!("round {}: (a) decode ...", i + 1);
         let (n, t) = decode(&input, &sopts, None)?;
         let dec_fps = n as f64 / t;
 
         eprintln!("round {}: (b) model ...", i + 1);
+        profiled(a.profile);
         let (mut k, t0) = (0usize, Instant::now());
         while k < 3 || t0.elapsed() < Duration::from_secs(3) {
             loaded.model.forward(&x, &[a.capacity], &opts)?;
@@ -225,6 +249,8 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
             k += 1;
         }
         let model_fps = (k * a.batch * spec.stride) as f64 / t0.elapsed().as_secs_f64();
+        let model_parts = per_clip(a.profile, (k * a.batch) as u64);
+        profiled(a.profile);
 
         eprintln!("round {}: full pipeline ...", i + 1);
         let mut sink = JsonLinesSink::null();
@@ -239,6 +265,10 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         )?;
         anyhow::ensure!(s.failed.is_empty(), "pipeline failed: {:?}", s.failed);
         let full = s.frames as f64 / s.elapsed.as_secs_f64();
+        let full_parts = per_clip(a.profile, s.clips);
+        if a.profile {
+            parts.push((model_parts, full_parts));
+        }
         let ceiling = ceiling(&device, dec_fps, model_fps);
         rounds.push(Round {
             decode_fps: dec_fps,
@@ -258,6 +288,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         batch: a.batch,
         capacity: a.capacity,
         decode_threads,
+        yield_to_model: a.yield_to_model,
         decode_fps: dec_fps,
         decode_clips_tokenize_fps: frames as f64 / t_tok,
         model_fps,
@@ -267,7 +298,35 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         full_vs_ceiling: median(rounds.iter().map(|r| r.full_vs_ceiling)),
         rounds,
         peak_rss_mib: crate::bench::peak_rss_mib().unwrap_or(f64::NAN),
+        parts: profile::PARTS
+            .iter()
+            .enumerate()
+            .filter(|_| !parts.is_empty())
+            .map(|(k, p)| PartTimes {
+                part: format!("{p:?}").to_lowercase(),
+                model_only_ms: median(parts.iter().map(|r| r.0[k])),
+                full_ms: median(parts.iter().map(|r| r.1[k])),
+            })
+            .collect(),
     })
+}
+
+/// Starts (or stops) counting the model's parts from zero.
+fn profiled(on: bool) {
+    profile::reset();
+    profile::enable(on);
+}
+
+/// ms per clip of each part since [`profiled`], over `clips` clips; profiling off again.
+fn per_clip(on: bool, clips: u64) -> Vec<f64> {
+    profile::enable(false);
+    if !on {
+        return Vec::new();
+    }
+    profile::snapshot()
+        .into_iter()
+        .map(|(_, s)| s * 1e3 / clips.max(1) as f64)
+        .collect()
 }
 
 fn ceiling(device: &candle_core::Device, decode: f64, model: f64) -> f64 {
@@ -285,8 +344,19 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}, {} decoder thread(s)",
-        r.input, r.frames, r.model, r.device, r.batch, r.capacity, r.decode_threads
+        "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}, {} decoder thread(s){}",
+        r.input,
+        r.frames,
+        r.model,
+        r.device,
+        r.batch,
+        r.capacity,
+        r.decode_threads,
+        if r.yield_to_model {
+            ", yield to model"
+        } else {
+            ""
+        }
     );
     println!(
         "stage                          frames/s (median of {} rounds)",
@@ -320,5 +390,21 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         );
     }
     println!("peak memory (RSS)            {:>10.1} MiB", r.peak_rss_mib);
+    if !r.parts.is_empty() {
+        println!("part         model only ms/clip   in the pipeline   ratio");
+        let (mut a, mut b) = (0.0, 0.0);
+        for p in &r.parts {
+            a += p.model_only_ms;
+            b += p.full_ms;
+            println!(
+                "{:<12} {:>18.2} {:>17.2} {:>7.2}",
+                p.part,
+                p.model_only_ms,
+                p.full_ms,
+                p.full_ms / p.model_only_ms
+            );
+        }
+        println!("{:<12} {:>18.2} {:>17.2} {:>7.2}", "all", a, b, b / a);
+    }
     Ok(())
 }

@@ -208,6 +208,8 @@ pub struct SourcesSection {
     pub rtsp_transport: Option<RtspTransport>,
     /// Threads per libav decoder (default: the cores shared among the inputs and the model).
     pub decode_threads: Option<u32>,
+    /// Files decode at the lowest priority once the model is the bottleneck (default false).
+    pub yield_to_model: Option<bool>,
     pub watchdog_s: Option<f64>,
     pub stall_timeout_s: Option<f64>,
     pub queue: Option<usize>,
@@ -383,6 +385,7 @@ impl PipelineConfig {
                 }
                 n => n,
             },
+            yield_to_model: s.yield_to_model.unwrap_or(d.yield_to_model),
             queue: s.queue.unwrap_or(d.queue),
             watchdog: secs(s.watchdog_s, d.watchdog, "watchdog_s")?,
             stall_timeout: secs(s.stall_timeout_s, d.stall_timeout, "stall_timeout_s")?,
@@ -468,6 +471,7 @@ mod tests {
             [sources]
             rtsp_transport = "udp"
             decode_threads = 1
+            yield_to_model = true
             watchdog_s = 2.5
             [[streams]]
             id = "door"
@@ -485,6 +489,8 @@ mod tests {
         assert_eq!(o.watchdog, Duration::from_millis(2500));
         assert_eq!(o.rtsp_transport, RtspTransport::Udp);
         assert_eq!(o.decode_threads, Some(1));
+        assert!(o.yield_to_model);
+        assert!(!RuntimeOptions::default().yield_to_model);
         let s = c.streams();
         assert_eq!(s[0].name, "door");
         assert_eq!(s[1].name, "test:pattern=ball");

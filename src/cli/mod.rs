@@ -37,6 +37,10 @@ pub struct ClassifyArgs {
     /// model, at least 1, printed at start).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub decode_threads: Option<u32>,
+    /// Once the model is the bottleneck, drop the files' decoding to the lowest priority, so
+    /// that it runs in the model's gaps instead of preempting it (for heavy models on the CPU)
+    #[arg(long)]
+    pub yield_to_model: bool,
     /// Model folder (config.json, model.safetensors, labels.txt); default: the shipped model,
     /// wherever `mone model list` finds it.
     #[arg(long)]
@@ -495,6 +499,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
         max_reconnects: Some(a.max_reconnects),
         max_open: Some(jobs),
         decode_threads: Some(decode_threads),
+        yield_to_model: a.yield_to_model,
         segments: a.segments.then(crate::segments::SegmentSettings::default),
         ..RuntimeOptions::default()
     };

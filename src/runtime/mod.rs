@@ -24,14 +24,18 @@ use crate::events::{
 use crate::failure::{ErrorClass, Failure};
 use crate::metrics::{percentile, StreamInfo, Telemetry};
 use crate::model::{Config, ForwardOptions, LoadedModel};
-use crate::source::{Input, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline};
+use crate::source::{
+    DecodeThreads, Input, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline,
+};
 use crate::tokenizer;
 
+mod bottleneck;
 mod segmenting;
 mod stats;
 mod stream;
 mod worker;
 
+use bottleneck::ModelBound;
 use stats::Interval;
 use stream::{ClipMsg, StreamCtx, StreamMsg};
 use worker::Worker;
@@ -167,6 +171,11 @@ pub struct RuntimeOptions {
     /// Threads per libav decoder; None: the cores shared among the inputs open at the start
     /// and the model ([`crate::source::threads_per_decoder`]).
     pub decode_threads: Option<u32>,
+    /// With the model on the CPU, lower files' decoding threads to the lowest priority
+    /// (SCHED_IDLE) once the model is the bottleneck, so that they run in its gaps instead of
+    /// preempting its threads (`crate::source::DecodeThreads`). Off by default: it gains
+    /// where a heavy model is the bottleneck and may cost a few percent where decoding is.
+    pub yield_to_model: bool,
     /// Clips queued per stream.
     pub queue: usize,
     /// A live stream with no frame for this long is declared offline and reconnected.
@@ -206,6 +215,7 @@ impl Default for RuntimeOptions {
             resize: Resize::Crop,
             rtsp_transport: RtspTransport::Tcp,
             decode_threads: None,
+            yield_to_model: false,
             queue: 4,
             watchdog: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(30),
@@ -413,6 +423,7 @@ pub fn run(
             resize: opts.resize,
             rtsp_transport: opts.rtsp_transport,
             decode_threads: Some(decode_threads),
+            threads: None,
         },
         sink,
         hooks,
@@ -430,6 +441,8 @@ pub fn run(
         arrivals: VecDeque::new(),
         control_closed: false,
         pending: VecDeque::new(),
+        file_threads: DecodeThreads::new(),
+        model_bound: ModelBound::default(),
     };
     w.summary.inputs = streams.len();
     // Live inputs never end: they all start now. Finite ones wait for a free slot.

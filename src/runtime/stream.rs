@@ -178,6 +178,11 @@ impl StreamCtx {
     }
 
     pub(super) fn run(self) {
+        let _registered = self
+            .sopts
+            .threads
+            .as_ref()
+            .map(|g| g.register_this_thread());
         let mut asm = ClipAssembler::new(self.spec);
         let (mut frames, mut dropped) = (0u64, 0u64);
         let mut error: Option<Failure> = None;

@@ -84,6 +84,9 @@ pub(super) struct Worker<'a, 'h> {
     pub(super) control_closed: bool,
     /// Inputs not started yet (bounded batch runs start them as others end).
     pub(super) pending: VecDeque<StreamSpec>,
+    /// The decoding threads of finite inputs, lowered once the model is the bottleneck.
+    pub(super) file_threads: DecodeThreads,
+    pub(super) model_bound: ModelBound,
 }
 
 /// Clips per millisecond over the last two seconds of `arrivals` (pruned here).
@@ -196,6 +199,11 @@ impl Worker<'_, '_> {
         })?;
         let cfg = self.model.config();
         let live = Arc::new(AtomicBool::new(input.is_live()));
+        let threads = (self.device.is_cpu()
+            && self.opts.yield_to_model
+            && input.liveness_known()
+            && !input.is_live())
+        .then(|| self.file_threads.clone());
         let (tx, rx) = bounded(self.opts.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let frames_seen = Arc::new(AtomicU64::new(0));
@@ -206,7 +214,10 @@ impl Worker<'_, '_> {
             input,
             origin_ns: s.origin_ns,
             live: live.clone(),
-            sopts: self.sopts.clone(),
+            sopts: SourceOptions {
+                threads,
+                ..self.sopts.clone()
+            },
             spec: self.spec,
             opts: self.opts.clone(),
             tx,
@@ -508,6 +519,21 @@ impl Worker<'_, '_> {
             .iter()
             .filter_map(|i| self.streams[*i].queue.pop_front().map(|c| (*i, c)))
             .collect();
+        // A file's clips queue in its channel and then here, `queue` each.
+        let backlog = 2
+            * self.opts.queue
+            * self
+                .streams
+                .iter()
+                .filter(|s| !s.live.load(Ordering::Relaxed))
+                .count();
+        if self
+            .model_bound
+            .batch(batch.len(), batch.len() == self.opts.batch, backlog)
+        {
+            // Once only: a lowered thread cannot be raised again without privileges.
+            self.file_threads.set_background();
+        }
         let started = Instant::now();
         let cfg = self.model.config();
         let (t, hw) = (cfg.frames, cfg.image_size);
@@ -772,6 +798,7 @@ impl Worker<'_, '_> {
                     wait =
                         wait.min(iv.saturating_sub(self.last_stats.elapsed()).as_secs_f64() * 1e3);
                 }
+                self.model_bound.waited();
                 self.wait(Duration::from_secs_f64(wait.max(0.5) / 1e3));
             }
         }

@@ -135,6 +135,7 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
         resize: Resize::default(),
         rtsp_transport: RtspTransport::default(),
         decode_threads: None,
+        threads: None,
     };
     let mut p = SourcePipeline::new(&input, &opts)?;
     p.start()?;
@@ -187,6 +188,7 @@ mod tests {
                 resize: Resize::default(),
                 rtsp_transport: RtspTransport::default(),
                 decode_threads: threads,
+                threads: None,
             };
             let mut p = SourcePipeline::new(&Input::Uri(uri.clone()), &opts).unwrap();
             p.start().unwrap();

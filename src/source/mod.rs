@@ -16,9 +16,11 @@ use crate::failure::{self, ErrorClass, Failure, Probe, RawError};
 
 mod diagnose;
 mod files;
+mod priority;
 
 use diagnose::{check_uri, code_of, domain_of, probe, set_checked, without_position};
 pub use files::{decode_file, decode_input, write_rgb_video, write_test_video};
+pub use priority::{is_lowered, DecodeThreads, Registered};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -76,6 +78,9 @@ pub struct SourceOptions {
     /// Threads of a libav (`avdec_*`) decoder; None: libav's own choice, one per core (the
     /// runtime passes [`threads_per_decoder`]'s share instead).
     pub decode_threads: Option<u32>,
+    /// A group whose threads the pipeline's streaming threads join, so that the runtime can
+    /// lower a file's decoding below the model (see [`DecodeThreads`]); None: GStreamer's own.
+    pub threads: Option<DecodeThreads>,
 }
 
 /// A `test:` source: `test:pattern=ball,frames=64,fps=25,live=false,width=320,height=240`.
@@ -507,6 +512,9 @@ impl SourcePipeline {
         let bus = pipeline
             .bus()
             .ok_or_else(|| SourceError::Gst("pipeline without a bus".into()))?;
+        if let Some(g) = &opts.threads {
+            g.adopt_streaming_threads(&bus);
+        }
         Ok(Self {
             pipeline,
             sink,
