@@ -441,7 +441,7 @@ pub fn run(
         arrivals: VecDeque::new(),
         control_closed: false,
         pending: VecDeque::new(),
-        file_threads: DecodeThreads::new(),
+        file_threads: (opts.yield_to_model && device.is_cpu()).then(DecodeThreads::new),
         model_bound: ModelBound::default(),
     };
     w.summary.inputs = streams.len();

@@ -84,8 +84,9 @@ pub(super) struct Worker<'a, 'h> {
     pub(super) control_closed: bool,
     /// Inputs not started yet (bounded batch runs start them as others end).
     pub(super) pending: VecDeque<StreamSpec>,
-    /// The decoding threads of finite inputs, lowered once the model is the bottleneck.
-    pub(super) file_threads: DecodeThreads,
+    /// With `yield_to_model` on the CPU: the decoding threads of finite inputs, lowered once
+    /// the model is the bottleneck.
+    pub(super) file_threads: Option<DecodeThreads>,
     pub(super) model_bound: ModelBound,
 }
 
@@ -199,11 +200,10 @@ impl Worker<'_, '_> {
         })?;
         let cfg = self.model.config();
         let live = Arc::new(AtomicBool::new(input.is_live()));
-        let threads = (self.device.is_cpu()
-            && self.opts.yield_to_model
-            && input.liveness_known()
-            && !input.is_live())
-        .then(|| self.file_threads.clone());
+        let threads = self
+            .file_threads
+            .clone()
+            .filter(|_| input.liveness_known() && !input.is_live());
         let (tx, rx) = bounded(self.opts.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let frames_seen = Arc::new(AtomicU64::new(0));
@@ -519,20 +519,18 @@ impl Worker<'_, '_> {
             .iter()
             .filter_map(|i| self.streams[*i].queue.pop_front().map(|c| (*i, c)))
             .collect();
-        // A file's clips queue in its channel and then here, `queue` each.
-        let backlog = 2
-            * self.opts.queue
-            * self
-                .streams
-                .iter()
-                .filter(|s| !s.live.load(Ordering::Relaxed))
-                .count();
-        if self
-            .model_bound
-            .batch(batch.len(), batch.len() == self.opts.batch, backlog)
-        {
-            // Once only: a lowered thread cannot be raised again without privileges.
-            self.file_threads.set_background();
+        if let Some(g) = &self.file_threads {
+            // A file's clips queue in its channel and then here, `queue` each.
+            let files = self.streams.iter();
+            let files = files.filter(|s| !s.live.load(Ordering::Relaxed)).count();
+            let full = batch.len() == self.opts.batch;
+            if self
+                .model_bound
+                .batch(batch.len(), full, 2 * self.opts.queue * files)
+            {
+                // Once only: a lowered thread cannot be raised again without privileges.
+                g.set_background();
+            }
         }
         let started = Instant::now();
         let cfg = self.model.config();
