@@ -14,6 +14,7 @@ use gstreamer_video::prelude::*;
 use crate::clip::Frame;
 use crate::failure::{self, ErrorClass, Failure, Probe, RawError};
 
+mod convert;
 mod diagnose;
 mod files;
 mod priority;
@@ -247,7 +248,7 @@ const PRELOAD: &[&str] = &[
     "capsfilter",
     "videotestsrc",
     "videorate",
-    "aspectratiocrop",
+    "videocrop",
     "videoscale",
     "videoconvert",
     "appsink",
@@ -374,43 +375,11 @@ impl SourcePipeline {
         let gerr = |e: gst::glib::BoolError| SourceError::Gst(e.to_string());
         let ntp_offset = Arc::new(std::sync::Mutex::new(None));
         let pipeline = gst::Pipeline::new();
-        // Conversion chain: videorate -> crop -> scale (in YUV: about 2x cheaper) -> RGB.
-        let queue = make("queue")?;
-        let mut chain: Vec<gst::Element> = vec![queue.clone()];
-        if opts.fps.is_some() {
-            chain.push(make("videorate")?);
-        }
-        if opts.resize == Resize::Crop {
-            let crop = make("aspectratiocrop")?;
-            crop.set_property(
-                "aspect-ratio",
-                gst::Fraction::new(opts.width as i32, opts.height as i32),
-            );
-            chain.push(crop);
-        }
-        let scale = make("videoscale")?;
-        scale.set_property("add-borders", opts.resize == Resize::Letterbox);
-        chain.push(scale);
-        chain.push(make("videoconvert")?);
-        let mut caps = gst::Caps::builder("video/x-raw")
-            .field("format", "RGB")
-            .field("width", opts.width as i32)
-            .field("height", opts.height as i32)
-            .field("pixel-aspect-ratio", gst::Fraction::new(1, 1));
-        if let Some(f) = opts.fps {
-            caps = caps.field("framerate", fraction(f));
-        }
-        let sink = gst_app::AppSink::builder()
-            .caps(&caps.build())
-            // Files decode as fast as they can; live sources pace themselves.
-            .sync(false)
-            .max_buffers(4)
-            .drop(false)
-            .build();
-        chain.push(sink.clone().upcast());
+        let (chain, sink) = convert::chain(opts)?;
+        let queue = chain[0].clone();
         pipeline.add_many(&chain).map_err(gerr)?;
-        // Link without the caps check: aspectratiocrop cannot answer a caps query until
-        // upstream caps exist (uridecodebin adds its pad later), and refuses a checked link.
+        // Link without the caps check: the crop's caps depend on the input's size, unknown
+        // until uridecodebin adds its pad.
         for w in chain.windows(2) {
             w[0].link_pads_full(Some("src"), &w[1], Some("sink"), gst::PadLinkCheck::empty())
                 .map_err(|e| {
