@@ -332,7 +332,12 @@ fn rewiring_keeps_the_full_width_function_and_moves_important_channels_first() {
     assert!(diff < 1e-5, "full-width logits moved by {diff}");
     // The narrowest width now reads other channels: its function changed.
     let narrow_diff = max_diff(&narrow_before, &logits(&tr, Routing::Width(0)));
-    assert!(narrow_diff > 1e-4, "{narrow_diff}");
+    // Far beyond the float noise of the full width (about 1e-7): the narrow logits, about
+    // 0.3 in size, moved by 0.9e-4 to 2.5e-4 in runs whose initial weights differed.
+    assert!(
+        narrow_diff > 100.0 * diff.max(1e-7),
+        "narrow logits moved by {narrow_diff}, the full width by {diff}"
+    );
     // The D/8 most important channels are the first D/8 now, most important first.
     let d8 = m.hidden_size / 8;
     let mut top: Vec<usize> = (0..m.hidden_size).collect();
