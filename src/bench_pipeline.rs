@@ -48,6 +48,10 @@ pub struct PipelineBenchArgs {
     /// to the lowest priority once the model is the bottleneck.
     #[arg(long)]
     pub yield_to_model: bool,
+    /// The full pipeline as `mone classify --no-decode-gate` runs it: the file decodes while
+    /// batches run even when the model is the bottleneck.
+    #[arg(long)]
+    pub no_decode_gate: bool,
     /// Rounds of (decode only, model only, full pipeline); the report takes the medians.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -71,6 +75,8 @@ pub struct PipelineBench {
     pub decode_threads: u32,
     /// The full pipeline ran with `yield_to_model`.
     pub yield_to_model: bool,
+    /// The full pipeline ran with `decode_gate`.
+    pub decode_gate: bool,
     /// (a) decode to RGB at the model's size, frames/s (median over the rounds).
     pub decode_fps: f64,
     pub decode_clips_tokenize_fps: f64,
@@ -207,6 +213,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         rtsp_transport: Default::default(),
         decode_threads: Some(decode_threads),
         threads: None,
+        gate: None,
     };
     let spec = ClipSpec {
         frames: cfg.frames,
@@ -231,6 +238,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         capacity: a.capacity,
         decode_threads: Some(decode_threads),
         yield_to_model: a.yield_to_model,
+        decode_gate: !a.no_decode_gate,
         ..RuntimeOptions::default()
     };
     let mut rounds = Vec::new();
@@ -289,6 +297,7 @@ pub fn measure(a: &PipelineBenchArgs) -> anyhow::Result<PipelineBench> {
         capacity: a.capacity,
         decode_threads,
         yield_to_model: a.yield_to_model,
+        decode_gate: !a.no_decode_gate,
         decode_fps: dec_fps,
         decode_clips_tokenize_fps: frames as f64 / t_tok,
         model_fps,
@@ -344,7 +353,7 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}, {} decoder thread(s){}",
+        "mone bench pipeline: {} ({} frames), model {}, {}, batch {}, capacity {}, {} decoder thread(s){}{}",
         r.input,
         r.frames,
         r.model,
@@ -356,6 +365,11 @@ pub fn run_pipeline_bench(a: &PipelineBenchArgs) -> anyhow::Result<()> {
             ", yield to model"
         } else {
             ""
+        },
+        if r.decode_gate {
+            ""
+        } else {
+            ", no decode gate"
         }
     );
     println!(

@@ -15,6 +15,28 @@ pub struct LabelScore {
     pub score: f32,
 }
 
+impl LabelScore {
+    /// The `k` highest of `probs`, highest first, named by `labels`.
+    pub fn topk(probs: &[f32], labels: &[String], k: usize) -> Vec<LabelScore> {
+        let mut idx: Vec<usize> = (0..probs.len()).collect();
+        idx.sort_by(|&a, &b| {
+            probs[b]
+                .partial_cmp(&probs[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        idx.into_iter()
+            .take(k)
+            .map(|i| LabelScore {
+                label: labels
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("class {i}")),
+                score: probs[i],
+            })
+            .collect()
+    }
+}
+
 /// One expert a V-MoE ran a clip through, with its router weight.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ExpertUse {

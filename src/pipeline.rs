@@ -210,6 +210,9 @@ pub struct SourcesSection {
     pub decode_threads: Option<u32>,
     /// Files decode at the lowest priority once the model is the bottleneck (default false).
     pub yield_to_model: Option<bool>,
+    /// Files pause decoding while a batch runs on the CPU, as long as the model is the
+    /// bottleneck (default true).
+    pub decode_gate: Option<bool>,
     pub watchdog_s: Option<f64>,
     pub stall_timeout_s: Option<f64>,
     pub queue: Option<usize>,
@@ -386,6 +389,7 @@ impl PipelineConfig {
                 n => n,
             },
             yield_to_model: s.yield_to_model.unwrap_or(d.yield_to_model),
+            decode_gate: s.decode_gate.unwrap_or(d.decode_gate),
             queue: s.queue.unwrap_or(d.queue),
             watchdog: secs(s.watchdog_s, d.watchdog, "watchdog_s")?,
             stall_timeout: secs(s.stall_timeout_s, d.stall_timeout, "stall_timeout_s")?,
@@ -472,6 +476,7 @@ mod tests {
             rtsp_transport = "udp"
             decode_threads = 1
             yield_to_model = true
+            decode_gate = false
             watchdog_s = 2.5
             [[streams]]
             id = "door"
@@ -491,6 +496,7 @@ mod tests {
         assert_eq!(o.decode_threads, Some(1));
         assert!(o.yield_to_model);
         assert!(!RuntimeOptions::default().yield_to_model);
+        assert!(!o.decode_gate && RuntimeOptions::default().decode_gate);
         let s = c.streams();
         assert_eq!(s[0].name, "door");
         assert_eq!(s[1].name, "test:pattern=ball");

@@ -41,6 +41,10 @@ pub struct ClassifyArgs {
     /// that it runs in the model's gaps instead of preempting it (for heavy models on the CPU)
     #[arg(long)]
     pub yield_to_model: bool,
+    /// Let the files decode while a batch runs even when the model is the bottleneck (by
+    /// default decoding pauses then, so that it does not stall the model's threads)
+    #[arg(long)]
+    pub no_decode_gate: bool,
     /// Model folder (config.json, model.safetensors, labels.txt); default: the shipped model,
     /// wherever `mone model list` finds it.
     #[arg(long)]
@@ -500,6 +504,7 @@ pub fn classify(a: &ClassifyArgs) -> anyhow::Result<i32> {
         max_open: Some(jobs),
         decode_threads: Some(decode_threads),
         yield_to_model: a.yield_to_model,
+        decode_gate: !a.no_decode_gate,
         segments: a.segments.then(crate::segments::SegmentSettings::default),
         ..RuntimeOptions::default()
     };

@@ -25,7 +25,7 @@ use crate::failure::{ErrorClass, Failure};
 use crate::metrics::{percentile, StreamInfo, Telemetry};
 use crate::model::{Config, ForwardOptions, LoadedModel};
 use crate::source::{
-    DecodeThreads, Input, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline,
+    DecodeThreads, Input, ModelGate, Pulled, Resize, RtspTransport, SourceOptions, SourcePipeline,
 };
 use crate::tokenizer;
 
@@ -35,7 +35,7 @@ mod stats;
 mod stream;
 mod worker;
 
-use bottleneck::ModelBound;
+use bottleneck::{GateSwitch, ModelBound};
 use stats::Interval;
 use stream::{ClipMsg, StreamCtx, StreamMsg};
 use worker::Worker;
@@ -176,6 +176,12 @@ pub struct RuntimeOptions {
     /// preempting its threads (`crate::source::DecodeThreads`). Off by default: it gains
     /// where a heavy model is the bottleneck and may cost a few percent where decoding is.
     pub yield_to_model: bool,
+    /// With the model on the CPU, files' decoding pauses while a batch runs, as long as the
+    /// model is the bottleneck (`crate::source::ModelGate`): the two then alternate instead
+    /// of sharing the cores, where a decoder that preempts one of the model's threads stalls
+    /// the other at the op's end. On by default; it turns itself off while decoding is the
+    /// slower stage.
+    pub decode_gate: bool,
     /// Clips queued per stream.
     pub queue: usize,
     /// A live stream with no frame for this long is declared offline and reconnected.
@@ -216,6 +222,7 @@ impl Default for RuntimeOptions {
             rtsp_transport: RtspTransport::Tcp,
             decode_threads: None,
             yield_to_model: false,
+            decode_gate: true,
             queue: 4,
             watchdog: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(30),
@@ -409,6 +416,7 @@ pub fn run(
             .map_or(streams.len(), |m| m.min(streams.len()));
         crate::source::default_decode_threads(open)
     });
+    let gate_switch = GateSwitch::default();
     let mut w = Worker {
         model,
         model_name,
@@ -424,6 +432,7 @@ pub fn run(
             rtsp_transport: opts.rtsp_transport,
             decode_threads: Some(decode_threads),
             threads: None,
+            gate: None,
         },
         sink,
         hooks,
@@ -443,6 +452,13 @@ pub fn run(
         pending: VecDeque::new(),
         file_threads: (opts.yield_to_model && device.is_cpu()).then(DecodeThreads::new),
         model_bound: ModelBound::default(),
+        file_gate: (opts.decode_gate && device.is_cpu()).then(|| {
+            let g = ModelGate::new();
+            g.set_enabled(gate_switch.is_on());
+            g
+        }),
+        gate_switch,
+        last_batch_end: None,
     };
     w.summary.inputs = streams.len();
     // Live inputs never end: they all start now. Finite ones wait for a free slot.

@@ -4,6 +4,23 @@
 use super::worker::{StreamState, Worker};
 use super::*;
 
+/// Clips per millisecond over the last two seconds of `arrivals` (pruned here).
+pub(super) fn arrival_rate(arrivals: &mut VecDeque<Instant>, now: Instant) -> Option<f64> {
+    const WINDOW: Duration = Duration::from_secs(2);
+    while arrivals
+        .front()
+        .is_some_and(|t| now.saturating_duration_since(*t) > WINDOW)
+    {
+        arrivals.pop_front();
+    }
+    let first = *arrivals.front()?;
+    // A short history (a stream just started) is measured over at least 250 ms.
+    let span = now
+        .saturating_duration_since(first)
+        .max(Duration::from_millis(250));
+    Some(arrivals.len() as f64 / (span.as_secs_f64() * 1e3))
+}
+
 #[derive(Default)]
 pub(super) struct Interval {
     pub(super) latencies: Vec<f64>,

@@ -37,25 +37,6 @@ pub(super) struct StreamState {
     pub(super) interval: Interval,
 }
 
-pub(super) fn topk(probs: &[f32], labels: &[String], k: usize) -> Vec<LabelScore> {
-    let mut idx: Vec<usize> = (0..probs.len()).collect();
-    idx.sort_by(|&a, &b| {
-        probs[b]
-            .partial_cmp(&probs[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    idx.into_iter()
-        .take(k)
-        .map(|i| LabelScore {
-            label: labels
-                .get(i)
-                .cloned()
-                .unwrap_or_else(|| format!("class {i}")),
-            score: probs[i],
-        })
-        .collect()
-}
-
 pub(super) struct Worker<'a, 'h> {
     pub(super) model: &'a dyn Classifier,
     pub(super) model_name: &'a str,
@@ -88,23 +69,11 @@ pub(super) struct Worker<'a, 'h> {
     /// the model is the bottleneck.
     pub(super) file_threads: Option<DecodeThreads>,
     pub(super) model_bound: ModelBound,
-}
-
-/// Clips per millisecond over the last two seconds of `arrivals` (pruned here).
-pub(super) fn arrival_rate(arrivals: &mut VecDeque<Instant>, now: Instant) -> Option<f64> {
-    const WINDOW: Duration = Duration::from_secs(2);
-    while arrivals
-        .front()
-        .is_some_and(|t| now.saturating_duration_since(*t) > WINDOW)
-    {
-        arrivals.pop_front();
-    }
-    let first = *arrivals.front()?;
-    // A short history (a stream just started) is measured over at least 250 ms.
-    let span = now
-        .saturating_duration_since(first)
-        .max(Duration::from_millis(250));
-    Some(arrivals.len() as f64 / (span.as_secs_f64() * 1e3))
+    /// With `decode_gate` on the CPU: finite inputs' decoding waits while a batch runs, as
+    /// long as the model is the bottleneck (`gate_switch`).
+    pub(super) file_gate: Option<ModelGate>,
+    pub(super) gate_switch: GateSwitch,
+    pub(super) last_batch_end: Option<Instant>,
 }
 
 impl Worker<'_, '_> {
@@ -204,6 +173,10 @@ impl Worker<'_, '_> {
             .file_threads
             .clone()
             .filter(|_| input.liveness_known() && !input.is_live());
+        let gate = self
+            .file_gate
+            .clone()
+            .filter(|_| input.liveness_known() && !input.is_live());
         let (tx, rx) = bounded(self.opts.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let frames_seen = Arc::new(AtomicU64::new(0));
@@ -216,6 +189,7 @@ impl Worker<'_, '_> {
             live: live.clone(),
             sopts: SourceOptions {
                 threads,
+                gate,
                 ..self.sopts.clone()
             },
             spec: self.spec,
@@ -480,7 +454,7 @@ impl Worker<'_, '_> {
     }
 
     pub(super) fn run_batch(&mut self, queued: &[(usize, f64)]) -> Result<(), RuntimeError> {
-        let rate = arrival_rate(&mut self.arrivals, Instant::now());
+        let rate = super::stats::arrival_rate(&mut self.arrivals, Instant::now());
         let (shed, n, capacity) = match self.controller.as_mut() {
             Some(c) => {
                 if let Some(r) = rate {
@@ -541,11 +515,21 @@ impl Worker<'_, '_> {
             probs,
             capacity: caps,
             experts,
-        } = self.model.classify_detailed(&x, capacity)?;
+        } = {
+            let _running = self.file_gate.as_ref().map(|g| g.running());
+            self.model.classify_detailed(&x, capacity)?
+        };
         let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(g) = &self.file_gate {
+            let now = Instant::now();
+            let since = now - self.last_batch_end.replace(now).unwrap_or(started);
+            if let Some(on) = self.gate_switch.batch(started.elapsed(), since) {
+                g.set_enabled(on);
+            }
+        }
         let target = self.target_ms();
         for (k, (i, c)) in batch.iter().enumerate() {
-            let labels = topk(&probs[k], self.model.labels(), self.opts.topk);
+            let labels = LabelScore::topk(&probs[k], self.model.labels(), self.opts.topk);
             let ran_at = caps.get(k).copied().unwrap_or(capacity);
             let st = &mut self.streams[*i];
             st.clips += 1;
@@ -666,7 +650,7 @@ impl Worker<'_, '_> {
                     event_id: format!("{}#video", st.name),
                     stream: st.name.clone(),
                     clips: st.clips,
-                    labels: topk(&avg, self.model.labels(), self.opts.topk),
+                    labels: LabelScore::topk(&avg, self.model.labels(), self.opts.topk),
                     segments: std::mem::take(&mut st.segments),
                     model: self.model_name.to_string(),
                     time: now(),

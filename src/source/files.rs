@@ -136,6 +136,7 @@ pub fn decode_input(spec: &str, size: u32, max_frames: usize) -> Result<Vec<Fram
         rtsp_transport: RtspTransport::default(),
         decode_threads: None,
         threads: None,
+        gate: None,
     };
     let mut p = SourcePipeline::new(&input, &opts)?;
     p.start()?;
@@ -189,6 +190,7 @@ mod tests {
                 rtsp_transport: RtspTransport::default(),
                 decode_threads: threads,
                 threads: None,
+                gate: None,
             };
             let mut p = SourcePipeline::new(&Input::Uri(uri.clone()), &opts).unwrap();
             p.start().unwrap();

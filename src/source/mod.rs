@@ -17,10 +17,12 @@ use crate::failure::{self, ErrorClass, Failure, Probe, RawError};
 mod convert;
 mod diagnose;
 mod files;
+mod gate;
 mod priority;
 
 use diagnose::{check_uri, code_of, domain_of, probe, set_checked, without_position};
 pub use files::{decode_file, decode_input, write_rgb_video, write_test_video};
+pub use gate::ModelGate;
 pub use priority::{is_lowered, DecodeThreads, Registered};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,8 @@ pub struct SourceOptions {
     /// A group whose threads the pipeline's streaming threads join, so that the runtime can
     /// lower a file's decoding below the model (see [`DecodeThreads`]); None: GStreamer's own.
     pub threads: Option<DecodeThreads>,
+    /// Decode only while the model does not run (see [`ModelGate`]); None: decode freely.
+    pub gate: Option<ModelGate>,
 }
 
 /// A `test:` source: `test:pattern=ball,frames=64,fps=25,live=false,width=320,height=240`.
@@ -357,6 +361,9 @@ fn track_rtcp_time(src: &gst::Element, offset: Arc<std::sync::Mutex<Option<i64>>
     });
 }
 
+/// The longest a frame waits for the model, so that a batch that hangs cannot stall decoding.
+const GATE_WAIT: Duration = Duration::from_millis(200);
+
 fn fraction(fps: f64) -> gst::Fraction {
     // Rational with a denominator of 1000 is exact for the usual 12.5, 29.97, ...
     let num = (fps * 1000.0).round() as i32;
@@ -377,6 +384,19 @@ impl SourcePipeline {
         let pipeline = gst::Pipeline::new();
         let (chain, sink) = convert::chain(opts)?;
         let queue = chain[0].clone();
+        if let Some(g) = &opts.gate {
+            // The decoder's thread pushes into the queue, the conversion's into the appsink.
+            for pad in [queue.static_pad("sink"), sink.static_pad("sink")]
+                .into_iter()
+                .flatten()
+            {
+                let g = g.clone();
+                pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                    g.wait(GATE_WAIT);
+                    gst::PadProbeReturn::Ok
+                });
+            }
+        }
         pipeline.add_many(&chain).map_err(gerr)?;
         // Link without the caps check: the crop's caps depend on the input's size, unknown
         // until uridecodebin adds its pad.

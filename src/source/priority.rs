@@ -235,6 +235,7 @@ mod tests {
             rtsp_transport: RtspTransport::default(),
             decode_threads: Some(1),
             threads,
+            gate: None,
         };
         let p = SourcePipeline::new(&Input::Uri(uri.into()), &opts).unwrap();
         p.start().unwrap();
