@@ -169,14 +169,9 @@ impl Worker<'_, '_> {
         })?;
         let cfg = self.model.config();
         let live = Arc::new(AtomicBool::new(input.is_live()));
-        let threads = self
-            .file_threads
-            .clone()
-            .filter(|_| input.liveness_known() && !input.is_live());
-        let gate = self
-            .file_gate
-            .clone()
-            .filter(|_| input.liveness_known() && !input.is_live());
+        let finite = input.liveness_known() && !input.is_live();
+        let threads = self.file_threads.clone().filter(|_| finite);
+        let gate = self.file_gate.clone().filter(|_| finite);
         let (tx, rx) = bounded(self.opts.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let frames_seen = Arc::new(AtomicU64::new(0));
@@ -519,11 +514,12 @@ impl Worker<'_, '_> {
             let _running = self.file_gate.as_ref().map(|g| g.running());
             self.model.classify_detailed(&x, capacity)?
         };
-        let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+        let busy = started.elapsed();
+        let inference_ms = busy.as_secs_f64() * 1e3;
         if let Some(g) = &self.file_gate {
             let now = Instant::now();
             let since = now - self.last_batch_end.replace(now).unwrap_or(started);
-            if let Some(on) = self.gate_switch.batch(started.elapsed(), since) {
+            if let Some(on) = self.gate_switch.batch(busy, since) {
                 g.set_enabled(on);
             }
         }

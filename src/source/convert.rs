@@ -78,18 +78,6 @@ pub(crate) fn fit(w: u32, h: u32, par_n: u32, par_d: u32, out_w: u32, out_h: u32
     // Display width and height as integers: dw / dh is the display aspect ratio.
     let (dw, dh) = (w * par_n, h * par_d);
     let wide = dw * oh >= ow * dh;
-    // The kept part of the frame in its own pixels, and the size that scales it to the target.
-    let (keep_w, keep_h) = if wide {
-        (
-            round_div(h * par_d * ow, oh * par_n).clamp(1, w as u32),
-            h as u32,
-        )
-    } else {
-        (
-            w as u32,
-            round_div(w * par_n * oh, ow * par_d).clamp(1, h as u32),
-        )
-    };
     let reduction = if wide { h / oh } else { w / ow };
     if reduction >= SCALE_FIRST_FROM {
         let (sw, sh) = if wide {
@@ -103,6 +91,18 @@ pub(crate) fn fit(w: u32, h: u32, par_n: u32, par_d: u32, out_w: u32, out_h: u32
             post: Crop::split(sw - out_w, sh - out_h),
         }
     } else {
+        // The part of the frame, in its own pixels, that has the target's aspect ratio.
+        let (keep_w, keep_h) = if wide {
+            (
+                round_div(h * par_d * ow, oh * par_n).clamp(1, w as u32),
+                h as u32,
+            )
+        } else {
+            (
+                w as u32,
+                round_div(w * par_n * oh, ow * par_d).clamp(1, h as u32),
+            )
+        };
         Fit {
             pre: Crop::split(w as u32 - keep_w, h as u32 - keep_h),
             ..none

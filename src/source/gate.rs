@@ -61,13 +61,17 @@ impl ModelGate {
         self.0.enabled.load(Ordering::Relaxed)
     }
 
-    /// Enables or disables the gate; a batch that runs already keeps what it found.
+    /// Enables or disables the gate; disabled, it lets waiting decoders go at their next frame.
     pub fn set_enabled(&self, on: bool) {
         self.0.enabled.store(on, Ordering::Relaxed);
     }
 
-    /// Waits while the model runs, at most `max`; returns how long it waited.
+    /// Waits while the model runs, at most `max`; returns how long it waited. Disabled, it
+    /// returns at once, without the lock (it runs at every frame).
     pub fn wait(&self, max: Duration) -> Duration {
+        if !self.is_enabled() {
+            return Duration::ZERO;
+        }
         let start = Instant::now();
         let Ok(mut r) = self.0.running.lock() else {
             return Duration::ZERO;
